@@ -1,0 +1,201 @@
+"""Megatron distributed checkpoints plus one metadata file of ours.
+
+Layout of a checkpoint directory::
+
+    ckpt/
+      megatron_prune.json   ModelArch, dtype, tokenizer location, provenance (parent, plan, steps)
+      tokenizer/            the HF tokenizer files (or a sentencepiece model), when known
+      ...                   megatron dist-checkpoint files (torch_dist), loadable at any TP/PP
+
+Writes go to a hidden sibling directory that is renamed into place once every rank has finished, so a
+crash never leaves a directory that looks like a valid checkpoint. Inputs are only ever read.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_prune.arch import ModelArch
+
+METADATA_FILE = "megatron_prune.json"
+TOKENIZER_DIR = "tokenizer"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, incomplete, corrupt, or of another architecture."""
+
+
+@dataclass
+class CheckpointMeta:
+    arch: ModelArch
+    dtype: str = "float32"
+    provenance: dict = field(default_factory=dict)
+    has_tokenizer: bool = False
+
+    def to_json(self) -> dict:
+        return {
+            "format_version": FORMAT_VERSION,
+            "arch": self.arch.to_dict(),
+            "dtype": self.dtype,
+            "tokenizer": TOKENIZER_DIR if self.has_tokenizer else None,
+            "provenance": self.provenance,
+        }
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def read_meta(ckpt_dir: str | os.PathLike) -> CheckpointMeta:
+    """Read and check our metadata; raises CheckpointError with the fix when something is wrong."""
+    path = Path(ckpt_dir)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist; check the path (or create it with `megatron-prune convert`)")
+    meta_path = path / METADATA_FILE
+    if not meta_path.is_file():
+        hint = ""
+        if (path / "config.json").is_file():
+            hint = " It looks like a Hugging Face model: convert it first with `megatron-prune convert --hf ... --out ...`."
+        elif path.name.startswith(".") and path.name.endswith(".tmp"):
+            hint = " It is an unfinished write (a job died while saving); delete it and re-run."
+        raise CheckpointError(f"{path} is not a megatron-prune checkpoint: {METADATA_FILE} is missing.{hint}")
+    try:
+        raw = json.loads(meta_path.read_text())
+        arch = ModelArch.from_dict(raw["arch"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{meta_path} is corrupt ({e}); restore it or re-create the checkpoint") from e
+    if raw.get("format_version", 0) > FORMAT_VERSION:
+        raise CheckpointError(f"{path} was written by a newer megatron-prune (format {raw['format_version']}); upgrade")
+    if not (path / "metadata.json").is_file() or not (path / ".metadata").is_file():
+        raise CheckpointError(
+            f"{path} has our metadata but no megatron distributed-checkpoint files (metadata.json/.metadata); "
+            "it is incomplete or corrupt: re-create it"
+        )
+    return CheckpointMeta(
+        arch=arch,
+        dtype=raw.get("dtype", "float32"),
+        provenance=raw.get("provenance", {}),
+        has_tokenizer=raw.get("tokenizer") is not None and (path / TOKENIZER_DIR).is_dir(),
+    )
+
+
+def tokenizer_dir(ckpt_dir: str | os.PathLike) -> Optional[Path]:
+    p = Path(ckpt_dir) / TOKENIZER_DIR
+    return p if p.is_dir() else None
+
+
+def _tmp_dir_for(out: Path) -> Path:
+    return out.parent / f".{out.name}.tmp"
+
+
+def save_checkpoint(
+    model: torch.nn.Module,
+    arch: ModelArch,
+    out_dir: str | os.PathLike,
+    *,
+    tokenizer_src: Optional[str | os.PathLike] = None,
+    provenance: Optional[dict] = None,
+    overwrite: bool = False,
+    extra_state: Optional[dict] = None,
+) -> Path:
+    """Save ``model`` (this rank's shard) as a distributed checkpoint; collective over all ranks.
+
+    ``tokenizer_src``: a directory of tokenizer files (copied into ``tokenizer/``).
+    ``extra_state``: a megatron sharded state dict merged under ``extra.`` (e.g. optimizer state).
+    """
+    from megatron.core import dist_checkpointing
+
+    out = Path(out_dir).absolute()
+    if out.exists() and not overwrite:
+        raise CheckpointError(f"output {out} already exists; choose another path or pass --overwrite")
+    tmp = _tmp_dir_for(out)
+    if _rank() == 0:
+        if tmp.exists():
+            shutil.rmtree(tmp)  # an earlier crashed write
+        tmp.mkdir(parents=True)
+    _barrier()
+    state = model.sharded_state_dict()
+    if extra_state:
+        state.update(extra_state)
+    dist_checkpointing.save(state, str(tmp))
+    _barrier()
+    if _rank() == 0:
+        has_tok = False
+        if tokenizer_src is not None:
+            shutil.copytree(tokenizer_src, tmp / TOKENIZER_DIR)
+            has_tok = True
+        prov = dict(provenance or {})
+        prov.setdefault("created", datetime.datetime.now().isoformat(timespec="seconds"))
+        dtype = str(next(model.parameters()).dtype).replace("torch.", "")
+        meta = CheckpointMeta(arch=arch, dtype=dtype, provenance=prov, has_tokenizer=has_tok)
+        (tmp / METADATA_FILE).write_text(json.dumps(meta.to_json(), indent=2) + "\n")
+        if out.exists():
+            old = out.parent / f".{out.name}.old"
+            if old.exists():
+                shutil.rmtree(old)
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(out)
+    _barrier()
+    return out
+
+
+def load_into(model: torch.nn.Module, ckpt_dir: str | os.PathLike, arch: Optional[ModelArch] = None,
+              extra_state: Optional[dict] = None) -> dict:
+    """Load a checkpoint into this rank's shard of ``model``, whatever layout it was saved at.
+
+    When ``arch`` is given it must equal the checkpoint's; returns the loaded ``extra_state`` entries.
+    """
+    from megatron.core import dist_checkpointing
+
+    meta = read_meta(ckpt_dir)
+    if arch is not None and arch != meta.arch:
+        raise CheckpointError(
+            f"checkpoint {ckpt_dir} has a different architecture:\n  checkpoint: {meta.arch.describe()}\n"
+            f"  expected:   {arch.describe()}\nbuild the model from the checkpoint's metadata (load_model) instead"
+        )
+    state = model.sharded_state_dict()
+    if extra_state:
+        state.update(extra_state)
+    try:
+        loaded = dist_checkpointing.load(state, str(ckpt_dir))
+    except Exception as e:  # megatron raises many types for damaged files
+        raise CheckpointError(f"could not read checkpoint {ckpt_dir}: {type(e).__name__}: {e}") from e
+    extras = {k: loaded.pop(k) for k in list(extra_state or {})}
+    model.load_state_dict(loaded, strict=True)
+    return extras
+
+
+def load_model(ckpt_dir: str | os.PathLike, dtype: Optional[torch.dtype] = None, use_te: Optional[bool] = None):
+    """Build the model described by a checkpoint at the current TP/PP and load its weights.
+
+    Returns ``(model, meta)``; megatron's parallel state must be initialized.
+    """
+    from megatron.core import parallel_state as ps
+
+    from megatron_prune.model import build_model
+
+    meta = read_meta(ckpt_dir)
+    meta.arch.check_parallel(ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size())
+    if dtype is None:
+        dtype = getattr(torch, meta.dtype)
+    model = build_model(meta.arch, dtype=dtype, use_te=use_te)
+    load_into(model, ckpt_dir, meta.arch)
+    return model, meta

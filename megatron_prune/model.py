@@ -1,0 +1,68 @@
+"""Build a megatron-core GPTModel for a ModelArch on this rank's pipeline stage and tensor shard."""
+
+from __future__ import annotations
+
+import torch
+
+from megatron_prune.arch import ModelArch
+
+
+def transformer_engine_available() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def layer_spec(arch: ModelArch, use_te: bool):
+    from megatron.core.models.gpt.gpt_layer_specs import (
+        get_gpt_layer_local_spec,
+        get_gpt_layer_with_transformer_engine_spec,
+    )
+
+    if use_te:
+        return get_gpt_layer_with_transformer_engine_spec()
+    return get_gpt_layer_local_spec(normalization=arch.normalization)
+
+
+def build_model(arch: ModelArch, dtype: torch.dtype = torch.float32, use_te: bool | None = None, **config_overrides):
+    """The GPTModel shard of this rank (megatron's parallel_state must be initialized).
+
+    ``use_te=None`` picks the Transformer Engine spec when TE and a GPU are present, the local spec otherwise;
+    both write the same checkpoint keys, so a checkpoint moves freely between them.
+    """
+    from megatron.core import parallel_state as ps
+    from megatron.core.models.gpt import GPTModel
+
+    tp = ps.get_tensor_model_parallel_world_size()
+    pp = ps.get_pipeline_model_parallel_world_size()
+    if use_te is None:
+        use_te = transformer_engine_available()
+    config = arch.to_transformer_config(tp=tp, pp=pp, dtype=dtype, **config_overrides)
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=layer_spec(arch, use_te),
+        vocab_size=arch.padded_vocab_size,
+        max_sequence_length=arch.max_position_embeddings,
+        pre_process=ps.is_pipeline_first_stage(),
+        post_process=ps.is_pipeline_last_stage(),
+        share_embeddings_and_output_weights=arch.tie_embeddings,
+        position_embedding_type="rope",
+        rotary_base=int(arch.rope_base),
+        rope_scaling=arch.rope_scaling_factor is not None,
+        rope_scaling_factor=arch.rope_scaling_factor or 8.0,
+        parallel_output=True,
+    )
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    return model.to(device=device, dtype=dtype)
+
+
+def layer_offset(arch: ModelArch) -> int:
+    """Global index of this stage's first decoder layer."""
+    from megatron.core import parallel_state as ps
+
+    pp = ps.get_pipeline_model_parallel_world_size()
+    return ps.get_pipeline_model_parallel_rank() * (arch.num_layers // pp)

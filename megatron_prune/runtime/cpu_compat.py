@@ -1,0 +1,89 @@
+"""Let megatron-core run on a machine without CUDA.
+
+megatron-core hard-codes CUDA in a handful of places (``torch.cuda.current_device()`` as a device,
+``.cuda()`` on tensors and modules, literal ``device="cuda"`` in tensor factories, the CUDA RNG state
+helpers of its tensor-parallel RNG tracker). On a CPU-only machine we redirect each of them to the CPU.
+Nothing here is applied when CUDA is available.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+_applied = False
+
+
+def _to_cpu_device(device):
+    """Map any CUDA device spec (``"cuda"``, ``"cuda:0"``, an int index, a cuda torch.device) to CPU."""
+    if device is None:
+        return None
+    if isinstance(device, int):
+        return torch.device("cpu")
+    if isinstance(device, str) and device.startswith("cuda"):
+        return torch.device("cpu")
+    if isinstance(device, torch.device) and device.type == "cuda":
+        return torch.device("cpu")
+    return device
+
+
+class _CudaToCpuMode(TorchFunctionMode):
+    """Rewrites ``device=`` arguments of every torch function call from CUDA to CPU."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if "device" in kwargs:
+            kwargs["device"] = _to_cpu_device(kwargs["device"])
+        return func(*args, **kwargs)
+
+
+def _identity_cuda(self, *args, **kwargs):
+    return self
+
+
+def _cpu_rng_state(device=-1, clone=False, graph_safe=False):
+    state = torch.get_rng_state()
+    return state.clone() if clone else state
+
+
+def _set_cpu_rng_state(new_state, device=-1, graph_safe=False):
+    torch.set_rng_state(new_state)
+
+
+def cuda_available() -> bool:
+    return torch.cuda.is_available()
+
+
+def apply_cpu_compat() -> bool:
+    """Patch torch and megatron-core so megatron runs on the CPU. Returns True when patches were applied.
+
+    Idempotent; a no-op when CUDA is available.
+    """
+    global _applied
+    if _applied:
+        return True
+    if torch.cuda.is_available():
+        return False
+
+    torch.cuda.current_device = lambda: torch.device("cpu")
+    torch.cuda.synchronize = lambda *a, **k: None
+    torch.cuda.set_device = lambda *a, **k: None
+    torch.cuda.device_count = lambda: 0
+    torch.cuda.manual_seed = lambda *a, **k: None
+    torch.cuda.manual_seed_all = lambda *a, **k: None
+    torch.cuda.get_rng_state = lambda *a, **k: torch.get_rng_state()
+    torch.cuda.set_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
+    torch.cuda.empty_cache = lambda: None
+    torch.cuda.memory_allocated = lambda *a, **k: 0
+    torch.cuda.max_memory_allocated = lambda *a, **k: 0
+    torch.Tensor.cuda = _identity_cuda
+    torch.nn.Module.cuda = _identity_cuda
+
+    from megatron.core.tensor_parallel import random as tp_random
+
+    tp_random._get_cuda_rng_state = _cpu_rng_state
+    tp_random._set_cuda_rng_state = _set_cpu_rng_state
+
+    _CudaToCpuMode().__enter__()  # stays active for the life of the process
+    _applied = True
+    return True

@@ -1,0 +1,176 @@
+"""Distributed start-up from torchrun, Slurm's srun, or a plain single process.
+
+One entry point, :func:`init_distributed`, reads the launcher's environment, starts torch.distributed
+(gloo on CPU, NCCL on GPU) and megatron's ``parallel_state`` for the requested TP/PP; data parallelism
+is whatever is left of the world size.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from megatron_prune.runtime.cpu_compat import apply_cpu_compat
+
+
+@dataclass(frozen=True)
+class ParallelLayout:
+    """Where this process sits in the TP x PP x DP grid."""
+
+    tp: int
+    pp: int
+    dp: int
+    rank: int
+    world_size: int
+    tp_rank: int
+    pp_rank: int
+    dp_rank: int
+    device: torch.device
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp - 1
+
+
+@dataclass(frozen=True)
+class LaunchEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+    launcher: str  # "torchrun", "slurm" or "single"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _slurm_master_addr() -> str:
+    nodelist = os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_JOB_NODELIST", "")
+    try:
+        out = subprocess.run(
+            ["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True
+        ).stdout.split()
+        if out:
+            return out[0]
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    return os.environ.get("SLURM_LAUNCH_NODE_IPADDR", "127.0.0.1")
+
+
+def detect_launch_env(environ=None) -> LaunchEnv:
+    """Read rank/world/master from torchrun's or srun's variables; a single process otherwise."""
+    env = os.environ if environ is None else environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return LaunchEnv(
+            rank=int(env["RANK"]),
+            world_size=int(env["WORLD_SIZE"]),
+            local_rank=int(env.get("LOCAL_RANK", 0)),
+            master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
+            master_port=int(env.get("MASTER_PORT", 29500)),
+            launcher="torchrun",
+        )
+    # SLURM_STEP_ID is set inside an srun step, not in the batch script itself.
+    if "SLURM_PROCID" in env and "SLURM_STEP_ID" in env:
+        job_id = int(env.get("SLURM_JOB_ID", "0"))
+        return LaunchEnv(
+            rank=int(env["SLURM_PROCID"]),
+            world_size=int(env.get("SLURM_NTASKS", env.get("SLURM_STEP_NUM_TASKS", "1"))),
+            local_rank=int(env.get("SLURM_LOCALID", 0)),
+            master_addr=env.get("MASTER_ADDR") or _slurm_master_addr(),
+            master_port=int(env.get("MASTER_PORT", 20000 + job_id % 20000)),
+            launcher="slurm",
+        )
+    return LaunchEnv(0, 1, 0, "127.0.0.1", int(env.get("MASTER_PORT", 0)) or _free_port(), "single")
+
+
+def init_distributed(tp: int = 1, pp: int = 1, seed: int = 1234) -> ParallelLayout:
+    """Start torch.distributed and megatron's model-parallel groups for ``tp`` x ``pp``.
+
+    Safe to call again with the same layout; a different layout re-creates megatron's groups.
+    """
+    from megatron.core import parallel_state as ps
+    from megatron.core import tensor_parallel
+
+    on_gpu = torch.cuda.is_available()
+    if not on_gpu:
+        apply_cpu_compat()
+    launch = detect_launch_env()
+    if not dist.is_initialized():
+        os.environ["MASTER_ADDR"] = launch.master_addr
+        os.environ["MASTER_PORT"] = str(launch.master_port)
+        if on_gpu:
+            torch.cuda.set_device(launch.local_rank)
+        dist.init_process_group(
+            backend="nccl" if on_gpu else "gloo",
+            rank=launch.rank,
+            world_size=launch.world_size,
+            timeout=datetime.timedelta(minutes=int(os.environ.get("MP_DIST_TIMEOUT_MIN", "30"))),
+        )
+    world = dist.get_world_size()
+    if world % (tp * pp) != 0:
+        raise ValueError(
+            f"world size {world} is not divisible by TP*PP = {tp}*{pp}; launch {tp * pp}*k processes "
+            f"(e.g. torchrun --nproc-per-node {tp * pp}) or change --tp/--pp"
+        )
+    if ps.model_parallel_is_initialized():
+        if (
+            ps.get_tensor_model_parallel_world_size() != tp
+            or ps.get_pipeline_model_parallel_world_size() != pp
+        ):
+            ps.destroy_model_parallel()
+    if not ps.model_parallel_is_initialized():
+        ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    torch.manual_seed(seed)
+    device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
+    return ParallelLayout(
+        tp=tp,
+        pp=pp,
+        dp=ps.get_data_parallel_world_size(),
+        rank=dist.get_rank(),
+        world_size=world,
+        tp_rank=ps.get_tensor_model_parallel_rank(),
+        pp_rank=ps.get_pipeline_model_parallel_rank(),
+        dp_rank=ps.get_data_parallel_rank(),
+        device=device,
+    )
+
+
+def destroy() -> None:
+    from megatron.core import parallel_state as ps
+
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def is_rank0() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def log0(*args, **kwargs) -> None:
+    """print() on global rank 0 only."""
+    if is_rank0():
+        kwargs.setdefault("file", sys.stdout)
+        print(*args, flush=True, **kwargs)
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()

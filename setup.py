@@ -1,0 +1,32 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron-prune",
+    version="0.1.0",
+    description="Prune and distill Megatron-core LLMs on their tensor/pipeline-parallel shards (Minitron recipe)",
+    long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10,<3.12",
+    packages=find_packages(include=["megatron_prune", "megatron_prune.*"]),
+    install_requires=[
+        # torch is pinned by the README/CI install line (CPU wheel); any 2.6+ works with megatron-core 0.16.
+        "torch>=2.6",
+        "megatron-core>=0.16.1,<0.17",  # 0.17 needs Python 3.12
+        "psutil",
+        "numpy",
+        "transformers>=4.51,<6",
+        "accelerate",  # transformers needs it to read GGUF files
+        "gguf>=0.10",
+        "safetensors",
+        "sentencepiece",
+        "tokenizers",
+        "pyyaml",
+        "tqdm",
+        "tensorboard",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-timeout"],
+        "gpu": ["transformer-engine[pytorch]>=2.0"],
+    },
+    entry_points={"console_scripts": ["megatron-prune=megatron_prune.cli:main"]},
+)
