@@ -1,0 +1,326 @@
+"""Hugging Face (Llama family) <-> megatron-core GPTModel weights, and GGUF -> Hugging Face.
+
+Import: every rank fills its own shard of a GPTModel built at the target TP/PP by reading only the slices
+it owns from the safetensors files (``safe_open(...).get_slice``), so no rank ever materialises the model.
+Export: the checkpoint is loaded at TP=1 with one pipeline stage per rank; each rank writes the safetensors
+file of its own layers and rank 0 writes the index, config and tokenizer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_prune.arch import ArchError, ModelArch
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",  # sentencepiece
+    "chat_template.jinja",
+    "chat_template.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "generation_config.json",
+)
+
+_LAYER_RE = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reading a Hugging Face directory
+# ---------------------------------------------------------------------------------------------------
+class HFWeights:
+    """Lazy, sliceable access to the tensors of a safetensors model directory."""
+
+    def __init__(self, hf_dir: str | os.PathLike):
+        from safetensors import safe_open
+
+        self.dir = Path(hf_dir)
+        index = self.dir / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+        elif (self.dir / "model.safetensors").is_file():
+            weight_map = None
+        else:
+            raise FileNotFoundError(
+                f"{self.dir} has no model.safetensors or model.safetensors.index.json; megatron-prune reads "
+                "safetensors directories (re-save with `save_pretrained(..., safe_serialization=True)`, or "
+                "convert a GGUF file with `megatron-prune convert --gguf`)"
+            )
+        self._files = {}
+        files = sorted(set(weight_map.values())) if weight_map else ["model.safetensors"]
+        for f in files:
+            self._files[f] = safe_open(str(self.dir / f), framework="pt")
+        if weight_map is None:
+            weight_map = {k: "model.safetensors" for k in self._files["model.safetensors"].keys()}
+        self.weight_map = weight_map
+
+    def has(self, name: str) -> bool:
+        return name in self.weight_map
+
+    def slice(self, name: str, rows: Optional[slice] = None, cols: Optional[slice] = None) -> torch.Tensor:
+        if name not in self.weight_map:
+            raise KeyError(f"tensor {name!r} not found in {self.dir}; is this a Llama-family model?")
+        sl = self._files[self.weight_map[name]].get_slice(name)
+        if rows is None and cols is None:
+            return sl[:]
+        if cols is None:
+            return sl[rows]
+        return sl[rows if rows is not None else slice(None), cols]
+
+
+def read_hf_config(hf_dir: str | os.PathLike) -> dict:
+    path = Path(hf_dir) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: pass a Hugging Face model directory (with config.json)")
+    return json.loads(path.read_text())
+
+
+def copy_tokenizer_files(src: str | os.PathLike, dst: str | os.PathLike) -> list[str]:
+    """Copy the tokenizer files (HF or sentencepiece) that exist in ``src``; returns their names."""
+    src, dst = Path(src), Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
+            copied.append(name)
+    return copied
+
+
+# ---------------------------------------------------------------------------------------------------
+# HF -> megatron, one parameter at a time, TP-sliced
+# ---------------------------------------------------------------------------------------------------
+def _span(total: int, tp: int, rank: int) -> slice:
+    n = total // tp
+    return slice(rank * n, (rank + 1) * n)
+
+
+def hf_tensor_for_param(name: str, param_shape: torch.Size, arch: ModelArch, hf: HFWeights,
+                        layer_offset: int, tp: int, tp_rank: int) -> torch.Tensor:
+    """The value of megatron parameter ``name`` (local layer numbering) on TP rank ``tp_rank``."""
+    d, hpg = arch.kv_channels, arch.heads_per_group
+    if name == "embedding.word_embeddings.weight" or (name == "output_layer.weight" and not hf.has("lm_head.weight")):
+        if name == "output_layer.weight" and not arch.tie_embeddings:
+            raise KeyError("lm_head.weight missing from an untied model")
+        rows = _span(arch.padded_vocab_size, tp, tp_rank)
+        out = torch.zeros(param_shape, dtype=torch.float32)
+        stop = min(rows.stop, arch.vocab_size)
+        if stop > rows.start:
+            out[: stop - rows.start] = hf.slice("model.embed_tokens.weight", slice(rows.start, stop))
+        return out
+    if name == "output_layer.weight":
+        rows = _span(arch.padded_vocab_size, tp, tp_rank)
+        out = torch.zeros(param_shape, dtype=torch.float32)
+        stop = min(rows.stop, arch.vocab_size)
+        if stop > rows.start:
+            out[: stop - rows.start] = hf.slice("lm_head.weight", slice(rows.start, stop))
+        return out
+    if name == "decoder.final_layernorm.weight":
+        return hf.slice("model.norm.weight")
+    m = _LAYER_RE.match(name)
+    if not m:
+        raise KeyError(f"no Hugging Face source for megatron parameter {name}")
+    layer, rest = int(m.group(1)) + layer_offset, m.group(2)
+    p = f"model.layers.{layer}."
+    if rest in ("input_layernorm.weight", "self_attention.linear_qkv.layer_norm_weight"):
+        return hf.slice(p + "input_layernorm.weight")
+    if rest in ("pre_mlp_layernorm.weight", "mlp.linear_fc1.layer_norm_weight"):
+        return hf.slice(p + "post_attention_layernorm.weight")
+    if rest in ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias"):
+        kind = rest.rsplit(".", 1)[1]
+        groups = _span(arch.num_query_groups, tp, tp_rank)
+        q = hf.slice(p + f"self_attn.q_proj.{kind}", slice(groups.start * hpg * d, groups.stop * hpg * d))
+        k = hf.slice(p + f"self_attn.k_proj.{kind}", slice(groups.start * d, groups.stop * d))
+        v = hf.slice(p + f"self_attn.v_proj.{kind}", slice(groups.start * d, groups.stop * d))
+        n = groups.stop - groups.start
+        # megatron interleaves per query group: [q heads of group g, k of g, v of g]
+        q = q.reshape(n, hpg * d, *q.shape[1:])
+        k = k.reshape(n, d, *k.shape[1:])
+        v = v.reshape(n, d, *v.shape[1:])
+        return torch.cat([q, k, v], dim=1).reshape(param_shape)
+    if rest == "self_attention.linear_proj.weight":
+        heads = _span(arch.num_attention_heads, tp, tp_rank)
+        return hf.slice(p + "self_attn.o_proj.weight", cols=slice(heads.start * d, heads.stop * d))
+    if rest == "self_attention.linear_proj.bias":
+        return hf.slice(p + "self_attn.o_proj.bias")
+    if rest in ("mlp.linear_fc1.weight", "mlp.linear_fc1.bias"):
+        kind = rest.rsplit(".", 1)[1]
+        f = _span(arch.ffn_hidden_size, tp, tp_rank)
+        if not arch.gated:
+            return hf.slice(p + f"mlp.up_proj.{kind}", f)
+        return torch.cat([hf.slice(p + f"mlp.gate_proj.{kind}", f), hf.slice(p + f"mlp.up_proj.{kind}", f)], dim=0)
+    if rest == "mlp.linear_fc2.weight":
+        return hf.slice(p + "mlp.down_proj.weight", cols=_span(arch.ffn_hidden_size, tp, tp_rank))
+    if rest == "mlp.linear_fc2.bias":
+        return hf.slice(p + "mlp.down_proj.bias")
+    raise KeyError(f"no Hugging Face source for megatron parameter {name}")
+
+
+@torch.no_grad()
+def load_hf_into_model(model: torch.nn.Module, arch: ModelArch, hf_dir: str | os.PathLike) -> None:
+    """Fill this rank's shard of a GPTModel (built for ``arch`` at the current TP/PP) from HF safetensors."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_prune.model import layer_offset
+
+    hf = HFWeights(hf_dir)
+    tp, tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+    offset = layer_offset(arch)
+    for name, param in model.named_parameters():
+        value = hf_tensor_for_param(name, param.shape, arch, hf, offset, tp, tp_rank)
+        if value.shape != param.shape:
+            raise ArchError(f"{name}: Hugging Face gives shape {tuple(value.shape)}, model expects {tuple(param.shape)}")
+        param.copy_(value.to(param.dtype))
+
+
+# ---------------------------------------------------------------------------------------------------
+# megatron -> HF (at TP=1)
+# ---------------------------------------------------------------------------------------------------
+def hf_tensors_for_param(name: str, value: torch.Tensor, arch: ModelArch, layer_offset: int) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, tensor) pairs for one unsharded (TP=1) megatron parameter."""
+    d, hpg, g = arch.kv_channels, arch.heads_per_group, arch.num_query_groups
+    if name == "embedding.word_embeddings.weight":
+        yield "model.embed_tokens.weight", value[: arch.vocab_size]
+        return
+    if name == "output_layer.weight":
+        if not arch.tie_embeddings:
+            yield "lm_head.weight", value[: arch.vocab_size]
+        return
+    if name == "decoder.final_layernorm.weight":
+        yield "model.norm.weight", value
+        return
+    m = _LAYER_RE.match(name)
+    if not m:
+        raise KeyError(f"no Hugging Face name for megatron parameter {name}")
+    layer, rest = int(m.group(1)) + layer_offset, m.group(2)
+    p = f"model.layers.{layer}."
+    if rest in ("input_layernorm.weight", "self_attention.linear_qkv.layer_norm_weight"):
+        yield p + "input_layernorm.weight", value
+    elif rest in ("pre_mlp_layernorm.weight", "mlp.linear_fc1.layer_norm_weight"):
+        yield p + "post_attention_layernorm.weight", value
+    elif rest in ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias"):
+        kind = rest.rsplit(".", 1)[1]
+        per_group = value.reshape(g, (hpg + 2) * d, *value.shape[1:])
+        q, k, v = per_group.split([hpg * d, d, d], dim=1)
+        yield p + f"self_attn.q_proj.{kind}", q.reshape(g * hpg * d, *value.shape[1:])
+        yield p + f"self_attn.k_proj.{kind}", k.reshape(g * d, *value.shape[1:])
+        yield p + f"self_attn.v_proj.{kind}", v.reshape(g * d, *value.shape[1:])
+    elif rest == "self_attention.linear_proj.weight":
+        yield p + "self_attn.o_proj.weight", value
+    elif rest == "self_attention.linear_proj.bias":
+        yield p + "self_attn.o_proj.bias", value
+    elif rest in ("mlp.linear_fc1.weight", "mlp.linear_fc1.bias"):
+        kind = rest.rsplit(".", 1)[1]
+        if arch.gated:
+            gate, up = value.chunk(2, dim=0)
+            yield p + f"mlp.gate_proj.{kind}", gate
+            yield p + f"mlp.up_proj.{kind}", up
+        else:
+            yield p + f"mlp.up_proj.{kind}", value
+    elif rest == "mlp.linear_fc2.weight":
+        yield p + "mlp.down_proj.weight", value
+    elif rest == "mlp.linear_fc2.bias":
+        yield p + "mlp.down_proj.bias", value
+    else:
+        raise KeyError(f"no Hugging Face name for megatron parameter {name}")
+
+
+def export_model_to_hf(model: torch.nn.Module, arch: ModelArch, out_dir: str | os.PathLike,
+                       tokenizer_src: Optional[str | os.PathLike] = None, dtype: Optional[torch.dtype] = None) -> Path:
+    """Write a Hugging Face directory from a model loaded at TP=1 (any PP); collective over all ranks.
+
+    Atomic: written to a hidden sibling directory, renamed when every rank is done.
+    """
+    from megatron.core import parallel_state as ps
+    from safetensors.torch import save_file
+
+    from megatron_prune.model import layer_offset
+
+    if ps.get_tensor_model_parallel_world_size() != 1:
+        raise ValueError("export to Hugging Face runs at TP=1 (use one process per pipeline stage: --pp N)")
+    out = Path(out_dir).absolute()
+    tmp = out.parent / f".{out.name}.tmp"
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    pp, pp_rank = ps.get_pipeline_model_parallel_world_size(), ps.get_pipeline_model_parallel_rank()
+    if rank == 0:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    if dist.is_initialized():
+        dist.barrier()
+    offset = layer_offset(arch)
+    tensors = {}
+    for name, param in model.named_parameters():
+        for hf_name, value in hf_tensors_for_param(name, param.detach(), arch, offset):
+            tensors[hf_name] = value.to(dtype or param.dtype).contiguous().clone()
+    filename = f"model-{pp_rank + 1:05d}-of-{pp:05d}.safetensors"
+    only_dp0_tp0 = ps.get_data_parallel_rank() == 0
+    if only_dp0_tp0:
+        save_file(tensors, str(tmp / filename), metadata={"format": "pt"})
+    mine = ({k: filename for k in tensors}, sum(t.numel() * t.element_size() for t in tensors.values()))
+    gathered = [mine if only_dp0_tp0 else ({}, 0)]
+    if dist.is_initialized():
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, mine if only_dp0_tp0 else ({}, 0))
+    if rank == 0:
+        weight_map = {k: v for part, _ in gathered for k, v in part.items()}
+        total = sum(size for _, size in gathered)
+        (tmp / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2)
+        )
+        config = arch.to_hf_config()
+        config.torch_dtype = str(dtype or next(model.parameters()).dtype).replace("torch.", "")
+        config.save_pretrained(tmp)
+        if tokenizer_src is not None:
+            copy_tokenizer_files(tokenizer_src, tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    if dist.is_initialized():
+        dist.barrier()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# GGUF -> HF
+# ---------------------------------------------------------------------------------------------------
+def gguf_to_hf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+    """Dequantize a Llama-family GGUF file into a float32 safetensors HF directory (via transformers+gguf)."""
+    import transformers
+
+    gguf_path = Path(gguf_path)
+    if not gguf_path.is_file():
+        raise FileNotFoundError(f"GGUF file {gguf_path} not found")
+    out = Path(out_dir).absolute()
+    tmp = out.parent / f".{out.name}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    kw = dict(gguf_file=gguf_path.name)
+    quantized = transformers.AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), dtype=torch.float32, **kw)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(gguf_path.parent), **kw)
+    arch = ModelArch.from_hf_config(quantized.config)  # rejects non-Llama-family files clearly
+    config = arch.to_hf_config(extra={k: getattr(quantized.config, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+                                      if getattr(quantized.config, k, None) is not None})
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    state = {k: v for k, v in quantized.state_dict().items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not (arch.tie_embeddings and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise ArchError(f"GGUF weights do not match the architecture: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    model.save_pretrained(str(tmp), safe_serialization=True)
+    tokenizer.save_pretrained(str(tmp))
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
