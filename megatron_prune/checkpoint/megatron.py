@@ -115,7 +115,7 @@ def save_checkpoint(
 ) -> Path:
     """Save ``model`` (this rank's shard) as a distributed checkpoint; collective over all ranks.
 
-    ``tokenizer_src``: a directory of tokenizer files (copied into ``tokenizer/``).
+    ``tokenizer_src``: a directory holding tokenizer files (HF or sentencepiece; copied into ``tokenizer/``).
     ``extra_state``: a megatron sharded state dict merged under ``extra.`` (e.g. optimizer state).
     """
     from megatron.core import dist_checkpointing
@@ -137,8 +137,9 @@ def save_checkpoint(
     if _rank() == 0:
         has_tok = False
         if tokenizer_src is not None:
-            shutil.copytree(tokenizer_src, tmp / TOKENIZER_DIR)
-            has_tok = True
+            from megatron_prune.checkpoint.hf import copy_tokenizer_files
+
+            has_tok = bool(copy_tokenizer_files(tokenizer_src, tmp / TOKENIZER_DIR))
         prov = dict(provenance or {})
         prov.setdefault("created", datetime.datetime.now().isoformat(timespec="seconds"))
         dtype = str(next(model.parameters()).dtype).replace("torch.", "")

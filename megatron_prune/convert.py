@@ -1,0 +1,108 @@
+"""`megatron-prune convert`: GGUF / Hugging Face / Megatron checkpoints into each other.
+
+The source kind is recognised from the path: a ``.gguf`` file, a Hugging Face directory (``config.json``)
+or one of our Megatron checkpoints (``megatron_prune.json``).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from megatron_prune.arch import ModelArch
+from megatron_prune.checkpoint import load_model, save_checkpoint
+from megatron_prune.checkpoint.hf import export_model_to_hf, gguf_to_hf, load_hf_into_model, read_hf_config
+from megatron_prune.checkpoint.megatron import METADATA_FILE
+from megatron_prune.model import build_model
+from megatron_prune.runtime import barrier, init_distributed, is_rank0, log0
+
+
+def detect_source(path: str | Path) -> str:
+    p = Path(path)
+    if p.is_file() and p.suffix == ".gguf":
+        return "gguf"
+    if (p / METADATA_FILE).is_file():
+        return "megatron"
+    if (p / "config.json").is_file():
+        return "hf"
+    if not p.exists():
+        raise FileNotFoundError(f"{p} does not exist")
+    raise ValueError(f"cannot tell what {p} is: expected a .gguf file, a Hugging Face directory (config.json) "
+                     f"or a megatron-prune checkpoint ({METADATA_FILE})")
+
+
+def hf_to_megatron(hf_dir: str | Path, out: str | Path, tp: int = 1, pp: int = 1, dtype: torch.dtype = torch.float32,
+                   overwrite: bool = False, provenance: Optional[dict] = None) -> Path:
+    """Each rank builds its TP/PP shard, reads only its slices of the safetensors, and saves."""
+    init_distributed(tp, pp)
+    arch = ModelArch.from_hf_config(read_hf_config(hf_dir))
+    log0(f"converting {hf_dir}: {arch.describe()} -> {out} at TP={tp} PP={pp}")
+    model = build_model(arch, dtype=dtype)
+    load_hf_into_model(model, arch, hf_dir)
+    prov = {"source": str(Path(hf_dir).absolute()), "source_format": "huggingface"}
+    prov.update(provenance or {})
+    return save_checkpoint(model, arch, out, tokenizer_src=hf_dir, provenance=prov, overwrite=overwrite)
+
+
+def megatron_to_hf(ckpt: str | Path, out: str | Path, dtype: Optional[torch.dtype] = None, overwrite: bool = False) -> Path:
+    """Load at TP=1 with one pipeline stage per process and write a transformers-loadable directory."""
+    import torch.distributed as dist
+
+    from megatron_prune.checkpoint import tokenizer_dir
+
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"output {out} already exists; choose another path or pass --overwrite")
+    world = dist.get_world_size() if dist.is_initialized() else _launch_world_size()
+    init_distributed(tp=1, pp=world)
+    model, meta = load_model(ckpt, dtype=dtype)
+    log0(f"exporting {ckpt} ({meta.arch.describe()}) to Hugging Face {out}")
+    return export_model_to_hf(model, meta.arch, out, tokenizer_src=tokenizer_dir(ckpt), dtype=dtype)
+
+
+def _launch_world_size() -> int:
+    from megatron_prune.runtime.distributed import detect_launch_env
+
+    return detect_launch_env().world_size
+
+
+def convert(src: str | Path, out: str | Path, to: Optional[str] = None, tp: int = 1, pp: int = 1,
+            dtype: str = "auto", overwrite: bool = False) -> Path:
+    """Convert ``src`` (gguf, hf or megatron) to ``to`` ("megatron" or "hf").
+
+    ``dtype="auto"``: float32 when importing, the checkpoint's own dtype when exporting.
+    """
+    kind = detect_source(src)
+    to = to or ("hf" if kind == "megatron" else "megatron")
+    if to not in ("megatron", "hf"):
+        raise ValueError(f"--to must be 'megatron' or 'hf', got {to!r}")
+    torch_dtype = None if dtype == "auto" else getattr(torch, dtype)
+    import_dtype = torch_dtype or torch.float32
+    out = Path(out)
+    if kind == "gguf":
+        if to == "hf":
+            if out.exists() and not overwrite:
+                raise FileExistsError(f"output {out} already exists; choose another path or pass --overwrite")
+            return gguf_to_hf(src, out)
+        staging = out.parent / f".{out.name}.from-gguf"
+        init_distributed(tp, pp)
+        if is_rank0():
+            gguf_to_hf(src, staging)
+        barrier()
+        try:
+            return hf_to_megatron(staging, out, tp, pp, import_dtype, overwrite, {"source": str(Path(src).absolute()),
+                                                                               "source_format": "gguf"})
+        finally:
+            barrier()
+            if is_rank0():
+                shutil.rmtree(staging, ignore_errors=True)
+    if kind == "hf":
+        if to == "hf":
+            raise ValueError(f"{src} is already a Hugging Face directory")
+        return hf_to_megatron(src, out, tp, pp, import_dtype, overwrite)
+    if to == "megatron":
+        raise ValueError(f"{src} is already a Megatron checkpoint (it loads at any TP/PP as it is)")
+    return megatron_to_hf(src, out, dtype=torch_dtype, overwrite=overwrite)

