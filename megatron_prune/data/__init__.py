@@ -1,0 +1,31 @@
+"""Data for calibration, distillation and evaluation: offline corpora, Megatron indexed datasets.
+
+Core layer: imports nothing from the cli or pipeline modules.
+"""
+
+from megatron_prune.data.corpora import (
+    CORPORA,
+    DEFAULT_CORPUS,
+    CorpusNotInstalled,
+    corpus_documents,
+    default_cache_dir,
+    split_documents,
+    split_of,
+    write_corpus_jsonl,
+)
+from megatron_prune.data.indexed import IndexedInfo, fixed_length_windows, read_indexed_info, tokenize_jsonl
+
+__all__ = [
+    "CORPORA",
+    "DEFAULT_CORPUS",
+    "CorpusNotInstalled",
+    "IndexedInfo",
+    "corpus_documents",
+    "default_cache_dir",
+    "fixed_length_windows",
+    "read_indexed_info",
+    "split_documents",
+    "split_of",
+    "tokenize_jsonl",
+    "write_corpus_jsonl",
+]
