@@ -53,7 +53,7 @@ def lm_loss(model: torch.nn.Module, arch: ModelArch, windows: torch.Tensor, micr
     device = next(model.parameters()).device
     total = torch.zeros(2, dtype=torch.float64)
     chunk = 4 * ps.get_pipeline_model_parallel_world_size()  # micro-batches per schedule call
-    bar = progress(len(batches) * dp, desc or "eval", unit="seq") if desc else None
+    bar = progress(len(batches) * micro_batch_size * dp, desc, unit="seq") if desc else None
 
     def on_output(logits, batch):
         losses = token_losses(logits, batch["labels"].to(device), arch)
