@@ -170,23 +170,19 @@ def test_slurm_batch_step_without_srun_is_single_process():
     assert le == LaunchEnv(0, 1, 0, "127.0.0.1", 25000, "single")
 
 
-def test_slurm_master_addr_is_first_host_of_step_nodelist(monkeypatch, fake_scontrol):
-    # _slurm_master_addr() reads the real process environment; set it there.
-    monkeypatch.setenv("SLURM_STEP_NODELIST", "gpu[07-08]")
-    monkeypatch.setenv("SLURM_JOB_NODELIST", "node[3-4]")
-    assert mpd._slurm_master_addr() == "gpu07"
+def test_slurm_master_addr_is_first_host_of_step_nodelist(fake_scontrol):
+    env = {"SLURM_STEP_NODELIST": "gpu[07-08]", "SLURM_JOB_NODELIST": "node[3-4]"}
+    assert mpd._slurm_master_addr(env) == "gpu07"
     assert fake_scontrol == ["gpu[07-08]"]
 
 
-def test_slurm_master_addr_falls_back_to_job_nodelist(monkeypatch, fake_scontrol):
-    monkeypatch.setenv("SLURM_JOB_NODELIST", "node[3-4]")
-    assert mpd._slurm_master_addr() == "node3"
+def test_slurm_master_addr_falls_back_to_job_nodelist(fake_scontrol):
+    assert mpd._slurm_master_addr({"SLURM_JOB_NODELIST": "node[3-4]"}) == "node3"
 
 
-def test_slurm_master_addr_falls_back_to_launch_node_ip(monkeypatch, fake_scontrol):
-    monkeypatch.setenv("SLURM_JOB_NODELIST", "unparsable[")
-    monkeypatch.setenv("SLURM_LAUNCH_NODE_IPADDR", "10.9.8.7")
-    assert mpd._slurm_master_addr() == "10.9.8.7"
+def test_slurm_master_addr_falls_back_to_launch_node_ip(fake_scontrol):
+    env = {"SLURM_JOB_NODELIST": "unparsable[", "SLURM_LAUNCH_NODE_IPADDR": "10.9.8.7"}
+    assert mpd._slurm_master_addr(env) == "10.9.8.7"
 
 
 def test_slurm_master_addr_without_scontrol(monkeypatch):
@@ -194,15 +190,9 @@ def test_slurm_master_addr_without_scontrol(monkeypatch):
         raise FileNotFoundError(cmd[0])
 
     monkeypatch.setattr(mpd.subprocess, "run", missing)
-    monkeypatch.setenv("SLURM_JOB_NODELIST", "node[3-4]")
-    assert mpd._slurm_master_addr() == "127.0.0.1"
+    assert mpd._slurm_master_addr({"SLURM_JOB_NODELIST": "node[3-4]"}) == "127.0.0.1"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug in runtime/distributed.py: _slurm_master_addr() reads os.environ, not the environ "
-    "passed to detect_launch_env(environ), so a given SLURM_STEP_NODELIST is ignored",
-)
 def test_srun_master_addr_from_the_given_environ(fake_scontrol):
     env = {
         "SLURM_PROCID": "1",

@@ -230,3 +230,26 @@ def test_megatron_prune_sbatch_script(slurm, tmp_path):
         assert recs[0]["master_addr"] == first[0]
     assert "[megatron_prune.sbatch] job" in log.read_text()
     print(f"slurm job {job_id} (megatron_prune.sbatch): 2 ranks in {time.time() - t0:.1f}s")
+
+
+def test_megatron_prune_convert_under_srun(slurm, tiny_llama_dir, tmp_path):
+    """The real command through the real sbatch script: `megatron-prune convert --tp 2` as 2 Slurm tasks.
+
+    The written checkpoint must give transformers' logits when read back at TP1.
+    """
+    import torch
+
+    from distributed_utils import run_ranks
+    from test_conversion import TOL, hf_logits, megatron_logits, sample_tokens
+
+    log = tmp_path / "job.log"
+    out = tmp_path / "ckpt"
+    env = _job_env(MP_VENV=str(Path(sys.executable).parent.parent), MP_REPO=str(REPO))
+    _sbatch_wait(["--nodes=1", "--ntasks-per-node=2", "--time=00:05:00", f"--chdir={tmp_path}", f"--output={log}",
+                  REPO / "launch" / "slurm" / "megatron_prune.sbatch", "convert", tiny_llama_dir, out, "--tp", "2"],
+                 env, log)
+    assert (out / "megatron_prune.json").is_file(), log.read_text()
+    assert len(list(out.glob("__*_*.distcp"))) >= 2, "each of the 2 tasks wrote its shard"
+    tokens = sample_tokens(1000)
+    (logits,) = run_ranks(megatron_logits, 1, out, 1, 1, tokens)
+    assert (logits - hf_logits(tiny_llama_dir, tokens)).abs().max().item() <= TOL

@@ -265,14 +265,16 @@ def export_model_to_hf(model: torch.nn.Module, arch: ModelArch, out_dir: str | o
         for hf_name, value in hf_tensors_for_param(name, param.detach(), arch, offset):
             tensors[hf_name] = value.to(dtype or param.dtype).contiguous().clone()
     filename = f"model-{pp_rank + 1:05d}-of-{pp:05d}.safetensors"
-    only_dp0_tp0 = ps.get_data_parallel_rank() == 0
-    if only_dp0_tp0:
-        save_file(tensors, str(tmp / filename), metadata={"format": "pt"})
+    writes_file = ps.get_data_parallel_rank() == 0  # data-parallel replicas hold the same stage
     mine = ({k: filename for k in tensors}, sum(t.numel() * t.element_size() for t in tensors.values()))
-    gathered = [mine if only_dp0_tp0 else ({}, 0)]
+    if not writes_file:
+        mine = ({}, 0)
+    else:
+        save_file(tensors, str(tmp / filename), metadata={"format": "pt"})
+    gathered = [mine]
     if dist.is_initialized():
         gathered = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, mine if only_dp0_tp0 else ({}, 0))
+        dist.all_gather_object(gathered, mine)
     if rank == 0:
         weight_map = {k: v for part, _ in gathered for k, v in part.items()}
         total = sum(size for _, size in gathered)

@@ -59,8 +59,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _slurm_master_addr() -> str:
-    nodelist = os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_JOB_NODELIST", "")
+def _slurm_master_addr(env) -> str:
+    nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", "")
     try:
         out = subprocess.run(
             ["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True
@@ -69,7 +69,7 @@ def _slurm_master_addr() -> str:
             return out[0]
     except (OSError, subprocess.CalledProcessError):
         pass
-    return os.environ.get("SLURM_LAUNCH_NODE_IPADDR", "127.0.0.1")
+    return env.get("SLURM_LAUNCH_NODE_IPADDR", "127.0.0.1")
 
 
 def detect_launch_env(environ=None) -> LaunchEnv:
@@ -91,7 +91,7 @@ def detect_launch_env(environ=None) -> LaunchEnv:
             rank=int(env["SLURM_PROCID"]),
             world_size=int(env.get("SLURM_NTASKS", env.get("SLURM_STEP_NUM_TASKS", "1"))),
             local_rank=int(env.get("SLURM_LOCALID", 0)),
-            master_addr=env.get("MASTER_ADDR") or _slurm_master_addr(),
+            master_addr=env.get("MASTER_ADDR") or _slurm_master_addr(env),
             master_port=int(env.get("MASTER_PORT", 20000 + job_id % 20000)),
             launcher="slurm",
         )
@@ -113,8 +113,8 @@ def init_distributed(tp: int = 1, pp: int = 1, seed: int = 1234) -> ParallelLayo
     if not dist.is_initialized():
         os.environ["MASTER_ADDR"] = launch.master_addr
         os.environ["MASTER_PORT"] = str(launch.master_port)
-        if on_gpu:
-            torch.cuda.set_device(launch.local_rank)
+        if on_gpu:  # modulo: with --gpus-per-task=1 every task sees a single device 0
+            torch.cuda.set_device(launch.local_rank % torch.cuda.device_count())
         dist.init_process_group(
             backend="nccl" if on_gpu else "gloo",
             rank=launch.rank,

@@ -1,0 +1,124 @@
+"""ImportanceScores: the global (layout-independent) result of a calibration pass, and its one-file format.
+
+All tensors are indexed by global layer / neuron / head / group / channel, whatever TP/PP/DP computed them,
+so one score file serves pruning at any target layout. The file is a single safetensors file whose header
+metadata holds the JSON (arch, aggregation, sample counts); safetensors rather than pickle so loading a
+score file can never run code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+FORMAT_VERSION = 1
+
+_TENSOR_FIELDS = ("mlp", "heads", "query_groups", "embedding", "embedding_layers", "block_influence",
+                  "angle_matrix")
+
+
+@dataclass
+class ImportanceScores:
+    """Higher = more important, except the depth metrics where higher = the layer/block changes the
+    hidden state more (so also "more important"): prune the lowest."""
+
+    arch: dict
+    seq_agg: str
+    batch_agg: str
+    num_samples: int
+    seq_len: int
+    mlp: torch.Tensor  # [layers, ffn]
+    heads: torch.Tensor  # [layers, heads]
+    query_groups: torch.Tensor  # [layers, groups]
+    embedding: torch.Tensor  # [hidden]: summed over both norms of every layer
+    embedding_layers: torch.Tensor  # [layers, 2, hidden]: per layer, (input_layernorm, pre_mlp_layernorm)
+    block_influence: torch.Tensor  # [layers]
+    angle_matrix: torch.Tensor  # [layers+1, layers+1]: mean last-token angle/pi between boundary states
+    angular: dict = field(default_factory=dict)  # {n: [layers-n+1]} d(l, n), l = 0..layers-n
+    extra: dict = field(default_factory=dict)  # free-form JSON metadata (e.g. the computing layout)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write one safetensors file (atomically: temporary file, then rename)."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        tensors = {k: getattr(self, k).detach().float().cpu().contiguous() for k in _TENSOR_FIELDS}
+        for n, t in self.angular.items():
+            tensors[f"angular.{int(n)}"] = t.detach().float().cpu().contiguous()
+        meta = {"format_version": FORMAT_VERSION, "arch": self.arch, "seq_agg": self.seq_agg,
+                "batch_agg": self.batch_agg, "num_samples": self.num_samples, "seq_len": self.seq_len,
+                "extra": self.extra}
+        tmp = path.with_name(f".{path.name}.tmp")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(tmp), metadata={"megatron_prune_importance": json.dumps(meta)})
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "ImportanceScores":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            header = (f.metadata() or {}).get("megatron_prune_importance")
+            if header is None:
+                raise ValueError(f"{path} is not a megatron-prune importance file")
+            meta = json.loads(header)
+            if meta.get("format_version", 0) > FORMAT_VERSION:
+                raise ValueError(f"{path} has format_version {meta['format_version']}; this version reads "
+                                 f"<= {FORMAT_VERSION}")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        angular = {int(k.split(".", 1)[1]): v for k, v in tensors.items() if k.startswith("angular.")}
+        return cls(arch=meta["arch"], seq_agg=meta["seq_agg"], batch_agg=meta["batch_agg"],
+                   num_samples=meta["num_samples"], seq_len=meta["seq_len"], angular=dict(sorted(angular.items())),
+                   extra=meta.get("extra", {}), **{k: tensors[k] for k in _TENSOR_FIELDS})
+
+    def angular_distance(self, n: int) -> torch.Tensor:
+        """d(l, n) for l = 0..layers-n (any n, not only those stored in ``angular``)."""
+        return torch.diagonal(self.angle_matrix, offset=n).clone()
+
+
+def all_gather_cat(t: torch.Tensor, group, dim: int) -> torch.Tensor:
+    """Concatenate ``t`` from every rank of ``group`` (in group-rank order) along ``dim``."""
+    import torch.distributed as dist
+
+    if group is None or not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return t
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, t.contiguous(), group=group)
+    return torch.cat(parts, dim=dim)
+
+
+def gather_global(local: dict, tp_group=None, pp_group=None) -> dict:
+    """Local per-stage / per-shard scores -> global ones, on every rank.
+
+    TP: mlp and heads are this rank's contiguous shard (TP rank r owns neurons/heads r*n/tp ...), so an
+    all_gather over the TP group concatenates them in order; embedding and depth tensors are replicated
+    across TP and are taken as they are (never summed). PP: stage s holds layers s*L/pp ..., so an all_gather
+    over the PP group concatenates layers in order (global layer = offset + local index).
+    """
+    out = dict(local)
+    for k in ("mlp", "heads"):
+        out[k] = all_gather_cat(out[k], tp_group, dim=1)
+    for k in ("mlp", "heads", "embedding_layers", "block_influence"):
+        out[k] = all_gather_cat(out[k], pp_group, dim=0)
+    return out
+
+
+def make_scores(global_parts: dict, arch, seq_agg: str, batch_agg: str, num_samples: int, seq_len: int,
+                angular_sizes: Optional[list] = None, extra: Optional[dict] = None) -> ImportanceScores:
+    from megatron_prune.importance.depth import angular_distances
+    from megatron_prune.importance.width import query_group_scores
+
+    g = {k: v.detach().float().cpu() for k, v in global_parts.items()}
+    sizes = range(1, arch.num_layers) if angular_sizes is None else angular_sizes
+    return ImportanceScores(
+        arch=arch.to_dict() if hasattr(arch, "to_dict") else dict(arch), seq_agg=seq_agg, batch_agg=batch_agg,
+        num_samples=int(num_samples), seq_len=int(seq_len), mlp=g["mlp"], heads=g["heads"],
+        query_groups=query_group_scores(g["heads"], arch.num_query_groups), embedding=g["embedding_layers"].sum((0, 1)),
+        embedding_layers=g["embedding_layers"], block_influence=g["block_influence"], angle_matrix=g["angle_matrix"],
+        angular=angular_distances(g["angle_matrix"], sizes), extra=dict(extra or {}))
