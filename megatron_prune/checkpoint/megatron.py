@@ -112,11 +112,13 @@ def save_checkpoint(
     provenance: Optional[dict] = None,
     overwrite: bool = False,
     extra_state: Optional[dict] = None,
+    extra_files: Optional[dict[str, str]] = None,
 ) -> Path:
     """Save ``model`` (this rank's shard) as a distributed checkpoint; collective over all ranks.
 
     ``tokenizer_src``: a directory holding tokenizer files (HF or sentencepiece; copied into ``tokenizer/``).
-    ``extra_state``: a megatron sharded state dict merged under ``extra.`` (e.g. optimizer state).
+    ``extra_state``: more megatron sharded state (e.g. optimizer state), saved with the model.
+    ``extra_files``: {file name: text} written into the checkpoint directory (e.g. the prune plan).
     """
     from megatron.core import dist_checkpointing
 
@@ -144,6 +146,8 @@ def save_checkpoint(
         prov.setdefault("created", datetime.datetime.now().isoformat(timespec="seconds"))
         dtype = str(next(model.parameters()).dtype).replace("torch.", "")
         meta = CheckpointMeta(arch=arch, dtype=dtype, provenance=prov, has_tokenizer=has_tok)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
         (tmp / METADATA_FILE).write_text(json.dumps(meta.to_json(), indent=2) + "\n")
         if out.exists():
             old = out.parent / f".{out.name}.old"

@@ -95,3 +95,42 @@ def angular_distances(angle_matrix: torch.Tensor, sizes) -> dict[int, torch.Tens
     """{n: [L - n + 1]}: d(l, n) for l = 0 .. L-n, read off the boundary-pair matrix."""
     L = angle_matrix.shape[0] - 1
     return {int(n): torch.diagonal(angle_matrix, offset=int(n)).clone() for n in sizes if 1 <= int(n) <= L}
+
+
+def _pass_through(hidden_states, context=None, **kwargs):
+    return hidden_states, context
+
+
+@torch.no_grad()
+def lm_loss_drop(model: torch.nn.Module, arch, windows: torch.Tensor, micro_batch_size: int = 1,
+                 block_sizes=(1,), desc=None) -> tuple[float, dict[int, torch.Tensor]]:
+    """LM loss with each block of n contiguous layers skipped, minus the loss of the full model.
+
+    ``windows`` [n, s + 1] (inputs + next-token labels, as for :func:`megatron_prune.evaluate.lm_loss`).
+    Returns (base loss, {n: [L - n + 1] loss increase when layers l..l+n-1 are removed}). One evaluation per
+    block, so it costs (number of blocks + 1) forward passes; the stage that owns a skipped layer replaces
+    that layer's forward by the identity on the residual stream, every other stage runs unchanged.
+    """
+    from megatron_prune.evaluate import lm_loss
+    from megatron_prune.model import layer_offset
+
+    layers = list(model.decoder.layers)
+    offset, L = layer_offset(arch), arch.num_layers
+    base = lm_loss(model, arch, windows, micro_batch_size, desc=desc).lm_loss
+    drops: dict[int, torch.Tensor] = {}
+    for n in block_sizes:
+        n = int(n)
+        if not 1 <= n <= L - 1:
+            raise ValueError(f"block size {n} must be between 1 and num_layers - 1 = {L - 1}")
+        out = torch.zeros(L - n + 1, dtype=torch.float64)
+        for start in range(L - n + 1):
+            skipped = [layers[g - offset] for g in range(start, start + n) if 0 <= g - offset < len(layers)]
+            for layer in skipped:
+                layer.forward = _pass_through
+            try:
+                out[start] = lm_loss(model, arch, windows, micro_batch_size, desc=None).lm_loss - base
+            finally:
+                for layer in skipped:
+                    del layer.forward  # back to the class's forward
+        drops[n] = out
+    return base, drops

@@ -41,6 +41,8 @@ class ImportanceScores:
     angle_matrix: torch.Tensor  # [layers+1, layers+1]: mean last-token angle/pi between boundary states
     angular: dict = field(default_factory=dict)  # {n: [layers-n+1]} d(l, n), l = 0..layers-n
     extra: dict = field(default_factory=dict)  # free-form JSON metadata (e.g. the computing layout)
+    base_lm_loss: Optional[float] = None  # set with loss_drop by depth.lm_loss_drop (separate, costlier pass)
+    loss_drop: dict = field(default_factory=dict)  # {n: [layers-n+1]} LM-loss increase, block l..l+n-1 removed
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write one safetensors file (atomically: temporary file, then rename)."""
@@ -50,9 +52,11 @@ class ImportanceScores:
         tensors = {k: getattr(self, k).detach().float().cpu().contiguous() for k in _TENSOR_FIELDS}
         for n, t in self.angular.items():
             tensors[f"angular.{int(n)}"] = t.detach().float().cpu().contiguous()
+        for n, t in self.loss_drop.items():
+            tensors[f"loss_drop.{int(n)}"] = t.detach().float().cpu().contiguous()
         meta = {"format_version": FORMAT_VERSION, "arch": self.arch, "seq_agg": self.seq_agg,
                 "batch_agg": self.batch_agg, "num_samples": self.num_samples, "seq_len": self.seq_len,
-                "extra": self.extra}
+                "base_lm_loss": self.base_lm_loss, "extra": self.extra}
         tmp = path.with_name(f".{path.name}.tmp")
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(tmp), metadata={"megatron_prune_importance": json.dumps(meta)})
@@ -72,10 +76,13 @@ class ImportanceScores:
                 raise ValueError(f"{path} has format_version {meta['format_version']}; this version reads "
                                  f"<= {FORMAT_VERSION}")
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-        angular = {int(k.split(".", 1)[1]): v for k, v in tensors.items() if k.startswith("angular.")}
+        def by_size(prefix):
+            return dict(sorted((int(k.split(".", 1)[1]), v) for k, v in tensors.items() if k.startswith(prefix)))
+
         return cls(arch=meta["arch"], seq_agg=meta["seq_agg"], batch_agg=meta["batch_agg"],
-                   num_samples=meta["num_samples"], seq_len=meta["seq_len"], angular=dict(sorted(angular.items())),
-                   extra=meta.get("extra", {}), **{k: tensors[k] for k in _TENSOR_FIELDS})
+                   num_samples=meta["num_samples"], seq_len=meta["seq_len"], angular=by_size("angular."),
+                   extra=meta.get("extra", {}), base_lm_loss=meta.get("base_lm_loss"),
+                   loss_drop=by_size("loss_drop."), **{k: tensors[k] for k in _TENSOR_FIELDS})
 
     def angular_distance(self, n: int) -> torch.Tensor:
         """d(l, n) for l = 0..layers-n (any n, not only those stored in ``angular``)."""

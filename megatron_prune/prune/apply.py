@@ -1,0 +1,172 @@
+"""Apply a PrunePlan to weights: in memory, or straight from a sharded checkpoint.
+
+Both paths build the pruned GPTModel at the current TP/PP and fill every parameter by selecting kept
+indices from a *source-width* model that holds exactly the kept layers of this pipeline stage. Hidden
+channels are not TP-sharded and are selected locally; heads, query groups and FFN neurons are TP-sharded,
+so each TP rank contributes the kept rows it owns and one all-reduce over the TP group assembles the
+pruned rows (other ranks add exact zeros), of which each rank keeps its own target shard. Memory per rank
+stays at one source shard plus one pruned layer tensor.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import torch
+import torch.distributed as dist
+
+from megatron_prune.prune.plan import PrunePlan
+
+_LAYER_RE = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+
+
+def _tp():
+    from megatron.core import parallel_state as ps
+
+    return ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_group()
+
+
+def select_tp_sharded(local: torch.Tensor, axis: int, index: list[int]) -> torch.Tensor:
+    """This TP rank's shard of ``full.index_select(axis, index)``, where ``local`` is its shard of ``full``.
+
+    Collective over the TP group (every rank calls it with the same ``index``).
+    """
+    tp, tp_rank, group = _tp()
+    idx = torch.tensor(index, dtype=torch.long, device=local.device)
+    if tp == 1:
+        return local.index_select(axis, idx)
+    n = local.shape[axis]
+    start = tp_rank * n
+    shape = list(local.shape)
+    shape[axis] = len(index)
+    out = local.new_zeros(shape)
+    mine = (idx >= start) & (idx < start + n)
+    out.index_copy_(axis, mine.nonzero().flatten(), local.index_select(axis, idx[mine] - start))
+    dist.all_reduce(out, group=group)
+    chunk = len(index) // tp
+    return out.narrow(axis, tp_rank * chunk, chunk).contiguous()
+
+
+def _qkv_rows(plan: PrunePlan, j: int) -> list[int]:
+    """Source rows of megatron's per-group interleaved [q heads, k, v] layout that target layer j keeps."""
+    s = plan.source_arch
+    d, hpg = s.kv_channels, s.heads_per_group
+    rows = []
+    for g, heads in zip(plan.kept_groups[j], plan.kept_heads[j]):
+        base = g * (hpg + 2) * d
+        for h in heads:
+            rows.extend(range(base + h * d, base + (h + 1) * d))
+        rows.extend(range(base + hpg * d, base + (hpg + 2) * d))  # k and v of the group
+    return rows
+
+
+def _proj_cols(plan: PrunePlan, j: int) -> list[int]:
+    s = plan.source_arch
+    d, hpg = s.kv_channels, s.heads_per_group
+    return [(g * hpg + h) * d + k for g, heads in zip(plan.kept_groups[j], plan.kept_heads[j]) for h in heads
+            for k in range(d)]
+
+
+def pruned_value(name: str, src: torch.Tensor, plan: PrunePlan, j: int) -> torch.Tensor:
+    """The pruned value of parameter ``name``; ``j`` is the target (global) layer index for layer params."""
+    hidden = torch.tensor(plan.kept_hidden, device=src.device)
+    if name in ("embedding.word_embeddings.weight", "output_layer.weight"):
+        return src.index_select(1, hidden)
+    if name == "decoder.final_layernorm.weight" or name == "decoder.final_layernorm.bias":
+        return src.index_select(0, hidden)
+    rest = _LAYER_RE.match(name).group(2)
+    if rest.endswith("layernorm.weight") or rest.endswith("layernorm.bias") or rest.endswith("layer_norm_weight") \
+            or rest.endswith("layer_norm_bias") or rest in ("self_attention.linear_proj.bias", "mlp.linear_fc2.bias"):
+        return src.index_select(0, hidden)
+    if rest == "self_attention.linear_qkv.weight":
+        return select_tp_sharded(src, 0, _qkv_rows(plan, j)).index_select(1, hidden)
+    if rest == "self_attention.linear_qkv.bias":
+        return select_tp_sharded(src, 0, _qkv_rows(plan, j))
+    if rest == "self_attention.linear_proj.weight":
+        return select_tp_sharded(src.index_select(0, hidden), 1, _proj_cols(plan, j))
+    if rest in ("mlp.linear_fc1.weight", "mlp.linear_fc1.bias"):
+        if plan.source_arch.gated:  # local shard is [gate_r; up_r]: prune each half as its own sharded tensor
+            gate, up = src.chunk(2, dim=0)
+            out = torch.cat([select_tp_sharded(gate, 0, plan.kept_ffn[j]), select_tp_sharded(up, 0, plan.kept_ffn[j])])
+        else:
+            out = select_tp_sharded(src, 0, plan.kept_ffn[j])
+        return out.index_select(1, hidden) if rest.endswith("weight") else out
+    if rest == "mlp.linear_fc2.weight":
+        return select_tp_sharded(src.index_select(0, hidden), 1, plan.kept_ffn[j])
+    raise KeyError(f"don't know how to prune parameter {name}")
+
+
+@torch.no_grad()
+def fill_pruned(target_model: torch.nn.Module, source_view: torch.nn.Module, plan: PrunePlan) -> None:
+    """Fill ``target_model`` (target arch) from ``source_view`` (source width, the target's layers on this stage)."""
+    from megatron_prune.model import layer_offset
+
+    offset = layer_offset(plan.target_arch)
+    src = dict(source_view.named_parameters())
+    for name, param in target_model.named_parameters():
+        m = _LAYER_RE.match(name)
+        j = offset + int(m.group(1)) if m else -1
+        value = pruned_value(name, src[name].detach(), plan, j)
+        if value.shape != param.shape:
+            raise RuntimeError(f"{name}: pruned shape {tuple(value.shape)} != target {tuple(param.shape)}")
+        param.copy_(value)
+
+
+def _source_view_arch(plan: PrunePlan):
+    return plan.source_arch.replace(num_layers=plan.target_arch.num_layers)
+
+
+@torch.no_grad()
+def source_view(model: torch.nn.Module, plan: PrunePlan) -> torch.nn.Module:
+    """A source-width model holding, on each pipeline stage, the kept source layers that land on that stage.
+
+    Layers that stay on their stage are copied; layers that move to another stage are broadcast over the
+    pipeline group (only this rank's TP shard, one layer at a time).
+    """
+    from megatron.core import parallel_state as ps
+
+    from megatron_prune.model import build_model
+
+    pp, stage = ps.get_pipeline_model_parallel_world_size(), ps.get_pipeline_model_parallel_rank()
+    per_src = plan.source_arch.num_layers // pp
+    per_tgt = plan.target_arch.num_layers // pp
+    dtype = next(model.parameters()).dtype
+    view = build_model(_source_view_arch(plan), dtype=dtype, use_te=False, perform_initialization=False)
+    src, dst = dict(model.named_parameters()), dict(view.named_parameters())
+    for name, p in dst.items():
+        if not _LAYER_RE.match(name):
+            p.copy_(src[name])  # embedding, final norm, output layer: same stage in both models
+    layer_params = sorted({_LAYER_RE.match(n).group(2) for n in src if _LAYER_RE.match(n)})
+    pp_ranks = dist.get_process_group_ranks(ps.get_pipeline_model_parallel_group()) if pp > 1 else None
+    for t, s in enumerate(plan.kept_layers):
+        owner, dest = s // per_src, t // per_tgt
+        if owner == dest:
+            if stage == dest:
+                for rest in layer_params:
+                    dst[f"decoder.layers.{t - dest * per_tgt}.{rest}"].copy_(src[f"decoder.layers.{s - owner * per_src}.{rest}"])
+            continue
+        for rest in layer_params:  # every stage takes part in the broadcast, in the same order
+            if stage == owner:
+                buf = src[f"decoder.layers.{s - owner * per_src}.{rest}"].detach().contiguous()
+            elif stage == dest:
+                buf = dst[f"decoder.layers.{t - dest * per_tgt}.{rest}"].data
+            else:
+                buf = torch.empty_like(src[f"decoder.layers.0.{rest}"])
+            dist.broadcast(buf, src=pp_ranks[owner], group=ps.get_pipeline_model_parallel_group())
+    return view
+
+
+@torch.no_grad()
+def apply_plan(model: torch.nn.Module, plan: PrunePlan) -> torch.nn.Module:
+    """The pruned model, built at this TP/PP, from ``model`` (built for ``plan.source_arch`` at this TP/PP).
+
+    Collective over all model-parallel ranks. The source is left untouched.
+    """
+    from megatron_prune.model import build_model
+
+    view = source_view(model, plan)
+    target = build_model(plan.target_arch, dtype=next(model.parameters()).dtype, use_te=False,
+                         perform_initialization=False)
+    fill_pruned(target, view, plan)
+    return target

@@ -1,0 +1,226 @@
+"""A prune plan: which units of the source model survive, decided from importance scores and a target.
+
+A plan is plain data (kept indices per axis and layer, all in the source model's global numbering, in
+their original order) and is saved as human-readable JSON, so it can be reviewed, edited, and re-applied
+to the same source at any TP/PP.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from megatron_prune.arch import ArchError, ModelArch
+
+DEPTH_METRICS = ("block_influence", "angular", "lm_loss")
+TARGET_KEYS = ("hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "num_layers",
+               "drop_layers", "depth_metric")
+# what users type on the command line -> PruneTarget field
+TARGET_ALIASES = {"hidden": "hidden_size", "ffn": "ffn_hidden_size", "heads": "num_attention_heads",
+                  "query_groups": "num_query_groups", "groups": "num_query_groups", "layers": "num_layers"}
+
+
+class PlanError(ValueError):
+    """A target that cannot be reached from this source (raised before any work is done)."""
+
+
+@dataclass(frozen=True)
+class PruneTarget:
+    """What the pruned model should look like; None keeps the source's value.
+
+    Depth: either ``num_layers`` (layers to keep, chosen by ``depth_metric``) or ``drop_layers`` (explicit).
+    ``depth_metric``: ``block_influence`` drops the individually least influential layers; ``angular`` drops
+    the contiguous block with the smallest angular distance (Gromov et al.); ``lm_loss`` drops the layers
+    whose removal raised the LM loss least (needs scores computed with the LM-loss metric).
+    """
+
+    hidden_size: Optional[int] = None
+    ffn_hidden_size: Optional[int] = None
+    num_attention_heads: Optional[int] = None
+    num_query_groups: Optional[int] = None
+    num_layers: Optional[int] = None
+    drop_layers: Optional[tuple[int, ...]] = None
+    depth_metric: str = "block_influence"
+
+    @classmethod
+    def parse(cls, spec: str) -> "PruneTarget":
+        """From ``"hidden=448,ffn=1024,layers=24,depth_metric=angular"`` (``drop_layers=3:5:7``)."""
+        values: dict = {}
+        for item in filter(None, (s.strip() for s in spec.split(","))):
+            if "=" not in item:
+                raise PlanError(f"target item {item!r} is not KEY=VALUE (e.g. hidden=448,ffn=1024)")
+            key, value = (s.strip() for s in item.split("=", 1))
+            key = TARGET_ALIASES.get(key, key)
+            if key not in TARGET_KEYS:
+                raise PlanError(f"unknown target axis {key!r}; use one of: hidden, ffn, heads, query_groups, "
+                                f"layers, drop_layers, depth_metric")
+            if key == "depth_metric":
+                values[key] = value
+            elif key == "drop_layers":
+                values[key] = tuple(int(v) for v in value.replace(":", " ").split())
+            else:
+                values[key] = int(value)
+        return cls(**values)
+
+
+@dataclass
+class PrunePlan:
+    source_arch: ModelArch
+    target_arch: ModelArch
+    kept_layers: list[int]
+    kept_hidden: list[int]
+    kept_ffn: list[list[int]]  # per kept layer
+    kept_groups: list[list[int]]  # per kept layer: source query-group indices
+    kept_heads: list[list[list[int]]]  # per kept layer, per kept group: head indices within the group
+    target: dict = field(default_factory=dict)
+    scores_file: Optional[str] = None
+
+    def to_json(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["source_arch"] = self.source_arch.to_dict()
+        d["target_arch"] = self.target_arch.to_dict()
+        return d
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(self.to_json(), indent=1) + "\n")
+        tmp.rename(path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "PrunePlan":
+        d = json.loads(Path(path).read_text())
+        d["source_arch"] = ModelArch.from_dict(d["source_arch"])
+        d["target_arch"] = ModelArch.from_dict(d["target_arch"])
+        plan = cls(**d)
+        plan.validate()
+        return plan
+
+    def is_identity(self) -> bool:
+        return self.source_arch == self.target_arch
+
+    def validate(self) -> None:
+        """Check the kept indices against both shapes (catches hand-edited plans)."""
+        s, t = self.source_arch, self.target_arch
+        _check_indices("kept_layers", self.kept_layers, s.num_layers, t.num_layers)
+        _check_indices("kept_hidden", self.kept_hidden, s.hidden_size, t.hidden_size)
+        if not (len(self.kept_ffn) == len(self.kept_groups) == len(self.kept_heads) == t.num_layers):
+            raise PlanError("kept_ffn/kept_groups/kept_heads need one entry per kept layer")
+        for j in range(t.num_layers):
+            _check_indices(f"kept_ffn[{j}]", self.kept_ffn[j], s.ffn_hidden_size, t.ffn_hidden_size)
+            _check_indices(f"kept_groups[{j}]", self.kept_groups[j], s.num_query_groups, t.num_query_groups)
+            if len(self.kept_heads[j]) != t.num_query_groups:
+                raise PlanError(f"kept_heads[{j}] needs one list per kept group")
+            for g, heads in enumerate(self.kept_heads[j]):
+                _check_indices(f"kept_heads[{j}][{g}]", heads, s.heads_per_group, t.heads_per_group)
+
+
+def _check_indices(name: str, idx: list[int], source_size: int, target_size: int) -> None:
+    if len(idx) != target_size:
+        raise PlanError(f"{name} has {len(idx)} entries, the target needs {target_size}")
+    if len(set(idx)) != len(idx) or any(i < 0 or i >= source_size for i in idx) or list(idx) != sorted(idx):
+        raise PlanError(f"{name} must be distinct, sorted indices in [0, {source_size})")
+
+
+def target_arch(source: ModelArch, target: PruneTarget) -> ModelArch:
+    """The pruned shape; raises PlanError for anything impossible, before any work is done."""
+    heads = target.num_attention_heads or source.num_attention_heads
+    groups = target.num_query_groups or source.num_query_groups
+    if target.num_query_groups and not target.num_attention_heads:
+        heads = groups * source.heads_per_group  # dropping whole groups drops their heads
+    layers = source.num_layers
+    if target.drop_layers is not None:
+        if target.num_layers is not None:
+            raise PlanError("give either layers=N or drop_layers=..., not both")
+        bad = [i for i in target.drop_layers if not 0 <= i < source.num_layers]
+        if bad or len(set(target.drop_layers)) != len(target.drop_layers):
+            raise PlanError(f"drop_layers {list(target.drop_layers)} must be distinct layers in [0, {source.num_layers})")
+        layers = source.num_layers - len(target.drop_layers)
+    elif target.num_layers is not None:
+        layers = target.num_layers
+    if target.depth_metric not in DEPTH_METRICS:
+        raise PlanError(f"unknown depth metric {target.depth_metric!r}; use one of {', '.join(DEPTH_METRICS)}")
+    sizes = {"hidden_size": target.hidden_size or source.hidden_size,
+             "ffn_hidden_size": target.ffn_hidden_size or source.ffn_hidden_size,
+             "num_attention_heads": heads, "num_query_groups": groups, "num_layers": layers}
+    for key, value in sizes.items():
+        if value <= 0:
+            raise PlanError(f"target {key}={value} must be positive")
+        if value > getattr(source, key):
+            raise PlanError(f"target {key}={value} is larger than the source's {getattr(source, key)}: pruning only removes")
+    if heads % groups:
+        raise PlanError(f"target heads={heads} is not divisible by query groups={groups}: every group keeps "
+                        "the same number of heads")
+    if heads // groups > source.heads_per_group:
+        raise PlanError(f"target has {heads // groups} heads per query group, the source only {source.heads_per_group}")
+    try:
+        return source.replace(**sizes)  # kv_channels stays: heads keep their width
+    except ArchError as e:
+        raise PlanError(str(e)) from e
+
+
+def _top_sorted(scores: torch.Tensor, k: int) -> list[int]:
+    """Indices of the k largest scores, in ascending index order (ties: lower index wins)."""
+    order = sorted(range(len(scores)), key=lambda i: (-float(scores[i]), i))
+    return sorted(order[:k])
+
+
+def choose_layers(scores, source: ModelArch, target: PruneTarget, keep: int) -> list[int]:
+    """Source layers to keep, by the target's depth metric."""
+    n_drop = source.num_layers - keep
+    if target.drop_layers is not None:
+        return [i for i in range(source.num_layers) if i not in set(target.drop_layers)]
+    if n_drop == 0:
+        return list(range(source.num_layers))
+    if target.depth_metric == "block_influence":
+        return _top_sorted(scores.block_influence, keep)
+    if target.depth_metric == "angular":
+        dist = scores.angular.get(n_drop)
+        if dist is None:
+            raise PlanError(f"the score file has no angular distances for blocks of {n_drop} layers; "
+                            f"available: {sorted(scores.angular)}")
+        start = min(range(len(dist)), key=lambda i: (float(dist[i]), i))
+        return [i for i in range(source.num_layers) if not start <= i < start + n_drop]
+    drop = getattr(scores, "lm_loss_drop", None)
+    if drop is None or len(drop) == 0:
+        raise PlanError("the score file has no LM-loss drop per layer; recompute importance with the lm_loss metric")
+    return _top_sorted(torch.as_tensor(drop), keep)  # keep the layers whose removal hurts most
+
+
+def make_plan(scores, source: ModelArch, target: PruneTarget, scores_file: Optional[str] = None) -> PrunePlan:
+    """Kept indices for every axis from importance scores (Minitron: rank, keep the top-k)."""
+    if ModelArch.from_dict(scores.arch) != source:
+        raise PlanError("the importance scores were computed for a different model shape than this checkpoint")
+    arch = target_arch(source, target)
+    layers = choose_layers(scores, source, target, arch.num_layers)
+    hidden = _top_sorted(scores.embedding, arch.hidden_size)
+    hpg_t = arch.heads_per_group
+    ffn, groups, heads = [], [], []
+    for layer in layers:
+        ffn.append(_top_sorted(scores.mlp[layer], arch.ffn_hidden_size))
+        kept_groups = _top_sorted(scores.query_groups[layer], arch.num_query_groups)
+        groups.append(kept_groups)
+        per_group = scores.heads[layer].reshape(source.num_query_groups, source.heads_per_group)
+        heads.append([_top_sorted(per_group[g], hpg_t) for g in kept_groups])
+    spec = {k: v for k, v in dataclasses.asdict(target).items() if v is not None}
+    plan = PrunePlan(source_arch=source, target_arch=arch, kept_layers=layers, kept_hidden=hidden, kept_ffn=ffn,
+                     kept_groups=groups, kept_heads=heads, target=spec, scores_file=scores_file)
+    plan.validate()
+    return plan
+
+
+def identity_plan(arch: ModelArch) -> PrunePlan:
+    """Keeps everything; pruning with it must reproduce the source model exactly."""
+    return PrunePlan(
+        source_arch=arch, target_arch=arch, kept_layers=list(range(arch.num_layers)),
+        kept_hidden=list(range(arch.hidden_size)),
+        kept_ffn=[list(range(arch.ffn_hidden_size))] * arch.num_layers,
+        kept_groups=[list(range(arch.num_query_groups))] * arch.num_layers,
+        kept_heads=[[list(range(arch.heads_per_group))] * arch.num_query_groups] * arch.num_layers,
+    )
