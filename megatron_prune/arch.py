@@ -137,6 +137,11 @@ class ModelArch:
             raise ArchError(f"unknown ModelArch fields {sorted(unknown)}; this file was written by a newer version?")
         return cls(**d)
 
+    def differences(self, other: "ModelArch") -> str:
+        """``field: mine != theirs`` for every field that differs (for error messages)."""
+        a, b = self.to_dict(), other.to_dict()
+        return ", ".join(f"{k}: {a[k]} != {b[k]}" for k in a if a[k] != b[k])
+
     def describe(self) -> str:
         return (
             f"{self.num_layers} layers, hidden {self.hidden_size}, FFN {self.ffn_hidden_size}, "

@@ -173,8 +173,8 @@ def load_into(model: torch.nn.Module, ckpt_dir: str | os.PathLike, arch: Optiona
     meta = read_meta(ckpt_dir)
     if arch is not None and arch != meta.arch:
         raise CheckpointError(
-            f"checkpoint {ckpt_dir} has a different architecture:\n  checkpoint: {meta.arch.describe()}\n"
-            f"  expected:   {arch.describe()}\nbuild the model from the checkpoint's metadata (load_model) instead"
+            f"checkpoint {ckpt_dir} has a different architecture (checkpoint vs expected: "
+            f"{meta.arch.differences(arch)}); build the model from the checkpoint's metadata (load_model) instead"
         )
     state = model.sharded_state_dict()
     if extra_state:

@@ -29,8 +29,8 @@ def prune_checkpoint(src_ckpt: str | Path, plan: PrunePlan, out: str | Path, dty
 
     meta = read_meta(src_ckpt)
     if meta.arch != plan.source_arch:
-        raise PlanError(f"the plan was made for another model ({plan.source_arch.describe()}) than {src_ckpt} "
-                        f"({meta.arch.describe()})")
+        raise PlanError(f"the plan was made for another model than {src_ckpt} "
+                        f"(plan vs checkpoint: {plan.source_arch.differences(meta.arch)})")
     tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
     try:
         plan.target_arch.check_parallel(tp, pp)

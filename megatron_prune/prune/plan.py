@@ -195,8 +195,10 @@ def choose_layers(scores, source: ModelArch, target: PruneTarget, keep: int) -> 
 
 def make_plan(scores, source: ModelArch, target: PruneTarget, scores_file: Optional[str] = None) -> PrunePlan:
     """Kept indices for every axis from importance scores (Minitron: rank, keep the top-k)."""
-    if ModelArch.from_dict(scores.arch) != source:
-        raise PlanError("the importance scores were computed for a different model shape than this checkpoint")
+    scored = ModelArch.from_dict(scores.arch)
+    if scored != source:
+        raise PlanError("the importance scores were computed for a different model than this checkpoint "
+                        f"(scores vs checkpoint: {scored.differences(source)})")
     arch = target_arch(source, target)
     layers = choose_layers(scores, source, target, arch.num_layers)
     hidden = _top_sorted(scores.embedding, arch.hidden_size)
