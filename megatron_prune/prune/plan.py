@@ -17,7 +17,7 @@ import torch
 
 from megatron_prune.arch import ArchError, ModelArch
 
-DEPTH_METRICS = ("block_influence", "angular", "lm_loss")
+DEPTH_METRICS = ("block_influence", "angular", "lm_loss", "lm_loss_block")
 TARGET_KEYS = ("hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "num_layers",
                "drop_layers", "depth_metric")
 # what users type on the command line -> PruneTarget field
@@ -34,9 +34,10 @@ class PruneTarget:
     """What the pruned model should look like; None keeps the source's value.
 
     Depth: either ``num_layers`` (layers to keep, chosen by ``depth_metric``) or ``drop_layers`` (explicit).
-    ``depth_metric``: ``block_influence`` drops the individually least influential layers; ``angular`` drops
-    the contiguous block with the smallest angular distance (Gromov et al.); ``lm_loss`` drops the layers
-    whose removal raised the LM loss least (needs scores computed with the LM-loss metric).
+    ``depth_metric``: ``block_influence`` drops the individually least influential layers (ShortGPT);
+    ``angular`` drops the contiguous block with the smallest angular distance (Gromov et al.); ``lm_loss``
+    drops the layers whose removal alone raised the LM loss least; ``lm_loss_block`` drops the contiguous
+    block whose removal raised it least (both need scores computed with ``--lm-loss-drop``).
     """
 
     hidden_size: Optional[int] = None
@@ -187,10 +188,15 @@ def choose_layers(scores, source: ModelArch, target: PruneTarget, keep: int) -> 
                             f"available: {sorted(scores.angular)}")
         start = min(range(len(dist)), key=lambda i: (float(dist[i]), i))
         return [i for i in range(source.num_layers) if not start <= i < start + n_drop]
-    drop = getattr(scores, "lm_loss_drop", None)
-    if drop is None or len(drop) == 0:
-        raise PlanError("the score file has no LM-loss drop per layer; recompute importance with the lm_loss metric")
-    return _top_sorted(torch.as_tensor(drop), keep)  # keep the layers whose removal hurts most
+    size = 1 if target.depth_metric == "lm_loss" else n_drop
+    drop = (scores.loss_drop or {}).get(size)
+    if drop is None:
+        raise PlanError(f"the score file has no LM-loss drop for blocks of {size} layer(s); recompute importance "
+                        f"with --lm-loss-drop {size}")
+    if target.depth_metric == "lm_loss":
+        return _top_sorted(torch.as_tensor(drop), keep)  # keep the layers whose removal hurts most
+    start = min(range(len(drop)), key=lambda i: (float(drop[i]), i))
+    return [i for i in range(source.num_layers) if not start <= i < start + n_drop]
 
 
 def make_plan(scores, source: ModelArch, target: PruneTarget, scores_file: Optional[str] = None) -> PrunePlan:

@@ -1,0 +1,48 @@
+"""`megatron-prune importance`: one calibration pass over a checkpoint -> one layout-independent score file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+
+def calibration_windows(data_prefix: str | Path, num_samples: int, seq_len: int, seed: int = 0) -> torch.Tensor:
+    """``num_samples`` random windows [n, seq_len + 1] of the data set (the paper: 1024 random training samples)."""
+    from megatron_prune.data import fixed_length_windows
+
+    windows = fixed_length_windows(data_prefix, seq_len)
+    if len(windows) < num_samples:
+        raise ValueError(f"{data_prefix} has only {len(windows)} windows of {seq_len + 1} tokens, fewer than the "
+                         f"{num_samples} samples asked for; lower --samples or --seq-len, or use more data")
+    order = torch.randperm(len(windows), generator=torch.Generator().manual_seed(seed))[:num_samples]
+    return windows[order.sort().values]
+
+
+def score_checkpoint(ckpt: str | Path, data_prefix: str | Path, out: str | Path, num_samples: int = 1024,
+                     seq_len: int = 512, micro_batch_size: int = 4, seq_agg: str = "mean", batch_agg: str = "l2",
+                     lm_loss_blocks: Sequence[int] = (), lm_loss_samples: int = 64, tp: int = 1, pp: int = 1,
+                     seed: int = 0) -> "ImportanceScores":
+    """Load ``ckpt`` at ``tp`` x ``pp``, score every prunable unit, and save the scores (rank 0) to ``out``."""
+    from megatron_prune.checkpoint import load_model
+    from megatron_prune.importance import compute_importance, lm_loss_drop
+    from megatron_prune.runtime import barrier, init_distributed, is_rank0, log0
+
+    init_distributed(tp, pp, seed=seed)
+    model, meta = load_model(ckpt, use_te=False)  # the hooks read norm outputs, which TE fuses away
+    windows = calibration_windows(data_prefix, num_samples, seq_len, seed)
+    log0(f"importance of {ckpt} ({meta.arch.describe()}) on {num_samples} x {seq_len} tokens, "
+         f"aggregation seq={seq_agg} batch={batch_agg}, TP={tp} PP={pp}")
+    scores = compute_importance(model, meta.arch, windows[:, :-1], micro_batch_size, seq_agg, batch_agg)
+    if lm_loss_blocks:
+        n = min(lm_loss_samples, len(windows))
+        log0(f"LM-loss drop for blocks of {list(lm_loss_blocks)} layers on {n} samples")
+        scores.base_lm_loss, scores.loss_drop = lm_loss_drop(model, meta.arch, windows[:n], micro_batch_size,
+                                                             block_sizes=lm_loss_blocks, desc="lm-loss drop")
+    scores.extra.update({"checkpoint": str(Path(ckpt).absolute()), "data": str(data_prefix), "seed": seed})
+    if is_rank0():
+        scores.save(out)
+    barrier()
+    log0(f"scores written to {out}")
+    return scores
