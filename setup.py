@@ -23,6 +23,7 @@ setup(
         "pyyaml",
         "tqdm",
         "tensorboard",
+        "matplotlib",  # the pipeline report plot
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-timeout"],

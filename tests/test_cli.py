@@ -49,12 +49,16 @@ def test_tp_that_does_not_divide_the_heads(tiny_llama_dir, tmp_path):
 @pytest.mark.slow
 def test_demo_end_to_end(tmp_path):
     work = tmp_path / "demo"
-    out = cli("demo", "--workdir", str(work), "--seq-len", "128", "--eval-sequences", "8", timeout=1200)
+    args = ["demo", "--workdir", str(work), "--seq-len", "128", "--eval-sequences", "8", "--calib-samples", "8"]
+    out = cli(*args, timeout=1800)
     assert out.returncode == 0, out.stderr[-3000:]
     report = json.loads((work / "report.json").read_text())
-    (row,) = report["rows"]
-    # SmolLM2-135M on Shakespeare: far better than uniform guessing over 49152 tokens (ln = 10.8)
-    assert 2.0 < row["lm_loss"] < 6.0
+    base, width, depth = (r["lm_loss"] for r in report["rows"])
+    # SmolLM2-135M on Shakespeare: far better than uniform guessing over 49152 tokens (ln = 10.8);
+    # pruning without retraining costs loss, but the pruned models still predict text
+    assert 2.0 < base < 6.0
+    assert base < width < 10.8 and base < depth < 10.8
     assert "| SmolLM2-135M-Instruct" in (work / "report.md").read_text()
-    again = cli("demo", "--workdir", str(work), "--seq-len", "128", "--eval-sequences", "8", timeout=1200)
-    assert again.returncode == 0 and "exists, skipping conversion" in again.stdout
+    assert (work / "report.png").stat().st_size > 1000
+    again = cli(*args, timeout=1800)
+    assert again.returncode == 0 and again.stdout.count("(done before, skipping)") == 4

@@ -1,0 +1,33 @@
+"""Knowledge distillation of pruned students (Minitron): losses (and, later, the trainer)."""
+
+from megatron_prune.distill.losses import (
+    combine_losses,
+    cosine_hidden_loss,
+    dynamic_alpha,
+    forward_kl,
+    gather_vocab_columns,
+    hidden_projection,
+    intermediate_state_loss,
+    kd_logits_loss,
+    masked_token_mean,
+    mse_hidden_loss,
+    reverse_kl,
+    teacher_topk,
+    topk_kl,
+)
+
+__all__ = [
+    "combine_losses",
+    "cosine_hidden_loss",
+    "dynamic_alpha",
+    "forward_kl",
+    "gather_vocab_columns",
+    "hidden_projection",
+    "intermediate_state_loss",
+    "kd_logits_loss",
+    "masked_token_mean",
+    "mse_hidden_loss",
+    "reverse_kl",
+    "teacher_topk",
+    "topk_kl",
+]
