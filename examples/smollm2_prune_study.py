@@ -71,8 +71,10 @@ def cli(*args) -> float:
     """Run `megatron-prune ARGS` as a subprocess (the same as typing it); returns seconds."""
     cmd = [sys.executable, "-m", "megatron_prune.cli", *map(str, args)]
     log("$ megatron-prune " + " ".join(map(str, args)))
+    # init_distributed() of this process exported MASTER_ADDR/PORT (and holds that port): let the child pick its own
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT")}
     t = time.time()
-    subprocess.run(cmd, check=True)
+    subprocess.run(cmd, check=True, env=env)
     return time.time() - t
 
 
