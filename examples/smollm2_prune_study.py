@@ -53,6 +53,8 @@ def parse_args(argv=None):
     p.add_argument("--eval-windows", type=int, default=48, help="windows per eval split (multiple of the micro batch)")
     p.add_argument("--hidden", type=int, default=448)
     p.add_argument("--ffn", type=int, default=1024)
+    p.add_argument("--heads", type=int, default=6, help="attention heads kept by the head prune (same groups)")
+    p.add_argument("--query-groups", type=int, default=1, help="query groups kept by the group prune")
     p.add_argument("--layers", type=int, default=24, help="layers kept by the depth prunes")
     p.add_argument("--aggs", choices=["all", "main", "none"], default="all",
                    help="all 9 (batch, seq) aggregations (one extra pass), the paper's 5 main ones, or none")
@@ -193,8 +195,10 @@ def main(argv=None):
     variants += [(f"width {t}", "width", main_scores, t) for t in
                  (f"hidden={args.hidden}", f"ffn={args.ffn}", width_both)]
     if not args.no_heads:
-        variants += [("width heads=6", "width", main_scores, "heads=6"),
-                     ("width query_groups=1 (heads=3)", "width", main_scores, "query_groups=1")]
+        hpg = arch.num_attention_heads // arch.num_query_groups
+        variants += [(f"width heads={args.heads}", "width", main_scores, f"heads={args.heads}"),
+                     (f"width query_groups={args.query_groups} (heads={args.query_groups * hpg})", "width", main_scores,
+                      f"query_groups={args.query_groups}")]
     for metric in ("block_influence", "angular", "lm_loss", "lm_loss_block"):
         variants.append((f"depth {metric}", "depth", main_scores, f"layers={args.layers},depth_metric={metric}"))
     for (b, s), sc in agg_scores.items():  # (l2, mean) is the default: reuse "width hidden=..,ffn=.." below
@@ -204,6 +208,8 @@ def main(argv=None):
         rs = random_scores(main_scores, seed)
         variants.append((f"random width {width_both} (seed {seed})", "random", rs, width_both))
         variants.append((f"random depth layers={args.layers} (seed {seed})", "random", rs, f"layers={args.layers}"))
+        if not args.no_heads:
+            variants.append((f"random heads={args.heads} (seed {seed})", "random", rs, f"heads={args.heads}"))
 
     for name, group, scores, target in variants:
         done = results["variants"].get(name)

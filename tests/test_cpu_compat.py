@@ -19,6 +19,8 @@ def test_cuda_calls_are_redirected():
     torch.cuda.synchronize()
     layer = torch.nn.Linear(2, 2)
     assert layer.cuda() is layer
+    assert x.type() == "torch.cuda.FloatTensor"  # megatron's optimizer checks this name
+    assert x.type(torch.float64).dtype == torch.float64  # casting still works
 
 
 def test_megatron_rng_tracker_and_causal_mask_on_cpu():

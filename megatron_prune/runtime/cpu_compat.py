@@ -41,6 +41,19 @@ def _identity_cuda(self, *args, **kwargs):
     return self
 
 
+_tensor_type = torch.Tensor.type
+
+
+def _cuda_type_name(self, dtype=None, non_blocking=False, **kwargs):
+    """``t.type()`` names CPU tensors as CUDA ones (megatron's optimizer asserts 'torch.cuda.FloatTensor');
+    ``t.type(dtype)`` (a cast) is unchanged."""
+    if dtype is None and not kwargs:
+        name = _tensor_type(self)
+        # (the torch-function mode can route this call through here twice: rename once)
+        return name if name.startswith("torch.cuda.") else name.replace("torch.", "torch.cuda.", 1)
+    return _tensor_type(self, dtype, non_blocking, **kwargs)
+
+
 def _cpu_rng_state(device=-1, clone=False, graph_safe=False):
     state = torch.get_rng_state()
     return state.clone() if clone else state
@@ -78,6 +91,7 @@ def apply_cpu_compat() -> bool:
     torch.cuda.max_memory_allocated = lambda *a, **k: 0
     torch.Tensor.cuda = _identity_cuda
     torch.nn.Module.cuda = _identity_cuda
+    torch.Tensor.type = _cuda_type_name
 
     from megatron.core.tensor_parallel import random as tp_random
 

@@ -1,0 +1,97 @@
+"""TrainConfig: every knob of a distillation (or plain CE) run, from YAML plus command-line overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import yaml
+
+
+@dataclass
+class TrainConfig:
+    student: str  # checkpoint to train (usually the pruned one)
+    data: list  # Megatron blend: prefixes, or WEIGHT PREFIX pairs
+    out: str  # run directory: step_XXXXXXX checkpoints, tensorboard/, log
+    teacher: Optional[str] = None  # None: plain CE training (also used for teacher correction)
+    valid_data: Optional[str] = None  # indexed prefix for the periodic validation LM loss
+    tp: int = 1
+    pp: int = 1
+    # batch and schedule
+    seq_len: int = 512
+    micro_batch_size: int = 1
+    global_batch_size: int = 8
+    steps: Optional[int] = None
+    tokens: Optional[int] = None  # alternative to steps: stop after this many training tokens
+    lr: float = 1e-4
+    min_lr: float = 1e-5
+    warmup_steps: int = 10
+    lr_decay_style: str = "cosine"
+    weight_decay: float = 0.01
+    clip_grad: float = 1.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    seed: int = 1234
+    # losses (Minitron: forward KL on logits alone, tau = 1)
+    kd_loss: str = "forward"  # forward | reverse | topk
+    kd_tau: float = 1.0
+    kd_top_k: Optional[int] = None
+    ce_weight: float = 0.0  # add the LM loss on labels (0: KD only)
+    intermediate_layers: list = field(default_factory=list)  # [[student_layer, teacher_layer], ...] outputs
+    intermediate_loss: str = "cosine"  # cosine | mse
+    embedding_loss: bool = False  # also match the embedding outputs
+    # precision (GPU): bf16 training; FP8 with Transformer Engine
+    bf16: Optional[bool] = None  # None: on with a GPU, off on CPU
+    fp8_teacher: bool = False
+    fp8_student: bool = False
+    use_distributed_optimizer: Optional[bool] = None  # None: on with NCCL (gloo has no reduce-scatter)
+    # bookkeeping
+    log_every: int = 1
+    eval_every: int = 0
+    eval_samples: int = 16
+    save_every: int = 0
+    keep_last: int = 2
+    dataset_cache: Optional[str] = None
+
+    @classmethod
+    def from_yaml(cls, path: Optional[str | Path] = None, **overrides) -> "TrainConfig":
+        values = {}
+        if path is not None:
+            values = yaml.safe_load(Path(path).read_text()) or {}
+            if not isinstance(values, dict):
+                raise ValueError(f"{path}: a training config is a YAML mapping of TrainConfig fields")
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown training option(s) {unknown}; valid ones: {sorted(known)}")
+        missing = [k for k in ("student", "data", "out") if not values.get(k)]
+        if missing:
+            raise ValueError(f"missing training option(s) {missing} (in the YAML or on the command line)")
+        if isinstance(values["data"], str):
+            values["data"] = values["data"].split()
+        cfg = cls(**values)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        if (self.steps is None) == (self.tokens is None):
+            raise ValueError("give exactly one of steps or tokens")
+        if self.kd_loss not in ("forward", "reverse", "topk"):
+            raise ValueError(f"kd_loss must be forward, reverse or topk, got {self.kd_loss!r}")
+        if self.kd_loss == "topk" and not self.kd_top_k:
+            raise ValueError("kd_loss=topk needs kd_top_k")
+        if self.intermediate_loss not in ("cosine", "mse"):
+            raise ValueError(f"intermediate_loss must be cosine or mse, got {self.intermediate_loss!r}")
+        if self.teacher is None and (self.intermediate_layers or self.embedding_loss or self.fp8_teacher):
+            raise ValueError("intermediate/embedding losses and fp8_teacher need a teacher")
+
+    def train_steps(self) -> int:
+        if self.steps is not None:
+            return self.steps
+        return max(1, self.tokens // (self.global_batch_size * self.seq_len))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)

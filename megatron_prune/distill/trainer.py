@@ -1,0 +1,354 @@
+"""The distillation trainer: a frozen teacher and a trained student on the same TP/PP groups.
+
+megatron-core does the heavy lifting: its DDP (gradient buffers, all-reduce or reduce-scatter), its optimizer
+(fp32 main weights under bf16, the distributed optimizer with NCCL), its LR schedule, its pipeline schedules
+and its distributed checkpoints. This module wires them together, adds the KD losses, and keeps the run
+resumable: every ``save_every`` steps the student, the optimizer and the trainer state go to
+``out/step_XXXXXXX`` atomically; a restarted run continues from the newest complete one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_prune.distill.config import TrainConfig
+
+STEP_PREFIX = "step_"
+
+
+def latest_step_dir(out: Path) -> Optional[Path]:
+    """The newest complete step checkpoint in a run directory (unfinished writes are hidden .tmp dirs)."""
+    from megatron_prune.checkpoint.megatron import METADATA_FILE
+
+    steps = sorted(p for p in out.glob(f"{STEP_PREFIX}*") if (p / METADATA_FILE).is_file())
+    return steps[-1] if steps else None
+
+
+def _check_fp8(cfg: TrainConfig) -> None:
+    from megatron_prune.model import transformer_engine_available
+
+    if (cfg.fp8_teacher or cfg.fp8_student) and not transformer_engine_available():
+        raise ValueError("FP8 needs an NVIDIA GPU (Hopper or newer) with Transformer Engine installed "
+                         "(pip install -e .[gpu]); drop fp8_teacher/fp8_student to train without it")
+
+
+def _fp8_overrides(enabled: bool, keep_weights_in_fp8: bool = False) -> dict:
+    if not enabled:
+        return {}
+    return {"fp8": "hybrid", "fp8_recipe": "delayed", "fp8_param": keep_weights_in_fp8}
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig):
+        from megatron.core import parallel_state as ps
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+        from megatron_prune.checkpoint import load_into, read_meta, tokenizer_dir
+        from megatron_prune.model import build_model
+        from megatron_prune.runtime import init_distributed
+
+        cfg.validate()
+        _check_fp8(cfg)
+        self.cfg = cfg
+        self.layout = init_distributed(cfg.tp, cfg.pp, seed=cfg.seed)
+        self.out = Path(cfg.out)
+        on_gpu = torch.cuda.is_available()
+        self.bf16 = cfg.bf16 if cfg.bf16 is not None else on_gpu
+        dtype = torch.bfloat16 if self.bf16 else torch.float32
+        distributed_optimizer = cfg.use_distributed_optimizer if cfg.use_distributed_optimizer is not None else on_gpu
+        self.dp = self.layout.dp
+        per_dp = cfg.global_batch_size // self.dp
+        if cfg.global_batch_size % (self.dp * cfg.micro_batch_size):
+            raise ValueError(f"global_batch_size {cfg.global_batch_size} must be a multiple of micro_batch_size "
+                             f"{cfg.micro_batch_size} x data-parallel size {self.dp}")
+        self.num_microbatches = per_dp // cfg.micro_batch_size
+
+        self.student_meta = read_meta(cfg.student)
+        self.arch = self.student_meta.arch
+        self.resume_from = latest_step_dir(self.out)
+        student = build_model(self.arch, dtype=dtype, perform_initialization=False,
+                              **_fp8_overrides(cfg.fp8_student))
+        load_into(student, self.resume_from or cfg.student, self.arch)
+        self.student = student
+        self.teacher = None
+        if cfg.teacher:
+            t_meta = read_meta(cfg.teacher)
+            if t_meta.arch.vocab_size != self.arch.vocab_size:
+                raise ValueError(f"teacher vocab {t_meta.arch.vocab_size} != student vocab {self.arch.vocab_size}")
+            self.teacher_arch = t_meta.arch
+            teacher = build_model(t_meta.arch, dtype=dtype, perform_initialization=False,
+                                  **_fp8_overrides(cfg.fp8_teacher, keep_weights_in_fp8=cfg.fp8_teacher))
+            load_into(teacher, cfg.teacher, t_meta.arch)
+            self.teacher = teacher
+        if (cfg.intermediate_layers or cfg.embedding_loss) and cfg.pp > 1:
+            raise ValueError("intermediate-state losses are supported at PP=1 (the paired layers must share a stage)")
+
+        self.ddp = DistributedDataParallel(
+            student.config,
+            DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+                                          use_distributed_optimizer=distributed_optimizer),
+            student,
+        )
+        self.proj = None
+        if cfg.intermediate_layers or cfg.embedding_loss:
+            from megatron_prune.distill.losses import hidden_projection
+
+            self.proj = hidden_projection(self.arch.hidden_size, self.teacher_arch.hidden_size,
+                                          device=self.layout.device, dtype=torch.float32)
+            self.proj_opt = torch.optim.AdamW(self.proj.parameters(), lr=cfg.lr, weight_decay=0.0)
+        self.optimizer = get_megatron_optimizer(
+            OptimizerConfig(optimizer="adam", lr=cfg.lr, min_lr=cfg.min_lr, weight_decay=cfg.weight_decay,
+                            adam_beta1=cfg.adam_beta1, adam_beta2=cfg.adam_beta2, clip_grad=cfg.clip_grad,
+                            bf16=self.bf16, params_dtype=dtype, use_distributed_optimizer=distributed_optimizer),
+            [self.ddp],
+        )
+        self.steps = cfg.train_steps()
+        self.scheduler = OptimizerParamScheduler(
+            self.optimizer, init_lr=0.0, max_lr=cfg.lr, min_lr=cfg.min_lr,
+            lr_warmup_steps=min(cfg.warmup_steps, self.steps), lr_decay_steps=self.steps,
+            lr_decay_style=cfg.lr_decay_style, start_wd=cfg.weight_decay, end_wd=cfg.weight_decay,
+            wd_incr_steps=self.steps, wd_incr_style="constant")
+        self.step = 0
+        self.history: list[dict] = []
+        if self.resume_from is not None:
+            self._load_training_state(self.resume_from)
+
+        if self.teacher is not None:
+            from megatron_prune.distill.pair import DistillationPair
+
+            self.model = DistillationPair(self.ddp, self.teacher, self.arch.hidden_size, self.teacher_arch.hidden_size)
+        else:
+            self.model = self.ddp
+        config = self.model.config
+        config.no_sync_func = self.ddp.no_sync
+        config.grad_scale_func = self.optimizer.scale_loss
+        from megatron.core.distributed import finalize_model_grads
+
+        config.finalize_model_grads_func = lambda _models, *a, **k: finalize_model_grads([self.ddp], *a, **k)
+
+        tok_dir = tokenizer_dir(cfg.student)
+        eod = 0
+        if tok_dir is not None:
+            import transformers
+
+            eod = transformers.AutoTokenizer.from_pretrained(tok_dir).eos_token_id or 0
+        from megatron_prune.data.blend import build_train_dataset
+
+        self.dataset = build_train_dataset(cfg.data, cfg.seq_len, self.steps * cfg.global_batch_size, cfg.seed, eod,
+                                           cache_dir=cfg.dataset_cache or (self.out / "dataset_cache"))
+        self.valid_windows = None
+        if cfg.valid_data and cfg.eval_every:
+            from megatron_prune.data import fixed_length_windows
+
+            self.valid_windows = fixed_length_windows(cfg.valid_data, cfg.seq_len, max_windows=cfg.eval_samples)
+        self.writer = None
+        self._ps = ps
+
+    # ---------------------------------------------------------------------------------------- state
+    def _trainer_state(self) -> dict:
+        return {"step": self.step, "scheduler": self.scheduler.state_dict(), "history": self.history,
+                "config": self.cfg.to_dict()}
+
+    def _load_training_state(self, ckpt: Path) -> None:
+        from megatron.core import dist_checkpointing
+
+        state = {"optimizer": self.optimizer.sharded_state_dict(self.student.sharded_state_dict(), is_loading=True)}
+        loaded = dist_checkpointing.load(state, str(ckpt))
+        self.optimizer.load_state_dict(loaded["optimizer"])
+        common = dist_checkpointing.load_common_state_dict(str(ckpt))
+        trainer = common["trainer"]
+        self.step = trainer["step"]
+        self.scheduler.load_state_dict(trainer["scheduler"])
+        self.history = trainer["history"]
+        if self.proj is not None and "proj" in common:
+            self.proj.load_state_dict(common["proj"]["weights"])
+            self.proj_opt.load_state_dict(common["proj"]["optimizer"])
+
+    def save(self) -> Path:
+        from megatron_prune.checkpoint import save_checkpoint, tokenizer_dir
+        from megatron_prune.runtime import is_rank0
+
+        extra = {"optimizer": self.optimizer.sharded_state_dict(self.student.sharded_state_dict()),
+                 "trainer": self._trainer_state()}
+        if self.proj is not None:
+            extra["proj"] = {"weights": self.proj.state_dict(), "optimizer": self.proj_opt.state_dict()}
+        path = self.out / f"{STEP_PREFIX}{self.step:07d}"
+        provenance = {"parent": str(Path(self.cfg.student).absolute()), "teacher": self.cfg.teacher,
+                      "step": self.step, "tokens": self.step * self.cfg.global_batch_size * self.cfg.seq_len,
+                      "mode": "distill" if self.teacher is not None else "train"}
+        save_checkpoint(self.student, self.arch, path, tokenizer_src=tokenizer_dir(self.cfg.student),
+                        provenance=provenance, extra_state=extra, overwrite=True)
+        if is_rank0():  # keep the newest keep_last step checkpoints
+            steps = sorted(self.out.glob(f"{STEP_PREFIX}*"))
+            for old in steps[: max(0, len(steps) - self.cfg.keep_last)]:
+                shutil.rmtree(old)
+        return path
+
+    # ---------------------------------------------------------------------------------------- step
+    def _microbatches(self) -> list[dict]:
+        from megatron_prune.data.blend import collate
+
+        cfg = self.cfg
+        per_dp = cfg.global_batch_size // self.dp
+        start = self.step * cfg.global_batch_size + self.layout.dp_rank * per_dp
+        items = [self.dataset[start + i] for i in range(per_dp)]
+        device = self.layout.device
+        return [{k: v.to(device) for k, v in collate(items[i: i + cfg.micro_batch_size]).items()}
+                for i in range(0, per_dp, cfg.micro_batch_size)]
+
+    def _loss(self, output, batch: dict, hidden: dict):
+        from megatron_prune.distill.losses import combine_losses, intermediate_state_loss, kd_logits_loss, masked_token_mean
+        from megatron_prune.forward import token_losses
+
+        cfg, mask = self.cfg, batch["loss_mask"]
+        if self.teacher is None:
+            lm = masked_token_mean(token_losses(output, batch["labels"], self.arch), mask)
+            return lm, {"loss": lm.detach(), "lm": lm.detach()}
+        s_logits, t_logits = output
+        lm = masked_token_mean(token_losses(s_logits, batch["labels"], self.arch), mask)
+        kd = masked_token_mean(kd_logits_loss(s_logits, t_logits, cfg.kd_loss, cfg.kd_tau, top_k=cfg.kd_top_k,
+                                              vocab_size=self.arch.vocab_size), mask)
+        is_loss = None
+        if self.proj is not None:
+            is_loss = intermediate_state_loss(hidden["student"], hidden["teacher"], self.proj, cfg.intermediate_loss, mask)
+        total, alpha = combine_losses(kd, lm * cfg.ce_weight if cfg.ce_weight else None, is_loss)
+        logs = {"loss": total.detach(), "kd": kd.detach(), "lm": lm.detach()}
+        if is_loss is not None:
+            logs["is"], logs["alpha"] = is_loss.detach(), alpha.detach()
+        return total, logs
+
+    def _hidden_hooks(self, hidden: dict) -> list:
+        """Capture the paired layer outputs (and embedding outputs) of student and teacher, PP=1 only."""
+        handles = []
+
+        def keep(side):
+            def hook(_module, _inputs, output):
+                hidden[side].append(output[0] if isinstance(output, tuple) else output)
+            return hook
+
+        for side, model in (("student", self.student), ("teacher", self.teacher)):
+            if self.cfg.embedding_loss:
+                handles.append(model.embedding.register_forward_hook(keep(side)))
+            for s_layer, t_layer in self.cfg.intermediate_layers:
+                layer = s_layer if side == "student" else t_layer
+                handles.append(model.decoder.layers[layer].register_forward_hook(keep(side)))
+        return handles
+
+    def train_step(self) -> dict:
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        from megatron_prune.forward import broadcast_from_last_stage, position_ids_like
+
+        cfg = self.cfg
+        self.model.train()
+        self.ddp.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        if self.proj is not None:
+            self.proj_opt.zero_grad()
+
+        def forward_step(data_iterator, model):
+            batch = next(data_iterator)
+            hidden = {"student": [], "teacher": []}
+            handles = self._hidden_hooks(hidden) if self.proj is not None else []
+            try:
+                out = model(batch["tokens"], position_ids_like(batch["tokens"]), None)
+            finally:
+                for h in handles:
+                    h.remove()
+            return out, lambda output: self._loss(output, batch, hidden)
+
+        logs = get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=iter(self._microbatches()), model=[self.model],
+            num_microbatches=self.num_microbatches, seq_length=cfg.seq_len, micro_batch_size=cfg.micro_batch_size,
+            forward_only=False)
+        if self.proj is not None:  # the projection is replicated: average its gradient over data parallelism
+            for p in self.proj.parameters():
+                if p.grad is not None and self.dp > 1:
+                    dist.all_reduce(p.grad, group=self._ps.get_data_parallel_group())
+                    p.grad /= self.dp
+        ok, grad_norm, _ = self.optimizer.step()
+        if self.proj is not None:
+            self.proj_opt.step()
+        self.scheduler.step(increment=1)
+        self.step += 1
+        # mean over micro-batches (last stage), then over data-parallel ranks, then to every stage
+        record = {}
+        if self._ps.is_pipeline_last_stage():
+            keys = logs[0].keys() if logs else []
+            vec = torch.stack([torch.stack([l[k].float() for l in logs]).mean() for k in keys]) if logs else torch.zeros(0)
+            if self.dp > 1:
+                dist.all_reduce(vec, group=self._ps.get_data_parallel_group())
+                vec /= self.dp
+            record = {k: float(v) for k, v in zip(keys, vec)}
+        record = broadcast_from_last_stage(record)
+        record.update(step=self.step, lr=self.optimizer.param_groups[0]["lr"],
+                      grad_norm=float(grad_norm) if grad_norm is not None else float("nan"), skipped=not ok)
+        return record
+
+    def validate(self) -> float:
+        from megatron_prune.evaluate import lm_loss
+
+        return lm_loss(self.student, self.arch, self.valid_windows, self.cfg.micro_batch_size, desc=None).lm_loss
+
+    # ---------------------------------------------------------------------------------------- loop
+    def run(self) -> list[dict]:
+        from megatron_prune.runtime import is_rank0, log0
+        from megatron_prune.runtime.progress import progress
+
+        cfg = self.cfg
+        if is_rank0():
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.yaml").write_text(__import__("yaml").safe_dump(cfg.to_dict(), sort_keys=False))
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(self.out / "tensorboard"))
+        what = f"distilling {cfg.teacher} -> {cfg.student}" if self.teacher is not None else f"training {cfg.student}"
+        log0(f"{what}: {self.steps} steps x {cfg.global_batch_size} x {cfg.seq_len} tokens, TP={cfg.tp} PP={cfg.pp} "
+             f"DP={self.dp}" + (f", resuming at step {self.step} from {self.resume_from}" if self.resume_from else ""))
+        if self.valid_windows is not None and self.step == 0:
+            self._log({"step": 0, "valid_lm": self.validate()})
+        bar = progress(self.steps, "train", unit="step")
+        bar.update(self.step)
+        tokens_per_step = cfg.global_batch_size * cfg.seq_len
+        while self.step < self.steps:
+            t0 = time.time()
+            record = self.train_step()
+            record["tokens_per_s"] = tokens_per_step / max(time.time() - t0, 1e-9)
+            if self.valid_windows is not None and (self.step % cfg.eval_every == 0 or self.step == self.steps):
+                record["valid_lm"] = self.validate()
+            self._log(record)
+            bar.update(1)
+            bar.set_postfix(loss=f"{record.get('loss', float('nan')):.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            if cfg.save_every and (self.step % cfg.save_every == 0 or self.step == self.steps):
+                self.save()
+        bar.close()
+        if self.writer is not None:
+            self.writer.close()
+        return self.history
+
+    def _log(self, record: dict) -> None:
+        from megatron_prune.runtime import is_rank0, log0
+
+        self.history.append(record)
+        if not is_rank0():
+            return
+        for k, v in record.items():
+            if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
+                self.writer.add_scalar(k if k.startswith("valid") else f"train/{k}", v, record["step"])
+        if record["step"] % max(self.cfg.log_every, 1) == 0 or "valid_lm" in record:
+            log0(json.dumps({k: (round(v, 6) if isinstance(v, float) else v) for k, v in record.items()}))
+
+
+def train(cfg: TrainConfig) -> list[dict]:
+    """Run (or resume) a distillation / training run; returns the per-step records."""
+    return Trainer(cfg).run()
