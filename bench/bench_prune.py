@@ -115,7 +115,7 @@ def _breakdown(tp: int, src: str, plan) -> dict:
     init_distributed(tp=tp, pp=1, seed=0)
     from megatron_prune.checkpoint import load_into, load_model, read_meta
     from megatron_prune.model import build_model
-    from megatron_prune.prune import fill_pruned, source_view
+    from megatron_prune.prune import fill_pruned, source_tensors
 
     gc.collect()
     base = rss_bytes()
@@ -127,27 +127,22 @@ def _breakdown(tp: int, src: str, plan) -> dict:
 
     t0 = time.perf_counter()
     meta = read_meta(src)
-    model = build_model(meta.arch, use_te=False)
-    mark("build source model (random init)", t0)
-    t0 = time.perf_counter()
-    m2 = build_model(meta.arch, use_te=False, perform_initialization=False)
-    mark("  (same, perform_initialization=False)", t0)
-    del m2
-    gc.collect()
+    model = build_model(meta.arch, use_te=False, perform_initialization=False)
+    mark("build source model (no init: weights come next)", t0)
     t0 = time.perf_counter()
     load_into(model, src, meta.arch)
     mark("load_into (dist_checkpointing.load)", t0)
     t0 = time.perf_counter()
-    view = source_view(model, plan)
-    mark("source_view (kept layers, source width)", t0)
+    source = source_tensors(model, plan)
+    mark("source_tensors (in place at PP=1)", t0)
     t0 = time.perf_counter()
     target = build_model(plan.target_arch, use_te=False, perform_initialization=False)
-    fill_pruned(target, view, plan)
+    fill_pruned(target, source, plan)
     mark("build target + fill_pruned", t0)
-    del view, model
+    del source, model
     gc.collect()
     t0 = time.perf_counter()
-    mark("free source + view", t0)
+    mark("free source", t0)
     return {"rows": rows}
 
 

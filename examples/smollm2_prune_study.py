@@ -151,7 +151,6 @@ def main(argv=None):
         results_file.write_text(json.dumps(results, indent=1) + "\n")
 
     # 1. importance with the CLI (default aggregation + every depth metric)
-    drop = None  # filled once the arch is known
     from megatron_prune.checkpoint import read_meta
 
     arch = read_meta(args.ckpt).arch

@@ -91,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-agg", default="l2", choices=["mean", "l2", "variance"], help="aggregation over the batch (default l2)")
     p.add_argument("--lm-loss-drop", type=int, nargs="*", default=[], metavar="N",
                    help="also measure the LM-loss increase when each block of N layers is removed (one pass per block)")
-    p.add_argument("--lm-loss-samples", type=int, default=64, help="samples for the LM-loss drop (default 64)")
+    p.add_argument("--lm-loss-samples", type=int, default=64,
+                   help="samples for the LM-loss drop (the first N calibration windows)")
     p.add_argument("--seed", type=int, default=0)
     _add_layout(p)
 
@@ -160,6 +161,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-sequences", type=int, default=64, help="validation windows to evaluate")
     p.add_argument("--calib-samples", type=int, default=64, help="calibration samples for importance")
     _add_layout(p)
+    for p in sub.choices.values():  # every subcommand's --help shows the defaults
+        p.formatter_class = argparse.ArgumentDefaultsHelpFormatter
+        for action in p._actions:
+            if action.help is None and action.default not in (None, argparse.SUPPRESS):
+                action.help = " "
     return parser
 
 

@@ -5,16 +5,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from megatron_prune.checkpoint.megatron import METADATA_FILE, TOKENIZER_DIR
+from megatron_prune.checkpoint.megatron import METADATA_FILE
 
 
 def resolve_tokenizer_dir(path: str | Path) -> Path:
     """A checkpoint's ``tokenizer/`` folder, or the directory itself when it holds tokenizer files."""
     p = Path(path)
     if (p / METADATA_FILE).is_file():
-        if not (p / TOKENIZER_DIR).is_dir():
+        from megatron_prune.checkpoint import tokenizer_dir
+
+        found = tokenizer_dir(p)
+        if found is None:
             raise FileNotFoundError(f"checkpoint {p} carries no tokenizer; pass a Hugging Face tokenizer directory")
-        return p / TOKENIZER_DIR
+        return found
     if not p.is_dir():
         raise FileNotFoundError(f"tokenizer {p} not found: pass a megatron-prune checkpoint or a tokenizer directory")
     return p

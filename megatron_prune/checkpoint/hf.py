@@ -33,6 +33,9 @@ TOKENIZER_FILES = (
     "generation_config.json",
 )
 
+# a folder holds a usable tokenizer when one of these is there (the rest are companions)
+TOKENIZER_MODEL_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+
 _LAYER_RE = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 
 
@@ -84,6 +87,10 @@ def read_hf_config(hf_dir: str | os.PathLike) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: pass a Hugging Face model directory (with config.json)")
     return json.loads(path.read_text())
+
+
+def has_tokenizer(path: str | os.PathLike) -> bool:
+    return any((Path(path) / name).is_file() for name in TOKENIZER_MODEL_FILES)
 
 
 def copy_tokenizer_files(src: str | os.PathLike, dst: str | os.PathLike) -> list[str]:

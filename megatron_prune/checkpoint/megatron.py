@@ -90,13 +90,16 @@ def read_meta(ckpt_dir: str | os.PathLike) -> CheckpointMeta:
         arch=arch,
         dtype=raw.get("dtype", "float32"),
         provenance=raw.get("provenance", {}),
-        has_tokenizer=raw.get("tokenizer") is not None and (path / TOKENIZER_DIR).is_dir(),
+        has_tokenizer=raw.get("tokenizer") is not None and tokenizer_dir(path) is not None,
     )
 
 
 def tokenizer_dir(ckpt_dir: str | os.PathLike) -> Optional[Path]:
+    """The checkpoint's ``tokenizer/`` folder, or None when it carries no tokenizer."""
+    from megatron_prune.checkpoint.hf import has_tokenizer
+
     p = Path(ckpt_dir) / TOKENIZER_DIR
-    return p if p.is_dir() else None
+    return p if has_tokenizer(p) else None
 
 
 def _tmp_dir_for(out: Path) -> Path:
@@ -139,9 +142,10 @@ def save_checkpoint(
     if _rank() == 0:
         has_tok = False
         if tokenizer_src is not None:
-            from megatron_prune.checkpoint.hf import copy_tokenizer_files
+            from megatron_prune.checkpoint.hf import copy_tokenizer_files, has_tokenizer
 
-            has_tok = bool(copy_tokenizer_files(tokenizer_src, tmp / TOKENIZER_DIR))
+            copy_tokenizer_files(tokenizer_src, tmp / TOKENIZER_DIR)
+            has_tok = has_tokenizer(tmp / TOKENIZER_DIR)
         prov = dict(provenance or {})
         prov.setdefault("created", datetime.datetime.now().isoformat(timespec="seconds"))
         dtype = str(next(model.parameters()).dtype).replace("torch.", "")
@@ -184,7 +188,8 @@ def load_into(model: torch.nn.Module, ckpt_dir: str | os.PathLike, arch: Optiona
     except Exception as e:  # megatron raises many types for damaged files
         raise CheckpointError(f"could not read checkpoint {ckpt_dir}: {type(e).__name__}: {e}") from e
     extras = {k: loaded.pop(k) for k in list(extra_state or {})}
-    model.load_state_dict(loaded, strict=True)
+    # megatron merges the checkpoint's whole common state (e.g. a trainer's) into the result: keep what we asked for
+    model.load_state_dict({k: v for k, v in loaded.items() if k in state}, strict=True)
     return extras
 
 
@@ -201,6 +206,6 @@ def load_model(ckpt_dir: str | os.PathLike, dtype: Optional[torch.dtype] = None,
     meta.arch.check_parallel(ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size())
     if dtype is None:
         dtype = getattr(torch, meta.dtype)
-    model = build_model(meta.arch, dtype=dtype, use_te=use_te)
+    model = build_model(meta.arch, dtype=dtype, use_te=use_te, perform_initialization=False)  # weights come next
     load_into(model, ckpt_dir, meta.arch)
     return model, meta

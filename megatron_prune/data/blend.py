@@ -48,9 +48,8 @@ def build_train_dataset(blend, seq_len: int, num_samples: int, seed: int, eod: i
     """A megatron GPTDataset (or BlendedDataset) of ``num_samples`` samples of ``seq_len`` tokens.
 
     Items are dicts with ``tokens``, ``labels``, ``loss_mask``, ``position_ids`` (each [seq_len]).
-    Collective: rank 0 builds the index caches first, the others then read them.
+    Collective: global rank 0 builds the index caches first, the others then read them.
     """
-    import torch.distributed as dist
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
@@ -68,8 +67,9 @@ def build_train_dataset(blend, seq_len: int, num_samples: int, seed: int, eod: i
         create_attention_mask=False,
         mid_level_dataset_surplus=0.005,
     )
-    rank0 = (lambda: dist.get_rank() == 0) if dist.is_initialized() else (lambda: True)
-    train, _, _ = BlendedMegatronDatasetBuilder(GPTDataset, [num_samples, 0, 0], rank0, config).build()
+    # every rank reads samples (tokens on the first stage, labels on the last); megatron itself lets
+    # global rank 0 build the index caches before the others read them
+    train, _, _ = BlendedMegatronDatasetBuilder(GPTDataset, [num_samples, 0, 0], lambda: True, config).build()
     if train is None:
         raise RuntimeError("megatron built no training dataset; check the blend")
     return train

@@ -25,6 +25,7 @@ class TrainConfig:
     global_batch_size: int = 8
     steps: Optional[int] = None
     tokens: Optional[int] = None  # alternative to steps: stop after this many training tokens
+    optimizer: str = "adam"  # adam (AdamW-style decoupled weight decay) | sgd
     lr: float = 1e-4
     min_lr: float = 1e-5
     warmup_steps: int = 10
@@ -79,6 +80,8 @@ class TrainConfig:
     def validate(self) -> None:
         if (self.steps is None) == (self.tokens is None):
             raise ValueError("give exactly one of steps or tokens")
+        if self.optimizer not in ("adam", "sgd"):
+            raise ValueError(f"optimizer must be adam or sgd, got {self.optimizer!r}")
         if self.kd_loss not in ("forward", "reverse", "topk"):
             raise ValueError(f"kd_loss must be forward, reverse or topk, got {self.kd_loss!r}")
         if self.kd_loss == "topk" and not self.kd_top_k:

@@ -107,7 +107,7 @@ class Trainer:
                                           device=self.layout.device, dtype=torch.float32)
             self.proj_opt = torch.optim.AdamW(self.proj.parameters(), lr=cfg.lr, weight_decay=0.0)
         self.optimizer = get_megatron_optimizer(
-            OptimizerConfig(optimizer="adam", lr=cfg.lr, min_lr=cfg.min_lr, weight_decay=cfg.weight_decay,
+            OptimizerConfig(optimizer=cfg.optimizer, lr=cfg.lr, min_lr=cfg.min_lr, weight_decay=cfg.weight_decay,
                             adam_beta1=cfg.adam_beta1, adam_beta2=cfg.adam_beta2, clip_grad=cfg.clip_grad,
                             bf16=self.bf16, params_dtype=dtype, use_distributed_optimizer=distributed_optimizer),
             [self.ddp],
@@ -213,7 +213,7 @@ class Trainer:
         cfg, mask = self.cfg, batch["loss_mask"]
         if self.teacher is None:
             lm = masked_token_mean(token_losses(output, batch["labels"], self.arch), mask)
-            return lm, {"loss": lm.detach(), "lm": lm.detach()}
+            return lm, {"loss": lm.detach().clone(), "lm": lm.detach().clone()}
         s_logits, t_logits = output
         lm = masked_token_mean(token_losses(s_logits, batch["labels"], self.arch), mask)
         kd = masked_token_mean(kd_logits_loss(s_logits, t_logits, cfg.kd_loss, cfg.kd_tau, top_k=cfg.kd_top_k,
@@ -222,9 +222,10 @@ class Trainer:
         if self.proj is not None:
             is_loss = intermediate_state_loss(hidden["student"], hidden["teacher"], self.proj, cfg.intermediate_loss, mask)
         total, alpha = combine_losses(kd, lm * cfg.ce_weight if cfg.ce_weight else None, is_loss)
-        logs = {"loss": total.detach(), "kd": kd.detach(), "lm": lm.detach()}
+        # clones: megatron's schedule divides the returned loss by the number of micro-batches in place
+        logs = {"loss": total.detach().clone(), "kd": kd.detach().clone(), "lm": lm.detach().clone()}
         if is_loss is not None:
-            logs["is"], logs["alpha"] = is_loss.detach(), alpha.detach()
+            logs["is"], logs["alpha"] = is_loss.detach().clone(), alpha.detach().clone()
         return total, logs
 
     def _hidden_hooks(self, hidden: dict) -> list:

@@ -113,10 +113,14 @@ def lm_loss_drop(model: torch.nn.Module, arch, windows: torch.Tensor, micro_batc
     """
     from megatron_prune.evaluate import lm_loss
     from megatron_prune.model import layer_offset
+    from megatron_prune.runtime.progress import progress
 
     layers = list(model.decoder.layers)
     offset, L = layer_offset(arch), arch.num_layers
-    base = lm_loss(model, arch, windows, micro_batch_size, desc=desc).lm_loss
+    base = lm_loss(model, arch, windows, micro_batch_size, desc=None).lm_loss
+    bar = progress(1 + sum(L - int(n) + 1 for n in block_sizes), desc, unit="pass") if desc else None
+    if bar:
+        bar.update(1)
     drops: dict[int, torch.Tensor] = {}
     for n in block_sizes:
         n = int(n)
@@ -132,5 +136,9 @@ def lm_loss_drop(model: torch.nn.Module, arch, windows: torch.Tensor, micro_batc
             finally:
                 for layer in skipped:
                     del layer.forward  # back to the class's forward
+            if bar:
+                bar.update(1)
         drops[n] = out
+    if bar:
+        bar.close()
     return base, drops

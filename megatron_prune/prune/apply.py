@@ -1,11 +1,11 @@
 """Apply a PrunePlan to weights: in memory, or straight from a sharded checkpoint.
 
 Both paths build the pruned GPTModel at the current TP/PP and fill every parameter by selecting kept
-indices from a *source-width* model that holds exactly the kept layers of this pipeline stage. Hidden
+indices from the source tensor it comes from (in place when the layer stays on its pipeline stage). Hidden
 channels are not TP-sharded and are selected locally; heads, query groups and FFN neurons are TP-sharded,
 so each TP rank contributes the kept rows it owns and one all-reduce over the TP group assembles the
 pruned rows (other ranks add exact zeros), of which each rank keeps its own target shard. Memory per rank
-stays at one source shard plus one pruned layer tensor.
+stays at one source shard plus one pruned shard (plus the layers that change stage).
 """
 
 from __future__ import annotations
@@ -98,63 +98,51 @@ def pruned_value(name: str, src: torch.Tensor, plan: PrunePlan, j: int) -> torch
 
 
 @torch.no_grad()
-def fill_pruned(target_model: torch.nn.Module, source_view: torch.nn.Module, plan: PrunePlan) -> None:
-    """Fill ``target_model`` (target arch) from ``source_view`` (source width, the target's layers on this stage)."""
+def fill_pruned(target_model: torch.nn.Module, source: dict[str, torch.Tensor], plan: PrunePlan) -> None:
+    """Fill ``target_model`` (target arch) from ``source``: target parameter name -> the source-width tensor it
+    is cut from (see :func:`source_tensors`)."""
     from megatron_prune.model import layer_offset
 
     offset = layer_offset(plan.target_arch)
-    src = dict(source_view.named_parameters())
     for name, param in target_model.named_parameters():
         m = _LAYER_RE.match(name)
         j = offset + int(m.group(1)) if m else -1
-        value = pruned_value(name, src[name].detach(), plan, j)
+        value = pruned_value(name, source[name].detach(), plan, j)
         if value.shape != param.shape:
             raise RuntimeError(f"{name}: pruned shape {tuple(value.shape)} != target {tuple(param.shape)}")
         param.copy_(value)
 
 
-def _source_view_arch(plan: PrunePlan):
-    return plan.source_arch.replace(num_layers=plan.target_arch.num_layers)
-
-
 @torch.no_grad()
-def source_view(model: torch.nn.Module, plan: PrunePlan) -> torch.nn.Module:
-    """A source-width model holding, on each pipeline stage, the kept source layers that land on that stage.
+def source_tensors(model: torch.nn.Module, plan: PrunePlan) -> dict[str, torch.Tensor]:
+    """For every parameter of this stage's pruned model, the source tensor it is cut from.
 
-    Layers that stay on their stage are copied; layers that move to another stage are broadcast over the
-    pipeline group (only this rank's TP shard, one layer at a time).
+    Kept layers that stay on their pipeline stage are used in place (no copy); layers that move to another
+    stage are broadcast over the pipeline group, this rank's TP shard only, one tensor at a time.
     """
     from megatron.core import parallel_state as ps
-
-    from megatron_prune.model import build_model
 
     pp, stage = ps.get_pipeline_model_parallel_world_size(), ps.get_pipeline_model_parallel_rank()
     per_src = plan.source_arch.num_layers // pp
     per_tgt = plan.target_arch.num_layers // pp
-    dtype = next(model.parameters()).dtype
-    view = build_model(_source_view_arch(plan), dtype=dtype, use_te=False, perform_initialization=False)
-    src, dst = dict(model.named_parameters()), dict(view.named_parameters())
-    for name, p in dst.items():
-        if not _LAYER_RE.match(name):
-            p.copy_(src[name])  # embedding, final norm, output layer: same stage in both models
+    src = dict(model.named_parameters())
+    out = {name: p for name, p in src.items() if not _LAYER_RE.match(name)}  # embedding, final norm, output
     layer_params = sorted({_LAYER_RE.match(n).group(2) for n in src if _LAYER_RE.match(n)})
     pp_ranks = dist.get_process_group_ranks(ps.get_pipeline_model_parallel_group()) if pp > 1 else None
     for t, s in enumerate(plan.kept_layers):
         owner, dest = s // per_src, t // per_tgt
-        if owner == dest:
-            if stage == dest:
-                for rest in layer_params:
-                    dst[f"decoder.layers.{t - dest * per_tgt}.{rest}"].copy_(src[f"decoder.layers.{s - owner * per_src}.{rest}"])
-            continue
-        for rest in layer_params:  # every stage takes part in the broadcast, in the same order
-            if stage == owner:
-                buf = src[f"decoder.layers.{s - owner * per_src}.{rest}"].detach().contiguous()
-            elif stage == dest:
-                buf = dst[f"decoder.layers.{t - dest * per_tgt}.{rest}"].data
-            else:
-                buf = torch.empty_like(src[f"decoder.layers.0.{rest}"])
+        for rest in layer_params:
+            here = src.get(f"decoder.layers.{s - owner * per_src}.{rest}") if stage == owner else None
+            if owner == dest:
+                if stage == dest:
+                    out[f"decoder.layers.{t - dest * per_tgt}.{rest}"] = here
+                continue
+            # every stage takes part in the broadcast, in the same order
+            buf = here.detach().contiguous() if stage == owner else torch.empty_like(src[f"decoder.layers.0.{rest}"])
             dist.broadcast(buf, src=pp_ranks[owner], group=ps.get_pipeline_model_parallel_group())
-    return view
+            if stage == dest:
+                out[f"decoder.layers.{t - dest * per_tgt}.{rest}"] = buf
+    return out
 
 
 @torch.no_grad()
@@ -165,8 +153,8 @@ def apply_plan(model: torch.nn.Module, plan: PrunePlan) -> torch.nn.Module:
     """
     from megatron_prune.model import build_model
 
-    view = source_view(model, plan)
+    source = source_tensors(model, plan)
     target = build_model(plan.target_arch, dtype=next(model.parameters()).dtype, use_te=False,
                          perform_initialization=False)
-    fill_pruned(target, view, plan)
+    fill_pruned(target, source, plan)
     return target

@@ -111,12 +111,13 @@ def init_distributed(tp: int = 1, pp: int = 1, seed: int = 1234) -> ParallelLayo
         apply_cpu_compat()
     launch = detect_launch_env()
     if not dist.is_initialized():
-        os.environ["MASTER_ADDR"] = launch.master_addr
-        os.environ["MASTER_PORT"] = str(launch.master_port)
         if on_gpu:  # modulo: with --gpus-per-task=1 every task sees a single device 0
             torch.cuda.set_device(launch.local_rank % torch.cuda.device_count())
+        # an explicit init_method (not MASTER_* in os.environ), so child processes of this one that start
+        # their own megatron-prune do not inherit our rendezvous port
         dist.init_process_group(
             backend="nccl" if on_gpu else "gloo",
+            init_method=f"tcp://{launch.master_addr}:{launch.master_port}",
             rank=launch.rank,
             world_size=launch.world_size,
             timeout=datetime.timedelta(minutes=int(os.environ.get("MP_DIST_TIMEOUT_MIN", "30"))),

@@ -1,0 +1,142 @@
+"""The distillation trainer: one step is the same at every layout, and a killed run resumes exactly."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from distributed_utils import run_ranks
+from test_prune import random_plan_json
+
+
+def _convert(hf_dir, out):
+    from megatron_prune.convert import hf_to_megatron
+
+    hf_to_megatron(hf_dir, out)
+
+
+def _prune(src, plan_file, out):
+    from megatron_prune.prune import PrunePlan
+    from megatron_prune.prune.checkpoint import prune_checkpoint
+    from megatron_prune.runtime import init_distributed
+
+    init_distributed(1, 1)
+    prune_checkpoint(src, PrunePlan.load(plan_file), out)
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_llama_dir, tmp_path_factory):
+    """Teacher = the tiny Llama; student = a pruned copy (hidden 48, FFN 64, 2 layers); random-token data."""
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    root = tmp_path_factory.mktemp("distill")
+    run_ranks(_convert, 1, tiny_llama_dir, root / "teacher")
+    arch = json.loads((root / "teacher" / "megatron_prune.json").read_text())["arch"]
+    (root / "plan.json").write_text(json.dumps(random_plan_json(arch)))
+    run_ranks(_prune, 1, root / "teacher", root / "plan.json", root / "student")
+    builder = IndexedDatasetBuilder(str(root / "data.bin"), dtype=np.int32)
+    rng = np.random.default_rng(0)
+    for _ in range(30):
+        builder.add_document(torch.from_numpy(rng.integers(0, 1000, size=50, dtype=np.int32)), [50])
+    builder.finalize(str(root / "data.idx"))
+    return root
+
+
+def _one_step(root, out, tp, pp, kd_loss):
+    from megatron_prune.distill.config import TrainConfig
+    from megatron_prune.distill.trainer import train
+
+    cfg = TrainConfig(teacher=str(root / "teacher"), student=str(root / "student"), data=[str(root / "data")],
+                      out=str(out), tp=tp, pp=pp, seq_len=16, micro_batch_size=1, global_batch_size=4, steps=1,
+                      optimizer="sgd", lr=1.0, min_lr=1.0, warmup_steps=0, weight_decay=0.0, clip_grad=1e9,
+                      kd_loss=kd_loss, kd_top_k=5 if kd_loss == "topk" else None, ce_weight=0.5, save_every=1,
+                      dataset_cache=str(root / "cache"))
+    history = train(cfg)
+    return history[-1]
+
+
+def _weights(ckpt):
+    from megatron_prune.checkpoint import load_model
+    from megatron_prune.runtime import init_distributed
+
+    init_distributed(1, 1)
+    model, _ = load_model(ckpt)
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+
+
+LAYOUTS = [(1, 1, 1), (2, 1, 2), (1, 2, 2), (2, 2, 4), (1, 1, 2)]  # (tp, pp, world); the last one is DP2
+
+
+@pytest.mark.parametrize("kd_loss", ["forward", "topk"])
+def test_one_step_is_the_same_at_every_layout(setup, tmp_path, kd_loss):
+    (w0,) = run_ranks(_weights, 1, setup / "student")
+    records, deltas = {}, {}
+    for tp, pp, world in LAYOUTS:
+        out = tmp_path / f"tp{tp}pp{pp}w{world}"
+        records[(tp, pp, world)] = run_ranks(_one_step, world, setup, out, tp, pp, kd_loss)[0]
+        (w1,) = run_ranks(_weights, 1, out / "step_0000001")
+        deltas[(tp, pp, world)] = {k: w1[k] - w0[k] for k in w0}
+    ref_rec, ref_delta = records[(1, 1, 1)], deltas[(1, 1, 1)]
+    assert ref_rec["kd"] > 0 and ref_rec["lm"] > 0
+    moved = sum(d.abs().sum().item() for d in ref_delta.values())
+    assert moved > 0, "the step changed the student"
+    for layout, rec in records.items():
+        for key in ("loss", "kd", "lm"):
+            assert rec[key] == pytest.approx(ref_rec[key], rel=1e-5), (layout, key)
+        for k, d in deltas[layout].items():  # SGD with lr 1: the update is the gradient itself
+            torch.testing.assert_close(d, ref_delta[k], rtol=1e-4, atol=1e-6, msg=f"{layout} {k}")
+
+
+def test_teacher_is_frozen_and_not_saved(setup, tmp_path):
+    from megatron_prune.checkpoint import read_meta
+
+    run_ranks(_one_step, 1, setup, tmp_path / "run", 1, 1, "forward")
+    meta = read_meta(tmp_path / "run" / "step_0000001")
+    assert meta.arch == read_meta(setup / "student").arch  # the student's shape, not the teacher's
+    assert meta.provenance["teacher"] == str(setup / "teacher")
+    (teacher_after,) = run_ranks(_weights, 1, setup / "teacher")
+    (w,) = run_ranks(_weights, 1, tmp_path / "run" / "step_0000001")
+    assert all(v.shape[-1] != 64 for k, v in w.items() if "embedding" in k)  # hidden 48: the student only
+
+
+def _cli_distill(setup, out, steps):
+    return [sys.executable, "-u", "-m", "megatron_prune.cli", "distill", "--teacher", str(setup / "teacher"),
+            "--student", str(setup / "student"), "--data", str(setup / "data"), "--out", str(out),
+            "--steps", str(steps), "--seq-len", "16", "--micro-batch-size", "2", "--global-batch-size", "4",
+            "--lr", "1e-3", "--warmup-steps", "2", "--save-every", "2", "--keep-last", "2"]
+
+
+def _losses(out):
+    from megatron.core import dist_checkpointing
+
+    history = dist_checkpointing.load_common_state_dict(str(out / "step_0000006"))["trainer"]["history"]
+    return [(r["step"], r["loss"]) for r in history if "loss" in r]
+
+
+def test_resume_after_a_kill_reproduces_the_uninterrupted_run(setup, tmp_path):
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    full = subprocess.run(_cli_distill(setup, tmp_path / "full", 6), capture_output=True, text=True, env=env)
+    assert full.returncode == 0, full.stderr[-3000:]
+
+    proc = subprocess.Popen(_cli_distill(setup, tmp_path / "killed", 6), stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, env=env)
+    for line in proc.stdout:  # kill -9 once step 3 is logged (a checkpoint exists at step 2)
+        if line.startswith("{") and json.loads(line).get("step") == 3:
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert (tmp_path / "killed" / "step_0000002").is_dir() and not (tmp_path / "killed" / "step_0000006").exists()
+
+    resumed = subprocess.run(_cli_distill(setup, tmp_path / "killed", 6), capture_output=True, text=True, env=env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming at step" in resumed.stdout
+    assert _losses(tmp_path / "killed") == _losses(tmp_path / "full")
+    assert sorted(p.name for p in (tmp_path / "killed").glob("step_*")) == ["step_0000004", "step_0000006"]  # keep-last 2
