@@ -148,6 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--kd-tau", type=float)
             p.add_argument("--kd-top-k", type=int)
             p.add_argument("--ce-weight", type=float)
+            p.add_argument("--teacher-correction-steps", type=int,
+                           help="first fine-tune the teacher on the data for this many steps (0: off)")
+            p.add_argument("--teacher-correction-lr", type=float)
             p.add_argument("--fp8-teacher", action="store_true", default=None, help="teacher forward in FP8 (TE, Hopper)")
             p.add_argument("--fp8-student", action="store_true", default=None, help="student training in FP8 (TE)")
         _add_layout(p)
@@ -162,10 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-samples", type=int, default=64, help="calibration samples for importance")
     _add_layout(p)
     for p in sub.choices.values():  # every subcommand's --help shows the defaults
-        p.formatter_class = argparse.ArgumentDefaultsHelpFormatter
         for action in p._actions:
             if action.help is None and action.default not in (None, argparse.SUPPRESS):
-                action.help = " "
+                action.help = "default: %(default)s"
     return parser
 
 
@@ -216,7 +218,7 @@ def run(args: argparse.Namespace) -> None:
         fields = ("teacher", "student", "data", "valid_data", "out", "steps", "tokens", "seq_len", "micro_batch_size",
                   "global_batch_size", "lr", "min_lr", "warmup_steps", "weight_decay", "clip_grad", "seed",
                   "eval_every", "eval_samples", "save_every", "keep_last", "kd_loss", "kd_tau", "kd_top_k",
-                  "ce_weight", "fp8_teacher", "fp8_student")
+                  "ce_weight", "teacher_correction_steps", "teacher_correction_lr", "fp8_teacher", "fp8_student")
         overrides = {f: getattr(args, f) for f in fields if getattr(args, f, None) is not None}
         overrides.update(tp=args.tp if args.tp != 1 else None, pp=args.pp if args.pp != 1 else None)
         cfg = TrainConfig.from_yaml(args.config, **overrides)

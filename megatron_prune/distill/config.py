@@ -43,6 +43,9 @@ class TrainConfig:
     intermediate_layers: list = field(default_factory=list)  # [[student_layer, teacher_layer], ...] outputs
     intermediate_loss: str = "cosine"  # cosine | mse
     embedding_loss: bool = False  # also match the embedding outputs
+    # teacher correction (Minitron follow-up): fine-tune the teacher on the distillation data first
+    teacher_correction_steps: int = 0
+    teacher_correction_lr: float = 1e-5
     # precision (GPU): bf16 training; FP8 with Transformer Engine
     bf16: Optional[bool] = None  # None: on with a GPU, off on CPU
     fp8_teacher: bool = False

@@ -115,7 +115,7 @@ class Trainer:
         self.steps = cfg.train_steps()
         self.scheduler = OptimizerParamScheduler(
             self.optimizer, init_lr=0.0, max_lr=cfg.lr, min_lr=cfg.min_lr,
-            lr_warmup_steps=min(cfg.warmup_steps, self.steps), lr_decay_steps=self.steps,
+            lr_warmup_steps=min(cfg.warmup_steps, self.steps - 1), lr_decay_steps=self.steps,  # megatron: warmup < decay
             lr_decay_style=cfg.lr_decay_style, start_wd=cfg.weight_decay, end_wd=cfg.weight_decay,
             wd_incr_steps=self.steps, wd_incr_style="constant")
         self.step = 0
@@ -350,6 +350,35 @@ class Trainer:
             log0(json.dumps({k: (round(v, 6) if isinstance(v, float) else v) for k, v in record.items()}))
 
 
+def correct_teacher(cfg: TrainConfig) -> Path:
+    """Fine-tune the teacher with the LM loss on the distillation data for ``teacher_correction_steps``
+    (into ``out/teacher-correction``; resumable, and skipped once done); returns the corrected checkpoint."""
+    import dataclasses
+
+    from megatron_prune.runtime import log0
+
+    out = Path(cfg.out) / "teacher-correction"
+    done = latest_step_dir(out)
+    if done is None or int(done.name[len(STEP_PREFIX):]) < cfg.teacher_correction_steps:
+        log0(f"teacher correction: {cfg.teacher_correction_steps} steps of LM-loss training of {cfg.teacher}")
+        steps = cfg.teacher_correction_steps
+        Trainer(dataclasses.replace(
+            cfg, student=cfg.teacher, teacher=None, out=str(out), steps=steps, tokens=None,
+            lr=cfg.teacher_correction_lr, min_lr=cfg.teacher_correction_lr / 10, warmup_steps=cfg.warmup_steps,
+            save_every=steps, keep_last=1, eval_every=0, teacher_correction_steps=0, ce_weight=0.0,
+            intermediate_layers=[], embedding_loss=False, fp8_teacher=False, fp8_student=False)).run()
+        done = latest_step_dir(out)
+    return done
+
+
 def train(cfg: TrainConfig) -> list[dict]:
-    """Run (or resume) a distillation / training run; returns the per-step records."""
+    """Run (or resume) a distillation / training run; returns the per-step records.
+
+    With ``teacher_correction_steps``, the teacher is first fine-tuned on the same data and the student is
+    distilled from the corrected teacher.
+    """
+    import dataclasses
+
+    if cfg.teacher and cfg.teacher_correction_steps:
+        cfg = dataclasses.replace(cfg, teacher=str(correct_teacher(cfg)))
     return Trainer(cfg).run()
