@@ -1,75 +1,15 @@
-"""Shared helpers for the benchmarks: spawn gloo ranks (like torchrun), time, and read per-process memory.
-
-Kept inside bench/ on purpose (the benchmarks do not import from tests/).
-"""
+"""Shared helpers for the benchmarks: time, and read per-process memory (ranks come from the package's
+own local launcher, re-exported here as ``run_ranks``)."""
 
 from __future__ import annotations
 
-import os
-import socket
 import statistics
-import tempfile
 import time
-import traceback
 from pathlib import Path
 
 import torch
-import torch.multiprocessing as mp
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _entry(fn, rank, world_size, port, outdir, threads, args):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(threads)
-    import warnings
-
-    warnings.filterwarnings("ignore")
-    import logging
-
-    logging.disable(logging.WARNING)
-    try:
-        result = fn(*args)
-        torch.save(result, Path(outdir) / f"rank{rank}.pt")
-    except BaseException:
-        (Path(outdir) / f"rank{rank}.err").write_text(traceback.format_exc())
-        raise
-    finally:
-        from megatron_prune.runtime import destroy
-
-        destroy()
-
-
-def run_ranks(fn, world_size: int, *args, threads: int | None = None, timeout: float = 1800):
-    """``fn(*args)`` on ``world_size`` fresh spawned processes; per-rank return values in rank order.
-
-    ``threads``: torch intra-op threads per rank (default: the machine's cores split evenly over the ranks,
-    so TP1 and TP2 use the same total number of cores).
-    """
-    if threads is None:
-        threads = max(1, (os.cpu_count() or 1) // world_size)
-    ctx = mp.get_context("spawn")
-    port = _free_port()
-    with tempfile.TemporaryDirectory() as outdir:
-        procs = [ctx.Process(target=_entry, args=(fn, r, world_size, port, outdir, threads, args))
-                 for r in range(world_size)]
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join(timeout)
-        msgs = [e.read_text() for e in (Path(outdir) / f"rank{r}.err" for r in range(world_size)) if e.exists()]
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-                msgs.append(f"rank process {p.pid} timed out after {timeout}s")
-        if msgs or any(p.exitcode != 0 for p in procs):
-            raise RuntimeError("bench worker failed:\n" + "\n".join(msgs or [f"exit codes {[p.exitcode for p in procs]}"]))
-        return [torch.load(Path(outdir) / f"rank{r}.pt", weights_only=False) for r in range(world_size)]
+from megatron_prune.runtime.spawn import run_ranks  # noqa: F401  (used by the bench scripts)
 
 
 def synced_times(fn):

@@ -74,8 +74,6 @@ def _random_plan(arch):
 
 
 def _step(kind: str, tp: int, src: str, plan, out: str) -> dict:
-    import torch
-
     from megatron_prune.runtime import init_distributed
 
     init_distributed(tp=tp, pp=1, seed=0)
@@ -113,7 +111,7 @@ def _breakdown(tp: int, src: str, plan) -> dict:
     from megatron_prune.runtime import init_distributed
 
     init_distributed(tp=tp, pp=1, seed=0)
-    from megatron_prune.checkpoint import load_into, load_model, read_meta
+    from megatron_prune.checkpoint import load_into, read_meta
     from megatron_prune.model import build_model
     from megatron_prune.prune import fill_pruned, source_tensors
 

@@ -6,7 +6,7 @@ broadcast to all ranks with :func:`broadcast_from_last_stage`).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.distributed as dist

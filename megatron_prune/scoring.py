@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
+
+if TYPE_CHECKING:
+    from megatron_prune.importance import ImportanceScores
 
 
 def calibration_windows(data_prefix: str | Path, num_samples: int, seq_len: int, seed: int = 0) -> torch.Tensor:

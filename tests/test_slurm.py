@@ -237,8 +237,6 @@ def test_megatron_prune_convert_under_srun(slurm, tiny_llama_dir, tmp_path):
 
     The written checkpoint must give transformers' logits when read back at TP1.
     """
-    import torch
-
     from distributed_utils import run_ranks
     from test_conversion import TOL, hf_logits, megatron_logits, sample_tokens
 

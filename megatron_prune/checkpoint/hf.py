@@ -117,21 +117,15 @@ def hf_tensor_for_param(name: str, param_shape: torch.Size, arch: ModelArch, hf:
                         layer_offset: int, tp: int, tp_rank: int) -> torch.Tensor:
     """The value of megatron parameter ``name`` (local layer numbering) on TP rank ``tp_rank``."""
     d, hpg = arch.kv_channels, arch.heads_per_group
-    if name == "embedding.word_embeddings.weight" or (name == "output_layer.weight" and not hf.has("lm_head.weight")):
+    if name in ("embedding.word_embeddings.weight", "output_layer.weight"):
+        source = "model.embed_tokens.weight"
         if name == "output_layer.weight" and not arch.tie_embeddings:
-            raise KeyError("lm_head.weight missing from an untied model")
-        rows = _span(arch.padded_vocab_size, tp, tp_rank)
+            source = "lm_head.weight"
+        rows = _span(arch.padded_vocab_size, tp, tp_rank)  # vocab rows of this TP rank; padding rows stay 0
         out = torch.zeros(param_shape, dtype=torch.float32)
         stop = min(rows.stop, arch.vocab_size)
         if stop > rows.start:
-            out[: stop - rows.start] = hf.slice("model.embed_tokens.weight", slice(rows.start, stop))
-        return out
-    if name == "output_layer.weight":
-        rows = _span(arch.padded_vocab_size, tp, tp_rank)
-        out = torch.zeros(param_shape, dtype=torch.float32)
-        stop = min(rows.stop, arch.vocab_size)
-        if stop > rows.start:
-            out[: stop - rows.start] = hf.slice("lm_head.weight", slice(rows.start, stop))
+            out[: stop - rows.start] = hf.slice(source, slice(rows.start, stop))
         return out
     if name == "decoder.final_layernorm.weight":
         return hf.slice("model.norm.weight")

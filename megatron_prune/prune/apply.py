@@ -10,7 +10,6 @@ stays at one source shard plus one pruned shard (plus the layers that change sta
 
 from __future__ import annotations
 
-import dataclasses
 import re
 
 import torch
