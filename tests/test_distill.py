@@ -165,3 +165,37 @@ def test_resume_after_a_kill_reproduces_the_uninterrupted_run(setup, tmp_path):
     assert "resuming at step" in resumed.stdout
     assert _losses(tmp_path / "killed") == _losses(tmp_path / "full")
     assert sorted(p.name for p in (tmp_path / "killed").glob("step_*")) == ["step_0000004", "step_0000006"]  # keep-last 2
+
+
+def _one_step_intermediate(root, out):
+    from megatron_prune.distill.config import TrainConfig
+    from megatron_prune.distill.trainer import train
+
+    cfg = TrainConfig(teacher=str(root / "teacher"), student=str(root / "student"), data=[str(root / "data")],
+                      out=str(out), seq_len=16, micro_batch_size=4, global_batch_size=4, steps=1, lr=1e-3,
+                      intermediate_layers=[[0, 1], [1, 3]], embedding_loss=True, intermediate_loss="cosine",
+                      dataset_cache=str(root / "cache"))
+    return train(cfg)[-1]
+
+
+def test_intermediate_state_loss_uses_the_dynamic_weight(setup, tmp_path):
+    (rec,) = run_ranks(_one_step_intermediate, 1, setup, tmp_path / "run")
+    assert rec["is"] > 0
+    assert rec["alpha"] == pytest.approx(rec["kd"] / rec["is"], rel=1e-5)  # alpha = L_logits / L_is
+    assert rec["loss"] == pytest.approx(rec["kd"] + rec["alpha"] * rec["is"], rel=1e-5)  # = 2 L_logits, no CE
+
+
+def test_yaml_recipe_and_bad_options(tmp_path):
+    from pathlib import Path
+
+    from megatron_prune.distill.config import TrainConfig
+
+    recipe = Path(__file__).parents[1] / "examples" / "distill_smollm2.yaml"
+    cfg = TrainConfig.from_yaml(recipe, steps=7, tp=2)
+    assert cfg.teacher and cfg.student and cfg.steps == 7 and cfg.tp == 2  # flags override the YAML
+    with pytest.raises(ValueError, match="unknown training option"):
+        TrainConfig.from_yaml(recipe, learning_rate=1.0)
+    with pytest.raises(ValueError, match="exactly one of steps or tokens"):
+        TrainConfig.from_yaml(recipe, tokens=1000)
+    with pytest.raises(ValueError, match="kd_loss=topk needs kd_top_k"):
+        TrainConfig.from_yaml(recipe, kd_loss="topk")
