@@ -76,7 +76,7 @@ def run_demo(workdir: str | Path = "runs/demo", tp: int = 1, pp: int = 1, seq_le
         train(TrainConfig(teacher=str(base), student=str(models[f"width-pruned ({WIDTH_TARGET})"]),
                           data=[str(data["train"])], out=str(run), tp=tp, pp=pp, seq_len=128, micro_batch_size=4,
                           global_batch_size=4, steps=distill_steps, lr=5e-4, min_lr=5e-5, warmup_steps=min(10, distill_steps),
-                          save_every=distill_steps, keep_last=1))
+                          save_every=distill_steps, keep_last=1, log_every=10))
         if is_rank0():
             finished.rename(distilled)
         barrier()
