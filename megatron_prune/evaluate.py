@@ -44,28 +44,28 @@ def lm_loss(model: torch.nn.Module, arch: ModelArch, windows: torch.Tensor, micr
     model.eval()
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     mine = windows[dp_rank::dp]
-    batches = [
-        {"tokens": w[:, :-1].contiguous(), "labels": w[:, 1:].contiguous()}
-        for w in mine.split(micro_batch_size)
-        if len(w) == micro_batch_size  # megatron's schedule wants equal micro-batches
-    ]
+    batches = [{"tokens": w[:, :-1].contiguous(), "labels": w[:, 1:].contiguous()} for w in mine.split(micro_batch_size)]
     seq_len = windows.shape[1] - 1
     device = next(model.parameters()).device
     total = torch.zeros(2, dtype=torch.float64)
     chunk = 4 * ps.get_pipeline_model_parallel_world_size()  # micro-batches per schedule call
-    bar = progress(len(batches) * micro_batch_size * dp, desc, unit="seq") if desc else None
+    # megatron's schedule wants equal micro-batches: a short last one gets a call of its own
+    full = [b for b in batches if len(b["tokens"]) == micro_batch_size]
+    calls = [full[i: i + chunk] for i in range(0, len(full), chunk)] + [[b] for b in batches[len(full):]]
+    bar = progress(len(windows), desc, unit="seq") if desc else None
 
     def on_output(logits, batch):
         losses = token_losses(logits, batch["labels"].to(device), arch)
         return losses.sum().item(), losses.numel()
 
-    for i in range(0, len(batches), chunk):
-        part = [{k: v.to(device) for k, v in b.items()} for b in batches[i: i + chunk]]
-        results = broadcast_from_last_stage(run_forward(model, part, len(part), seq_len, micro_batch_size, on_output))
+    for part in calls:
+        part = [{k: v.to(device) for k, v in b.items()} for b in part]
+        mbs = len(part[0]["tokens"])
+        results = broadcast_from_last_stage(run_forward(model, part, len(part), seq_len, mbs, on_output))
         for s, n in results:
             total += torch.tensor([s, n], dtype=torch.float64)
         if bar:
-            bar.update(len(part) * micro_batch_size * dp)
+            bar.update(sum(len(b["tokens"]) for b in part) * dp)
     if bar:
         bar.close()
     if dist.is_initialized() and dp > 1:

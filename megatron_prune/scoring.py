@@ -12,15 +12,18 @@ if TYPE_CHECKING:
 
 
 def calibration_windows(data_prefix: str | Path, num_samples: int, seq_len: int, seed: int = 0) -> torch.Tensor:
-    """``num_samples`` random windows [n, seq_len + 1] of the data set (the paper: 1024 random training samples)."""
-    from megatron_prune.data import fixed_length_windows
+    """``num_samples`` random windows [n, seq_len + 1] of the data set (the paper: 1024 random training samples).
 
-    windows = fixed_length_windows(data_prefix, seq_len)
-    if len(windows) < num_samples:
-        raise ValueError(f"{data_prefix} has only {len(windows)} windows of {seq_len + 1} tokens, fewer than the "
+    Reads only the chosen windows, so a large training set costs no more than the samples themselves.
+    """
+    from megatron_prune.data import count_windows, read_windows
+
+    available = count_windows(data_prefix, seq_len)
+    if available < num_samples:
+        raise ValueError(f"{data_prefix} has only {available} windows of {seq_len + 1} tokens, fewer than the "
                          f"{num_samples} samples asked for; lower --samples or --seq-len, or use more data")
-    order = torch.randperm(len(windows), generator=torch.Generator().manual_seed(seed))[:num_samples]
-    return windows[order.sort().values]
+    order = torch.randperm(available, generator=torch.Generator().manual_seed(seed))[:num_samples]
+    return read_windows(data_prefix, seq_len, order.sort().values.tolist())
 
 
 def score_checkpoint(ckpt: str | Path, data_prefix: str | Path, out: str | Path, num_samples: int = 1024,

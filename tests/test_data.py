@@ -237,6 +237,24 @@ def test_fixed_length_windows_are_the_consecutive_stream(smol_tokenizer_dir, sha
         fixed_length_windows(tmp_path / "missing", 16)
 
 
+def test_read_windows_reads_chosen_rows_of_the_stream(smol_tokenizer_dir, shakespeare_splits, tmp_path):
+    from megatron_prune.data import count_windows, read_windows
+
+    tok = AutoTokenizer.from_pretrained(smol_tokenizer_dir)
+    prefix = tokenize_jsonl(shakespeare_splits["valid"], smol_tokenizer_dir, tmp_path / "valid")
+    stream = torch.tensor([t for r in _reference(tok, _read_jsonl(shakespeare_splits["valid"])) for t in r])
+    for seq_len in (5, 200, 3000):  # windows inside one document and spanning several
+        width = seq_len + 1
+        n = count_windows(prefix, seq_len)
+        assert n == len(stream) // width
+        rows = [n - 1, 0, n // 2, 1] if n > 1 else [0]
+        got = read_windows(prefix, seq_len, rows)
+        want = torch.stack([stream[r * width:(r + 1) * width] for r in rows])  # naive: slice the stream
+        assert torch.equal(got, want)
+    with pytest.raises(IndexError, match="out of range"):
+        read_windows(prefix, 5, [count_windows(prefix, 5)])
+
+
 # ---------------------------------------------------------------------------------------------- Debian
 
 

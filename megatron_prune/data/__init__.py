@@ -13,7 +13,14 @@ from megatron_prune.data.corpora import (
     split_of,
     write_corpus_jsonl,
 )
-from megatron_prune.data.indexed import IndexedInfo, fixed_length_windows, read_indexed_info, tokenize_jsonl
+from megatron_prune.data.indexed import (
+    IndexedInfo,
+    count_windows,
+    fixed_length_windows,
+    read_indexed_info,
+    read_windows,
+    tokenize_jsonl,
+)
 
 __all__ = [
     "CORPORA",
@@ -21,9 +28,11 @@ __all__ = [
     "CorpusNotInstalled",
     "IndexedInfo",
     "corpus_documents",
+    "count_windows",
     "default_cache_dir",
     "fixed_length_windows",
     "read_indexed_info",
+    "read_windows",
     "split_documents",
     "split_of",
     "tokenize_jsonl",

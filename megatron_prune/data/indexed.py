@@ -206,3 +206,33 @@ def fixed_length_windows(prefix: str | os.PathLike, seq_len: int, max_windows: i
         out[filled:filled + take] = torch.from_numpy(ds.get(i, 0, take).astype(np.int64))
         filled += take
     return out.view(n, width)
+
+
+def count_windows(prefix: str | os.PathLike, seq_len: int) -> int:
+    """How many windows :func:`fixed_length_windows` would return without a limit."""
+    ds = IndexedDataset(str(prefix))  # keep it referenced: sequence_lengths is a view into its mmap
+    return int(ds.sequence_lengths.sum()) // (seq_len + 1)
+
+
+def read_windows(prefix: str | os.PathLike, seq_len: int, indices) -> torch.Tensor:
+    """Rows ``indices`` of :func:`fixed_length_windows`, reading only those tokens (for random calibration
+    samples from a large dataset). Returns int64 ``[len(indices), seq_len + 1]``."""
+    ds = IndexedDataset(str(prefix))
+    width = seq_len + 1
+    lengths = ds.sequence_lengths.astype(np.int64)
+    starts = np.concatenate([[0], np.cumsum(lengths)])  # stream offset of each document
+    total_windows = int(starts[-1]) // width
+    out = torch.empty(len(indices), width, dtype=torch.int64)
+    for row, w in enumerate(indices):
+        if not 0 <= int(w) < total_windows:
+            raise IndexError(f"window {w} out of range: {prefix} has {total_windows} windows of {width} tokens")
+        pos, filled = int(w) * width, 0
+        doc = int(np.searchsorted(starts, pos, side="right")) - 1
+        while filled < width:
+            offset = pos + filled - int(starts[doc])
+            take = min(int(lengths[doc]) - offset, width - filled)
+            if take > 0:
+                out[row, filled:filled + take] = torch.from_numpy(ds.get(doc, offset, take).astype(np.int64))
+                filled += take
+            doc += 1
+    return out
