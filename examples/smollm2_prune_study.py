@@ -169,7 +169,7 @@ def main(argv=None):
     from megatron_prune.importance import ImportanceScores
     from megatron_prune.prune import PruneTarget, apply_plan, make_plan
     from megatron_prune.runtime import init_distributed
-    from megatron_prune.scoring import calibration_windows
+    from megatron_prune.data import calibration_windows
 
     main_scores = ImportanceScores.load(main_file)
     init_distributed(1, 1)

@@ -181,18 +181,18 @@ def _print_json(obj) -> None:
 
 def run(args: argparse.Namespace) -> None:
     if args.command == "convert":
-        from megatron_prune.convert import convert
+        from megatron_prune.pipelines.convert import convert
 
         out = convert(args.src, args.out, to=args.to, tp=args.tp, pp=args.pp, dtype=args.dtype, overwrite=args.overwrite)
         _print_json({"written": str(out)})
     elif args.command == "data":
-        from megatron_prune.prepare import prepare_data
+        from megatron_prune.pipelines.data import prepare_data
 
         _print_json({k: str(v) for k, v in prepare_data(
             corpus=args.corpus, jsonl=args.jsonl, tokenizer=args.tokenizer, out_dir=args.out,
             valid_fraction=args.valid_fraction, max_docs=args.max_docs).items()})
     elif args.command == "eval":
-        from megatron_prune.evaluate import evaluate_checkpoint
+        from megatron_prune.pipelines.eval import evaluate_checkpoint
         from megatron_prune.runtime import is_rank0
 
         result = evaluate_checkpoint(args.ckpt, args.data, seq_len=args.seq_len, micro_batch_size=args.micro_batch_size,
@@ -202,20 +202,20 @@ def run(args: argparse.Namespace) -> None:
                 json.dump(result, f, indent=2)
         _print_json(result)
     elif args.command == "importance":
-        from megatron_prune.scoring import score_checkpoint
+        from megatron_prune.pipelines.importance import score_checkpoint
 
         score_checkpoint(args.ckpt, args.data, args.out, num_samples=args.samples, seq_len=args.seq_len,
                          micro_batch_size=args.micro_batch_size, seq_agg=args.seq_agg, batch_agg=args.batch_agg,
                          lm_loss_blocks=args.lm_loss_drop, lm_loss_samples=args.lm_loss_samples, tp=args.tp,
                          pp=args.pp, seed=args.seed)
     elif args.command == "prune":
-        from megatron_prune.pruning import prune
+        from megatron_prune.pipelines.prune import prune
 
         prune(args.ckpt, args.out, scores=args.scores, target=args.target, plan_file=args.plan,
               plan_out=args.plan_out, tp=args.tp, pp=args.pp, overwrite=args.overwrite)
     elif args.command in ("distill", "train"):
-        from megatron_prune.distill.config import TrainConfig
-        from megatron_prune.distill.trainer import train
+        from megatron_prune.pipelines.distill import distill
+        from megatron_prune.pipelines.train import train
 
         fields = ("teacher", "student", "data", "valid_data", "out", "steps", "tokens", "seq_len", "micro_batch_size",
                   "global_batch_size", "lr", "min_lr", "warmup_steps", "weight_decay", "clip_grad", "seed",
@@ -223,14 +223,9 @@ def run(args: argparse.Namespace) -> None:
                   "ce_weight", "teacher_correction_steps", "teacher_correction_lr", "fp8_teacher", "fp8_student")
         overrides = {f: getattr(args, f) for f in fields if getattr(args, f, None) is not None}
         overrides.update(tp=args.tp if args.tp != 1 else None, pp=args.pp if args.pp != 1 else None)
-        cfg = TrainConfig.from_yaml(args.config, **overrides)
-        if args.command == "train" and cfg.teacher:
-            raise ValueError("`train` trains without a teacher; use `distill` for knowledge distillation")
-        if args.command == "distill" and not cfg.teacher:
-            raise ValueError("`distill` needs --teacher (or teacher: in the YAML)")
-        train(cfg)
+        (distill if args.command == "distill" else train)(args.config, **overrides)
     elif args.command == "demo":
-        from megatron_prune.demo import run_demo
+        from megatron_prune.pipelines.demo import run_demo
 
         run_demo(workdir=args.workdir, tp=args.tp, pp=args.pp, seq_len=args.seq_len, eval_sequences=args.eval_sequences,
                  calib_samples=args.calib_samples, distill_steps=args.distill_steps)

@@ -20,7 +20,7 @@ def tree_digest(path: Path) -> str:
 
 
 def _convert(hf_dir, out, tp):
-    from megatron_prune.convert import hf_to_megatron
+    from megatron_prune.pipelines.convert import hf_to_megatron
 
     hf_to_megatron(hf_dir, out, tp=tp)
 

@@ -43,14 +43,14 @@ def megatron_logits(ckpt, tp, pp, tokens):
 
 def convert_then_logits(hf_dir, out, tp, pp, tokens, other_layouts=()):
     """Convert at tp x pp, then read the checkpoint back at that and other layouts of the same world."""
-    from megatron_prune.convert import hf_to_megatron
+    from megatron_prune.pipelines.convert import hf_to_megatron
 
     hf_to_megatron(hf_dir, out, tp=tp, pp=pp)
     return {layout: megatron_logits(out, *layout, tokens) for layout in [(tp, pp), *other_layouts]}
 
 
 def export(ckpt, out):
-    from megatron_prune.convert import megatron_to_hf
+    from megatron_prune.pipelines.convert import megatron_to_hf
 
     megatron_to_hf(ckpt, out)
     return True

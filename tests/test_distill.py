@@ -17,7 +17,7 @@ from test_prune import random_plan_json
 
 
 def _convert(hf_dir, out):
-    from megatron_prune.convert import hf_to_megatron
+    from megatron_prune.pipelines.convert import hf_to_megatron
 
     hf_to_megatron(hf_dir, out)
 

@@ -21,7 +21,7 @@ def _eval(ckpt, windows, tp, pp):
 
 
 def _convert(hf_dir, out):
-    from megatron_prune.convert import hf_to_megatron
+    from megatron_prune.pipelines.convert import hf_to_megatron
 
     hf_to_megatron(hf_dir, out)
 

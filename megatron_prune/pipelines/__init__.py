@@ -1,0 +1,15 @@
+"""One module per `megatron-prune` verb, each named after it.
+
+The CLI parses arguments and calls exactly one function here; these functions set up the distributed
+layout, call the core (runtime, arch, model, checkpoint, data, importance, prune, distill, ...) and write
+their output atomically. Core modules never import from this package.
+
+    convert     GGUF / Hugging Face / Megatron checkpoints into each other
+    data        offline real-text corpora -> Megatron indexed datasets
+    eval        held-out LM loss of a checkpoint
+    importance  one calibration pass -> a layout-independent score file
+    prune       scores + target (or a plan) -> a pruned sharded checkpoint
+    distill     knowledge distillation of a student from a teacher
+    train       plain LM-loss training (CE baseline, teacher correction)
+    demo        the whole pipeline on SmolLM2-135M, offline
+"""

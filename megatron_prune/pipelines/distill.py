@@ -1,0 +1,17 @@
+"""`megatron-prune distill`: a student learns from a frozen teacher on the same TP/PP groups (KD)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from megatron_prune.distill.config import TrainConfig
+
+
+def distill(config: Optional[str] = None, **overrides) -> None:
+    """Run knowledge distillation from a YAML file of TrainConfig fields plus keyword overrides."""
+    from megatron_prune.distill.trainer import train
+
+    cfg = TrainConfig.from_yaml(config, **overrides)
+    if not cfg.teacher:
+        raise ValueError("`distill` needs --teacher (or teacher: in the YAML); use `train` for LM-loss training")
+    train(cfg)

@@ -1,0 +1,17 @@
+"""`megatron-prune train`: plain next-token training (a CE baseline, or teacher correction before KD)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from megatron_prune.distill.config import TrainConfig
+
+
+def train(config: Optional[str] = None, **overrides) -> None:
+    """Train with the LM loss only, from a YAML file of TrainConfig fields plus keyword overrides."""
+    from megatron_prune.distill.trainer import train as run_trainer
+
+    cfg = TrainConfig.from_yaml(config, **overrides)
+    if cfg.teacher:
+        raise ValueError("`train` trains without a teacher; use `distill` for knowledge distillation")
+    run_trainer(cfg)
