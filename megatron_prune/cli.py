@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--micro-batch-size", type=int, default=4)
     p.add_argument("--seq-agg", default="mean", choices=["mean", "l2", "variance"], help="aggregation over the sequence (default mean)")
     p.add_argument("--batch-agg", default="l2", choices=["mean", "l2", "variance"], help="aggregation over the batch (default l2)")
+    p.add_argument("--head-metric", default="activation", choices=["activation", "channel", "residual"],
+                   help="attention-head score used for pruning heads and query groups (all three are stored; "
+                   "see docs/pruning.md; default activation)")
     p.add_argument("--lm-loss-drop", type=int, nargs="*", default=[], metavar="N",
                    help="also measure the LM-loss increase when each block of N layers is removed (one pass per block)")
     p.add_argument("--lm-loss-samples", type=int, default=64,
@@ -207,7 +210,7 @@ def run(args: argparse.Namespace) -> None:
         score_checkpoint(args.ckpt, args.data, args.out, num_samples=args.samples, seq_len=args.seq_len,
                          micro_batch_size=args.micro_batch_size, seq_agg=args.seq_agg, batch_agg=args.batch_agg,
                          lm_loss_blocks=args.lm_loss_drop, lm_loss_samples=args.lm_loss_samples, tp=args.tp,
-                         pp=args.pp, seed=args.seed)
+                         pp=args.pp, seed=args.seed, head_metric=args.head_metric)
     elif args.command == "prune":
         from megatron_prune.pipelines.prune import prune
 

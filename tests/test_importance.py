@@ -76,6 +76,7 @@ def hf_activations(tiny_llama_dir):
     # X_0..X_{L-1}: inputs of the layers; X_L: the last layer's output, before the final norm
     acts["X"] = list(out.hidden_states[:L]) + [final_in[0]]
     acts["cfg"] = model.config
+    acts["o_proj_w"] = [layer.self_attn.o_proj.weight.detach() for layer in model.model.layers]
     return acts
 
 
@@ -118,6 +119,32 @@ def test_width_scores_match_naive_transformers(reference, hf_activations):
         assert_close(s.query_groups, groups, f"query groups {tag}")
         assert_close(s.embedding_layers, emb_layers, f"embedding per layer {tag}")
         assert_close(s.embedding, emb_layers.sum((0, 1)), f"embedding {tag}")
+
+
+def test_head_metrics_match_naive_transformers(reference, hf_activations):
+    """The other head scores: per-channel aggregation first, and each head's contribution to the residual."""
+    cfg = hf_activations["cfg"]
+    L, H, G, kv = cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    for seq, batch in AGGS:
+        s = reference[(1, 1, seq, batch)]
+        assert s.head_metric == "activation" and torch.equal(s.head_variants["activation"], s.heads)
+        channel = torch.stack([naive_agg(a, seq, batch).reshape(H, kv).norm(dim=-1)
+                               for a in hf_activations["o_proj_in"]])
+        residual = []
+        for a, w in zip(hf_activations["o_proj_in"], hf_activations["o_proj_w"]):
+            a = a.double().reshape(*a.shape[:2], H, kv)
+            w = w.double().reshape(-1, H, kv)  # o_proj: hidden x (heads * kv)
+            contrib = torch.stack([(a[:, :, h] @ w[:, h].T).norm(dim=-1) for h in range(H)], dim=-1)
+            residual.append(naive_agg(contrib, seq, batch))
+        residual = torch.stack(residual)
+        tag = f"seq={seq} batch={batch}"
+        assert_close(s.head_variants["channel"], channel, f"channel head metric {tag}")
+        assert_close(s.head_variants["residual"], residual, f"residual head metric {tag}")
+        r = s.with_head_metric("residual")
+        assert_close(r.heads, residual, f"with_head_metric {tag}")
+        assert_close(r.query_groups, residual.reshape(L, G, H // G).pow(2).sum(-1).sqrt(), f"residual groups {tag}")
+    with pytest.raises(ValueError, match="head metric 'max' is not in these scores"):
+        reference[(1, 1, "mean", "l2")].with_head_metric("max")
 
 
 def test_depth_scores_match_naive_transformers(reference, hf_activations):
@@ -165,6 +192,8 @@ def test_same_scores_at_every_layout(tiny_llama_dir, reference):
                     off = ~torch.eye(len(want), dtype=torch.bool)
                     got, want = got[off], want[off]
                 assert_close(got, want, f"{name} {tag}")
+            for metric, want in ref.head_variants.items():
+                assert_close(s.head_variants[metric], want, f"head metric {metric} {tag}")
 
 
 def test_loss_drop_matches_transformers_with_layers_removed(reference, tiny_llama_dir):
@@ -209,6 +238,8 @@ def test_save_load_roundtrip(reference, tmp_path):
         s.arch, s.seq_agg, s.batch_agg, s.num_samples, s.seq_len, s.extra)
     assert back.mlp.shape == (4, 96) and back.heads.shape == (4, 8) and back.query_groups.shape == (4, 4)
     assert back.embedding.shape == (64,) and back.block_influence.shape == (4,)
+    assert back.head_metric == s.head_metric and back.head_variants.keys() == {"activation", "channel", "residual"}
+    assert all(torch.equal(back.head_variants[m], s.head_variants[m].float()) for m in s.head_variants)
 
 
 @pytest.mark.parametrize("seq,batch", AGGS)

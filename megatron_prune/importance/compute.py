@@ -8,7 +8,7 @@ import torch
 
 from megatron_prune.importance.depth import DepthHooks
 from megatron_prune.importance.scores import ImportanceScores, gather_global, make_scores
-from megatron_prune.importance.width import WidthHooks, check_aggregation
+from megatron_prune.importance.width import HEAD_METRICS, WidthHooks, check_aggregation
 
 
 def _as_sample_tensor(windows_or_batches) -> torch.Tensor:
@@ -40,13 +40,15 @@ def compute_importance(
     batch_agg: str = "l2",
     angular_sizes: Optional[Sequence[int]] = None,
     desc: Optional[str] = "importance",
+    head_metric: str = "activation",
 ) -> ImportanceScores:
     """Score every prunable unit of ``model`` (this rank's GPTModel shard) on the calibration samples.
 
     ``windows_or_batches``: token ids [n, s] (or a list of [b, s] tensors / {"tokens": ...} dicts), the same on
     every rank; data-parallel ranks take every dp-th sample. Returns the global scores on every rank.
     ``angular_sizes``: the block sizes n stored in ``scores.angular`` (default 1..L-1; any n can still be read
-    from ``scores.angle_matrix``).
+    from ``scores.angle_matrix``). ``head_metric``: which of HEAD_METRICS fills ``heads``/``query_groups`` (all
+    are stored in ``head_variants``).
     """
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
@@ -56,6 +58,8 @@ def compute_importance(
 
     check_aggregation(seq_agg, "sequence")
     check_aggregation(batch_agg, "batch")
+    if head_metric not in HEAD_METRICS:
+        raise ValueError(f"unknown head metric {head_metric!r}; choose one of {', '.join(HEAD_METRICS)}")
     if getattr(model.config, "sequence_parallel", False):
         raise NotImplementedError("importance hooks assume sequence_parallel=False (norm outputs replicated over TP)")
     samples = _as_sample_tensor(windows_or_batches)
@@ -96,4 +100,5 @@ def compute_importance(
     parts = gather_global(local, ps.get_tensor_model_parallel_group() if distributed else None,
                           ps.get_pipeline_model_parallel_group() if distributed else None)
     return make_scores(parts, arch, seq_agg, batch_agg, len(samples), seq_len, angular_sizes,
-                       extra={"computed_at": {"tp": tp, "pp": pp, "dp": dp}, "micro_batch_size": micro_batch_size})
+                       extra={"computed_at": {"tp": tp, "pp": pp, "dp": dp}, "micro_batch_size": micro_batch_size},
+                       head_metric=head_metric)

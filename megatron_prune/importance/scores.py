@@ -8,6 +8,7 @@ score file can never run code.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
@@ -43,6 +44,20 @@ class ImportanceScores:
     extra: dict = field(default_factory=dict)  # free-form JSON metadata (e.g. the computing layout)
     base_lm_loss: Optional[float] = None  # set with loss_drop by depth.lm_loss_drop (separate, costlier pass)
     loss_drop: dict = field(default_factory=dict)  # {n: [layers-n+1]} LM-loss increase, block l..l+n-1 removed
+    head_metric: str = "activation"  # which of width.HEAD_METRICS ``heads`` (and ``query_groups``) hold
+    head_variants: dict = field(default_factory=dict)  # {metric: [layers, heads]} every head metric, one pass
+
+    def with_head_metric(self, metric: str) -> "ImportanceScores":
+        """These scores with ``heads`` and ``query_groups`` taken from another head metric (no recomputation)."""
+        from megatron_prune.importance.width import HEAD_METRICS, query_group_scores
+
+        if metric not in self.head_variants:
+            have = ", ".join(self.head_variants) or "none (score file written before head metrics existed)"
+            raise ValueError(f"head metric {metric!r} is not in these scores (choose from {', '.join(HEAD_METRICS)}; "
+                             f"stored: {have}); recompute them with `megatron-prune importance`")
+        heads = self.head_variants[metric]
+        groups = query_group_scores(heads, self.arch["num_query_groups"])
+        return dataclasses.replace(self, heads=heads, query_groups=groups, head_metric=metric)
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write one safetensors file (atomically: temporary file, then rename)."""
@@ -54,7 +69,9 @@ class ImportanceScores:
             tensors[f"angular.{int(n)}"] = t.detach().float().cpu().contiguous()
         for n, t in self.loss_drop.items():
             tensors[f"loss_drop.{int(n)}"] = t.detach().float().cpu().contiguous()
-        meta = {"format_version": FORMAT_VERSION, "arch": self.arch, "seq_agg": self.seq_agg,
+        for name, t in self.head_variants.items():
+            tensors[f"head_metric.{name}"] = t.detach().float().cpu().clone()  # may share memory with heads
+        meta = {"head_metric": self.head_metric, "format_version": FORMAT_VERSION, "arch": self.arch, "seq_agg": self.seq_agg,
                 "batch_agg": self.batch_agg, "num_samples": self.num_samples, "seq_len": self.seq_len,
                 "base_lm_loss": self.base_lm_loss, "extra": self.extra}
         tmp = path.with_name(f".{path.name}.tmp")
@@ -82,7 +99,9 @@ class ImportanceScores:
         return cls(arch=meta["arch"], seq_agg=meta["seq_agg"], batch_agg=meta["batch_agg"],
                    num_samples=meta["num_samples"], seq_len=meta["seq_len"], angular=by_size("angular."),
                    extra=meta.get("extra", {}), base_lm_loss=meta.get("base_lm_loss"),
-                   loss_drop=by_size("loss_drop."), **{k: tensors[k] for k in _TENSOR_FIELDS})
+                   loss_drop=by_size("loss_drop."), head_metric=meta.get("head_metric", "activation"),
+                   head_variants={k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith("head_metric.")},
+                   **{k: tensors[k] for k in _TENSOR_FIELDS})
 
     def angular_distance(self, n: int) -> torch.Tensor:
         """d(l, n) for l = 0..layers-n (any n, not only those stored in ``angular``)."""
@@ -109,23 +128,26 @@ def gather_global(local: dict, tp_group=None, pp_group=None) -> dict:
     over the PP group concatenates layers in order (global layer = offset + local index).
     """
     out = dict(local)
-    for k in ("mlp", "heads"):
+    for k in ("mlp", "heads", "head_channel", "head_residual"):
         out[k] = all_gather_cat(out[k], tp_group, dim=1)
-    for k in ("mlp", "heads", "embedding_layers", "block_influence"):
+    for k in ("mlp", "heads", "head_channel", "head_residual", "embedding_layers", "block_influence"):
         out[k] = all_gather_cat(out[k], pp_group, dim=0)
     return out
 
 
 def make_scores(global_parts: dict, arch, seq_agg: str, batch_agg: str, num_samples: int, seq_len: int,
-                angular_sizes: Optional[list] = None, extra: Optional[dict] = None) -> ImportanceScores:
+                angular_sizes: Optional[list] = None, extra: Optional[dict] = None,
+                head_metric: str = "activation") -> ImportanceScores:
     from megatron_prune.importance.depth import angular_distances
     from megatron_prune.importance.width import query_group_scores
 
     g = {k: v.detach().float().cpu() for k, v in global_parts.items()}
     sizes = range(1, arch.num_layers) if angular_sizes is None else angular_sizes
-    return ImportanceScores(
+    variants = {"activation": g["heads"], "channel": g["head_channel"], "residual": g["head_residual"]}
+    scores = ImportanceScores(
         arch=arch.to_dict() if hasattr(arch, "to_dict") else dict(arch), seq_agg=seq_agg, batch_agg=batch_agg,
         num_samples=int(num_samples), seq_len=int(seq_len), mlp=g["mlp"], heads=g["heads"],
         query_groups=query_group_scores(g["heads"], arch.num_query_groups), embedding=g["embedding_layers"].sum((0, 1)),
         embedding_layers=g["embedding_layers"], block_influence=g["block_influence"], angle_matrix=g["angle_matrix"],
-        angular=angular_distances(g["angle_matrix"], sizes), extra=dict(extra or {}))
+        angular=angular_distances(g["angle_matrix"], sizes), extra=dict(extra or {}), head_variants=variants)
+    return scores.with_head_metric(head_metric)

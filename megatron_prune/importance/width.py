@@ -11,6 +11,13 @@ from __future__ import annotations
 import torch
 
 AGGREGATIONS = ("mean", "l2", "variance")
+# How an attention head is scored (all three come from the same hook, so one pass stores every variant):
+#   activation: L2 of the head's output (input of linear_proj) over its kv_channels per token, then the sequence
+#               and batch aggregation (Minitron's definition);
+#   channel:    each of the head's kv_channels aggregated over sequence and batch first, then L2 over them;
+#   residual:   L2 of what the head adds to the residual stream (its slice of linear_proj applied to its output)
+#               per token, then the aggregations: unlike the others it sees the output projection's weights.
+HEAD_METRICS = ("activation", "channel", "residual")
 
 
 def check_aggregation(name: str, axis: str) -> str:
@@ -91,7 +98,8 @@ class WidthHooks:
     """Accumulators and hooks for the width axes of this rank's layers (its TP shard, its PP stage).
 
     mlp [Lp, ffn/tp] (input of linear_fc2), heads [Lp, heads/tp] (input of linear_proj, L2 per head over
-    kv_channels), embedding [Lp, 2, hidden] (outputs of input_layernorm and pre_mlp_layernorm; full hidden,
+    kv_channels), head_channels [Lp, heads/tp * kv_channels] and head_residual [Lp, heads/tp] (the other
+    HEAD_METRICS), embedding [Lp, 2, hidden] (outputs of input_layernorm and pre_mlp_layernorm; full hidden,
     identical on every TP rank, so it is never summed over TP).
     """
 
@@ -105,6 +113,8 @@ class WidthHooks:
         n = len(self.layers)
         self.mlp = BatchAccumulator((n, arch.ffn_hidden_size // tp), device)
         self.heads = BatchAccumulator((n, self.heads_local), device)
+        self.head_channels = BatchAccumulator((n, self.heads_local * arch.kv_channels), device)
+        self.head_residual = BatchAccumulator((n, self.heads_local), device)
         self.embedding = BatchAccumulator((n, 2, arch.hidden_size), device)
         self.handles: list = []
 
@@ -126,10 +136,11 @@ class WidthHooks:
 
     def _head_hook(self, i):
         def hook(module, args, kwargs):
-            x = _first_input(args, kwargs, "input_")
-            per_head = torch.linalg.vector_norm(
-                x.float().reshape(*x.shape[:2], self.heads_local, self.arch.kv_channels), dim=-1)
-            self.heads.add(i, reduce_seq(per_head, self.seq_agg))
+            x = _first_input(args, kwargs, "input_").float()
+            per_channel = x.reshape(*x.shape[:2], self.heads_local, self.arch.kv_channels)
+            self.heads.add(i, reduce_seq(torch.linalg.vector_norm(per_channel, dim=-1), self.seq_agg))
+            self.head_channels.add(i, reduce_seq(x, self.seq_agg))
+            self.head_residual.add(i, reduce_seq(head_residual_norms(per_channel, module.weight), self.seq_agg))
 
         return hook
 
@@ -142,14 +153,31 @@ class WidthHooks:
         return hook
 
     def all_reduce(self, group) -> None:
-        for acc in (self.mlp, self.heads, self.embedding):
+        for acc in (self.mlp, self.heads, self.head_channels, self.head_residual, self.embedding):
             acc.all_reduce(group)
 
     def finalize(self, batch_agg: str) -> dict:
-        """Local scores: mlp [Lp, ffn/tp], heads [Lp, heads/tp], embedding_layers [Lp, 2, hidden]."""
+        """Local scores: mlp [Lp, ffn/tp], heads / head_channel / head_residual [Lp, heads/tp],
+        embedding_layers [Lp, 2, hidden]."""
         check_aggregation(batch_agg, "batch")
+        channels = self.head_channels.finalize(batch_agg)
         return {"mlp": self.mlp.finalize(batch_agg), "heads": self.heads.finalize(batch_agg),
+                "head_channel": torch.linalg.vector_norm(
+                    channels.reshape(len(self.layers), self.heads_local, self.arch.kv_channels), dim=-1),
+                "head_residual": self.head_residual.finalize(batch_agg),
                 "embedding_layers": self.embedding.finalize(batch_agg)}
+
+
+def head_residual_norms(per_channel: torch.Tensor, proj_weight: torch.Tensor) -> torch.Tensor:
+    """[s, b, heads, kv] head outputs and linear_proj's weight [hidden, heads * kv] (this rank's input shard)
+    -> [s, b, heads]: the L2 norm of each head's contribution W_h x_h to the residual stream.
+
+    One head at a time, so the memory is one [s, b, hidden] product rather than one per head.
+    """
+    heads, kv = per_channel.shape[-2:]
+    w = proj_weight.float().reshape(proj_weight.shape[0], heads, kv)
+    return torch.stack([torch.linalg.vector_norm(per_channel[..., h, :] @ w[:, h, :].T, dim=-1)
+                        for h in range(heads)], dim=-1)
 
 
 def query_group_scores(heads: torch.Tensor, num_query_groups: int) -> torch.Tensor:

@@ -12,7 +12,7 @@ if TYPE_CHECKING:
 def score_checkpoint(ckpt: str | Path, data_prefix: str | Path, out: str | Path, num_samples: int = 1024,
                      seq_len: int = 512, micro_batch_size: int = 4, seq_agg: str = "mean", batch_agg: str = "l2",
                      lm_loss_blocks: Sequence[int] = (), lm_loss_samples: int = 64, tp: int = 1, pp: int = 1,
-                     seed: int = 0) -> "ImportanceScores":
+                     seed: int = 0, head_metric: str = "activation") -> "ImportanceScores":
     """Load ``ckpt`` at ``tp`` x ``pp``, score every prunable unit, and save the scores (rank 0) to ``out``."""
     from megatron_prune.checkpoint import load_model
     from megatron_prune.data import calibration_windows
@@ -24,7 +24,8 @@ def score_checkpoint(ckpt: str | Path, data_prefix: str | Path, out: str | Path,
     windows = calibration_windows(data_prefix, num_samples, seq_len, seed)
     log0(f"importance of {ckpt} ({meta.arch.describe()}) on {num_samples} x {seq_len} tokens, "
          f"aggregation seq={seq_agg} batch={batch_agg}, TP={tp} PP={pp}")
-    scores = compute_importance(model, meta.arch, windows[:, :-1], micro_batch_size, seq_agg, batch_agg)
+    scores = compute_importance(model, meta.arch, windows[:, :-1], micro_batch_size, seq_agg, batch_agg,
+                                head_metric=head_metric)
     if lm_loss_blocks:
         n = min(lm_loss_samples, len(windows))
         log0(f"LM-loss drop for blocks of {list(lm_loss_blocks)} layers on {n} samples")
