@@ -11,6 +11,7 @@ import json
 import os
 import sys
 import warnings
+from pathlib import Path
 
 EXAMPLES = """\
 examples:
@@ -158,6 +159,41 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--fp8-student", action="store_true", default=None, help="student training in FP8 (TE)")
         _add_layout(p)
 
+    p = sub.add_parser("search", help="every shape within a parameter/memory budget, ranked zero-shot, then after distillation",
+                       description="Architecture search (Minitron): enumerate the shapes of a search space within the "
+                       "budget (exact analytic counts), prune each in memory from ONE score file and rank them by "
+                       "held-out LM loss, distill the top K for the same steps, re-rank, and write report.md/csv/png "
+                       "into --out. Resumable; --stage distill --candidate I runs one candidate (a job-array task).")
+    p.add_argument("ckpt", help="the source (teacher) checkpoint")
+    p.add_argument("--scores", required=True, help="score file of the source from `megatron-prune importance`")
+    p.add_argument("--out", required=True, help="search directory (results, candidates, report)")
+    p.add_argument("--valid-data", required=True, help="held-out indexed dataset prefix for ranking")
+    p.add_argument("--data", nargs="+", help="distillation data (prefixes or a WEIGHT PREFIX blend)")
+    p.add_argument("--params", help="total parameters, e.g. 90M or 4.5B")
+    p.add_argument("--non-embedding-params", help="parameters outside embedding/output layers, e.g. 60M")
+    p.add_argument("--memory-gib", type=float, help="weights + KV cache in GiB at --memory-seq-len/--memory-batch")
+    p.add_argument("--memory-seq-len", type=int, default=4096, help="default 4096")
+    p.add_argument("--memory-batch", type=int, default=1, help="default 1")
+    p.add_argument("--memory-dtype", default="bf16", choices=["bf16", "fp16", "fp32", "fp8"], help="default bf16")
+    p.add_argument("--tolerance", type=float, default=0.05, help="relative tolerance of every constraint (default 0.05)")
+    p.add_argument("--layers", help="search-space values, comma-separated (default: the source's)")
+    p.add_argument("--hidden", help="default: multiples of 64 down to half the source")
+    p.add_argument("--ffn", help="default: multiples of 256 (64 below 2048) down to half the source")
+    p.add_argument("--heads", help="default: multiples of the query groups down to half the source")
+    p.add_argument("--query-groups", help="default: the source's")
+    p.add_argument("--depth-metric", default="angular", help="how layers are chosen when depth shrinks (default angular)")
+    p.add_argument("--top-k", type=int, default=3, help="candidates distilled (default 3)")
+    p.add_argument("--distill-steps", type=int, default=400, help="steps per candidate (default 400, as in Minitron)")
+    p.add_argument("--seq-len", type=int, default=512, help="distillation and evaluation sequence length (default 512)")
+    p.add_argument("--micro-batch-size", type=int, default=1, help="default 1")
+    p.add_argument("--global-batch-size", type=int, default=8, help="default 8")
+    p.add_argument("--lr", type=float, default=1e-4, help="default 1e-4")
+    p.add_argument("--eval-windows", type=int, default=64, help="held-out windows per evaluation (default 64)")
+    p.add_argument("--stage", default="all", choices=["all", "zero-shot", "distill", "report"], help="default all")
+    p.add_argument("--candidate", type=int, help="with --stage distill: only the candidate of this zero-shot rank (0 = best)")
+    p.add_argument("--max-candidates", type=int, default=64, help="refuse a budget that admits more (default 64)")
+    _add_layout(p)
+
     p = sub.add_parser("plan", help="memory per GPU of a distillation/training layout; refuses one that does not fit",
                        description="Estimate the memory per rank (weights, gradients, optimizer, activations, logits, "
                        "teacher) of a distillation (with --teacher) or training job from the shapes alone, list the "
@@ -250,6 +286,31 @@ def run(args: argparse.Namespace) -> None:
         overrides = {f: getattr(args, f) for f in fields if getattr(args, f, None) is not None}
         overrides.update(tp=args.tp if args.tp != 1 else None, pp=args.pp if args.pp != 1 else None)
         (distill if args.command == "distill" else train)(args.config, **overrides)
+    elif args.command == "search":
+        from megatron_prune.pipelines.search import DistillSettings, search
+        from megatron_prune.search import Budget, SearchSpace, parse_count, parse_values
+
+        budget = Budget(params=parse_count(args.params) if args.params else None,
+                        non_embedding_params=parse_count(args.non_embedding_params) if args.non_embedding_params else None,
+                        memory_bytes=args.memory_gib * 1024 ** 3 if args.memory_gib else None, tolerance=args.tolerance,
+                        memory_seq_len=args.memory_seq_len, memory_batch=args.memory_batch, memory_dtype=args.memory_dtype)
+        axes = {k: getattr(args, k) for k in ("layers", "hidden", "ffn", "heads", "query_groups")}
+        space = None
+        if any(axes.values()):
+            from megatron_prune.checkpoint import read_meta
+            from megatron_prune.search import default_space
+
+            base = default_space(read_meta(args.ckpt).arch, args.tp, args.pp)
+            space = SearchSpace(**{k: parse_values(v, k.replace("_", "-")) if v else getattr(base, k)
+                                   for k, v in axes.items()})
+        distill = DistillSettings(data=args.data, steps=args.distill_steps, seq_len=args.seq_len,
+                                  micro_batch_size=args.micro_batch_size, global_batch_size=args.global_batch_size,
+                                  lr=args.lr, min_lr=args.lr / 10) if args.data else None
+        result = search(args.ckpt, args.scores, args.out, budget, args.valid_data, distill, space=space,
+                        top_k=args.top_k, depth_metric=args.depth_metric, tp=args.tp, pp=args.pp,
+                        eval_seq_len=args.seq_len, eval_windows=args.eval_windows, stage=args.stage,
+                        candidate=args.candidate, max_candidates=args.max_candidates)
+        _print_json({"winner": result["winner"], "report": str(Path(args.out) / "report.md")})
     elif args.command == "plan":
         from megatron_prune.pipelines.plan import plan
 

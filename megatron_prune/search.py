@@ -1,0 +1,157 @@
+"""Architecture search under a budget (Minitron §2.3): every shape within the constraints, counted exactly.
+
+Candidates are enumerated from a search space (values per axis) and kept when every constraint holds within
+its tolerance: total parameters, non-embedding parameters, and inference memory (weights + KV cache at a
+given sequence length, batch and dtype). Counts are analytic (ModelArch.param_count), so enumerating
+thousands of shapes costs nothing; only the survivors are pruned and evaluated.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+from megatron_prune.arch import ArchError, ModelArch
+
+DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4, "fp8": 1}
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Constraints; each None is unconstrained. A candidate passes a constraint when its value is within
+    ``tolerance`` (relative) of the target: |value / target - 1| <= tolerance (the paper: +-5%)."""
+
+    params: Optional[float] = None
+    non_embedding_params: Optional[float] = None
+    memory_bytes: Optional[float] = None
+    tolerance: float = 0.05
+    memory_seq_len: int = 4096
+    memory_batch: int = 1
+    memory_dtype: str = "bf16"
+
+    def __post_init__(self):
+        if self.params is None and self.non_embedding_params is None and self.memory_bytes is None:
+            raise ArchError("give at least one constraint: --params, --non-embedding-params or --memory-gib")
+        if not 0 < self.tolerance < 1:
+            raise ArchError(f"tolerance must be in (0, 1), got {self.tolerance}")
+        if self.memory_dtype not in DTYPE_BYTES:
+            raise ArchError(f"memory dtype must be one of {', '.join(DTYPE_BYTES)}, got {self.memory_dtype!r}")
+
+    def measures(self, arch: ModelArch) -> dict:
+        return {"params": arch.param_count(), "non_embedding_params": non_embedding_params(arch),
+                "memory_bytes": inference_memory(arch, self.memory_seq_len, self.memory_batch, self.memory_dtype)}
+
+    def accepts(self, arch: ModelArch) -> bool:
+        values = self.measures(arch)
+        for key in ("params", "non_embedding_params", "memory_bytes"):
+            target = getattr(self, key)
+            if target is not None and abs(values[key] / target - 1) > self.tolerance:
+                return False
+        return True
+
+
+def non_embedding_params(arch: ModelArch) -> int:
+    """Parameters outside the embedding and output layers (what the transformer layers and final norm hold)."""
+    embed = arch.vocab_size * arch.hidden_size * (1 if arch.tie_embeddings else 2)
+    return arch.param_count() - embed
+
+
+def kv_cache_bytes(arch: ModelArch, seq_len: int, batch: int, dtype: str = "bf16") -> int:
+    """Keys and values of every layer: 2 x layers x query groups x kv_channels x tokens x bytes."""
+    return 2 * arch.num_layers * arch.num_query_groups * arch.kv_channels * seq_len * batch * DTYPE_BYTES[dtype]
+
+
+def inference_memory(arch: ModelArch, seq_len: int, batch: int, dtype: str = "bf16") -> int:
+    return arch.param_count() * DTYPE_BYTES[dtype] + kv_cache_bytes(arch, seq_len, batch, dtype)
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """Values per axis. Empty: the source's value only."""
+
+    layers: Sequence[int] = field(default_factory=tuple)
+    hidden: Sequence[int] = field(default_factory=tuple)
+    ffn: Sequence[int] = field(default_factory=tuple)
+    heads: Sequence[int] = field(default_factory=tuple)
+    query_groups: Sequence[int] = field(default_factory=tuple)
+
+
+def _multiples(top: int, step: int, lowest: int) -> list[int]:
+    vals = list(range(step, top + 1, step))
+    return [v for v in vals if v >= lowest] + ([top] if top % step else [])
+
+
+def default_space(source: ModelArch, tp: int = 1, pp: int = 1, min_fraction: float = 0.5) -> SearchSpace:
+    """Width axes in hardware-friendly steps (hidden: multiples of 64, FFN: of 256 (64 below 2048), heads: of
+    the group count) down to ``min_fraction`` of the source, query groups kept, layers kept (depth is a
+    separate decision in Minitron: pass layers explicitly to search it too)."""
+    h, f = source.hidden_size, source.ffn_hidden_size
+    ffn_step = 256 if f >= 2048 else 64
+    groups = source.num_query_groups
+    heads = [k * groups for k in range(1, source.heads_per_group + 1) if k * groups >= min_fraction * source.num_attention_heads]
+    return SearchSpace(layers=[source.num_layers], hidden=_multiples(h, 64, int(min_fraction * h)),
+                       ffn=_multiples(f, ffn_step, int(min_fraction * f)), heads=heads or [source.num_attention_heads],
+                       query_groups=[groups])
+
+
+def candidates(source: ModelArch, space: SearchSpace, budget: Budget, tp: int = 1, pp: int = 1) -> list[ModelArch]:
+    """Every shape of ``space`` reachable by pruning ``source`` that fits ``budget`` and shards at tp x pp,
+    sorted by parameter count (largest first)."""
+    axes = [space.layers or [source.num_layers], space.hidden or [source.hidden_size],
+            space.ffn or [source.ffn_hidden_size], space.heads or [source.num_attention_heads],
+            space.query_groups or [source.num_query_groups]]
+    out = []
+    for layers, hidden, ffn, heads, groups in itertools.product(*(sorted(set(a)) for a in axes)):
+        if (layers > source.num_layers or hidden > source.hidden_size or ffn > source.ffn_hidden_size
+                or heads > source.num_attention_heads or groups > source.num_query_groups):
+            continue
+        if heads % groups or heads // groups > source.heads_per_group:
+            continue
+        try:
+            arch = source.replace(num_layers=layers, hidden_size=hidden, ffn_hidden_size=ffn,
+                                  num_attention_heads=heads, num_query_groups=groups)
+            arch.check_parallel(tp, pp)
+        except ArchError:
+            continue
+        if budget.accepts(arch):
+            out.append(arch)
+    return sorted(out, key=lambda a: (-a.param_count(), a.num_layers, a.hidden_size, a.ffn_hidden_size))
+
+
+def target_spec(source: ModelArch, arch: ModelArch, depth_metric: str = "angular") -> str:
+    """The `prune --target` string that turns ``source`` into ``arch``."""
+    parts = []
+    for key, attr in (("layers", "num_layers"), ("hidden", "hidden_size"), ("ffn", "ffn_hidden_size"),
+                      ("heads", "num_attention_heads"), ("query_groups", "num_query_groups")):
+        if getattr(arch, attr) != getattr(source, attr):
+            parts.append(f"{key}={getattr(arch, attr)}")
+    if arch.num_layers != source.num_layers:
+        parts.append(f"depth_metric={depth_metric}")
+    return ",".join(parts)
+
+
+def candidate_name(arch: ModelArch) -> str:
+    return (f"L{arch.num_layers}-h{arch.hidden_size}-f{arch.ffn_hidden_size}-a{arch.num_attention_heads}"
+            f"-g{arch.num_query_groups}")
+
+
+def parse_count(text: str) -> float:
+    """``90M``, ``4.5B``, ``8.27e9`` or ``1200000`` -> a number."""
+    units = {"K": 1e3, "M": 1e6, "B": 1e9, "G": 1e9, "T": 1e12}
+    t = str(text).strip().upper()
+    try:
+        return float(t[:-1]) * units[t[-1]] if t and t[-1] in units else float(t)
+    except ValueError:
+        raise ArchError(f"cannot read {text!r} as a count; write e.g. 90M, 4.5B or 8270000000") from None
+
+
+def parse_values(text: str, what: str) -> list[int]:
+    """``"448,512,576"`` -> [448, 512, 576] (a search-space axis)."""
+    try:
+        values = [int(v) for v in str(text).replace(" ", "").split(",") if v]
+    except ValueError:
+        raise ArchError(f"--{what} takes comma-separated integers, got {text!r}") from None
+    if not values or min(values) <= 0:
+        raise ArchError(f"--{what} needs positive integers, got {text!r}")
+    return values
