@@ -194,6 +194,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-candidates", type=int, default=64, help="refuse a budget that admits more (default 64)")
     _add_layout(p)
 
+    p = sub.add_parser("run", help="build a model family from a YAML recipe of stages (resumable)",
+                       description="Run the named stages of a recipe (convert, data, importance, prune, search, "
+                       "distill, train, eval; each with its own TP/PP) in order. A stage whose output is already "
+                       "complete is skipped, so an interrupted build resumes where it stopped; an eval stage writes "
+                       "the family report. See examples/smollm2_family.yaml.")
+    p.add_argument("recipe", help="YAML recipe")
+    p.add_argument("--workdir", help="override the recipe's workdir")
+    p.add_argument("--dry-run", action="store_true", help="print the stages and what would run, run nothing")
+    p.add_argument("--stages", help="comma-separated stage names to run (default: all; e.g. one per Slurm job)")
+
     p = sub.add_parser("plan", help="memory per GPU of a distillation/training layout; refuses one that does not fit",
                        description="Estimate the memory per rank (weights, gradients, optimizer, activations, logits, "
                        "teacher) of a distillation (with --teacher) or training job from the shapes alone, list the "
@@ -311,6 +321,11 @@ def run(args: argparse.Namespace) -> None:
                         eval_seq_len=args.seq_len, eval_windows=args.eval_windows, stage=args.stage,
                         candidate=args.candidate, max_candidates=args.max_candidates)
         _print_json({"winner": result["winner"], "report": str(Path(args.out) / "report.md")})
+    elif args.command == "run":
+        from megatron_prune.pipelines.run import run as run_recipe
+
+        run_recipe(args.recipe, workdir=args.workdir, dry_run=args.dry_run,
+                   only=[s for s in args.stages.split(",") if s] if args.stages else None)
     elif args.command == "plan":
         from megatron_prune.pipelines.plan import plan
 

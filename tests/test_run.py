@@ -1,0 +1,107 @@
+"""`megatron-prune run`: a family build from a recipe, killed mid-stage and resumed without redoing stages."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+
+@pytest.fixture(scope="module")
+def recipe_setup(tiny_llama_dir, tmp_path_factory):
+    """A recipe over the tiny Llama (HF directory) and random-token data: teacher -> mid -> small."""
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    root = tmp_path_factory.mktemp("recipe")
+    rng = np.random.default_rng(0)
+    for split, docs in (("train", 40), ("valid", 12)):
+        builder = IndexedDatasetBuilder(str(root / f"{split}.bin"), dtype=np.int32)
+        for _ in range(docs):
+            builder.add_document(torch.from_numpy(rng.integers(0, 1000, size=40, dtype=np.int32)), [40])
+        builder.finalize(str(root / f"{split}.idx"))
+    train = dict(steps=4, seq_len=16, micro_batch_size=2, global_batch_size=4, lr=1.0e-3, save_every=2, log_every=1)
+    stages = {
+        "teacher": {"verb": "convert", "src": str(tiny_llama_dir)},
+        "scores": {"verb": "importance", "ckpt": "teacher", "data": str(root / "train"), "out": "teacher.scores",
+                   "samples": 8, "seq_len": 16, "micro_batch_size": 4},
+        "mid-pruned": {"verb": "prune", "ckpt": "teacher", "scores": "scores", "target": "hidden=56,ffn=80"},
+        "mid": {"verb": "distill", "teacher": "teacher", "student": "mid-pruned", "data": [str(root / "train")], **train},
+        "mid-scores": {"verb": "importance", "ckpt": "mid", "data": str(root / "train"), "out": "mid.scores",
+                       "samples": 8, "seq_len": 16, "micro_batch_size": 4},
+        "small-pruned": {"verb": "prune", "ckpt": "mid", "scores": "mid-scores", "target": "hidden=48,ffn=64,layers=3,depth_metric=angular"},
+        "small": {"verb": "distill", "teacher": "teacher", "student": "small-pruned", "data": [str(root / "train")], **train},
+        "eval": {"verb": "eval", "models": ["teacher", "mid", "small"], "data": str(root / "valid"), "seq_len": 16,
+                 "micro_batch_size": 4, "max_sequences": 8},
+    }
+    import yaml
+
+    (root / "family.yaml").write_text(yaml.safe_dump({"workdir": str(root / "unused"), "stages": stages}, sort_keys=False))
+    return root
+
+
+def _run(recipe, workdir, *extra):
+    return [sys.executable, "-u", "-m", "megatron_prune.cli", "run", str(recipe), "--workdir", str(workdir), *extra]
+
+
+def _log(workdir):
+    return [json.loads(line) for line in (workdir / "run_log.jsonl").read_text().splitlines()]
+
+
+def test_family_build_resumes_after_a_kill(recipe_setup, tmp_path):
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    recipe = recipe_setup / "family.yaml"
+    full = subprocess.run(_run(recipe, tmp_path / "full"), capture_output=True, text=True, env=env)
+    assert full.returncode == 0, full.stderr[-3000:]
+    want = json.loads((tmp_path / "full" / "eval.json").read_text())["rows"]
+    assert [r["model"] for r in want] == ["teacher", "mid", "small"]
+    assert want[0]["params"] > want[1]["params"] > want[2]["params"] and want[2]["train_tokens"] == 2 * 4 * 4 * 16
+    assert (tmp_path / "full" / "report.md").is_file() and (tmp_path / "full" / "report.png").is_file()
+
+    dry = subprocess.run(_run(recipe, tmp_path / "full", "--dry-run"), capture_output=True, text=True, env=env)
+    assert dry.returncode == 0 and dry.stdout.count("(complete, skipping)") == 8, dry.stdout
+
+    # kill -9 while the second distillation runs (everything before it is complete), then re-run
+    work = tmp_path / "killed"
+    proc = subprocess.Popen(_run(recipe, work), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.time() + 900
+    while time.time() < deadline and proc.poll() is None:
+        if (work / "small-run").is_dir() and any((work / "small-run").glob("step_*")):
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.2)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the build finished before it could be killed"
+    done_before = [e["stage"] for e in _log(work) if e["event"] == "done"]
+    assert done_before == ["teacher", "scores", "mid-pruned", "mid", "mid-scores", "small-pruned"]
+    again = subprocess.run(_run(recipe, work), capture_output=True, text=True, env=env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    second = _log(work)[2 * len(done_before) + 1:]  # the first run: a start and a done per stage, then a start
+    assert [e["stage"] for e in second if e["event"] == "skipped"] == done_before
+    assert [e["stage"] for e in second if e["event"] == "done"] == ["small", "eval"]
+    got = json.loads((work / "eval.json").read_text())["rows"]
+    for g, w in zip(got, want):
+        assert g["model"] == w["model"] and abs(g["lm_loss"] - w["lm_loss"]) <= 1e-6 * w["lm_loss"], (g, w)
+
+
+def test_recipe_errors(tmp_path):
+    from megatron_prune.recipe import RecipeError, load_recipe
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("stages:\n  a: {verb: prune, ckpt: b, scores: s, target: 'ffn=8'}\n  b: {verb: convert, src: x}\n")
+    with pytest.raises(RecipeError, match="stage 'a' uses 'b', which runs later"):
+        load_recipe(bad)
+    bad.write_text("stages:\n  a: {verb: quantize}\n")
+    with pytest.raises(RecipeError, match="stage 'a' needs `verb:` one of"):
+        load_recipe(bad)
+    bad.write_text("stagez: {}\n")
+    with pytest.raises(RecipeError, match="a recipe is a mapping with `stages:`"):
+        load_recipe(bad)
+    with pytest.raises(FileNotFoundError, match="recipe .* not found"):
+        load_recipe(tmp_path / "missing.yaml")
