@@ -162,8 +162,10 @@ class Trainer:
     def _load_training_state(self, ckpt: Path) -> None:
         from megatron.core import dist_checkpointing
 
+        from megatron_prune.checkpoint.writer import read_sharded
+
         state = {"optimizer": self.optimizer.sharded_state_dict(self.student.sharded_state_dict(), is_loading=True)}
-        loaded = dist_checkpointing.load(state, str(ckpt))
+        loaded = read_sharded(state, ckpt)
         self.optimizer.load_state_dict(loaded["optimizer"])
         common = dist_checkpointing.load_common_state_dict(str(ckpt))
         trainer = common["trainer"]
