@@ -33,6 +33,7 @@ from torch.distributed.checkpoint import save as dcp_save
 from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_prune.runtime.distributed import any_rank
+from megatron_prune.runtime.stop import StopRequested
 
 
 class _PeerFailed(RuntimeError):
@@ -124,6 +125,8 @@ def write_sharded(state: dict, directory: Path) -> None:
     message: Optional[str] = None
     try:
         dist_checkpointing.save(state, str(directory), sharded_strategy=strategy)
+    except StopRequested:  # a signal during an immediate-stop pass is not a storage fault
+        raise
     except (Exception, CheckpointException) as e:  # CheckpointException is a BaseException
         message = None if isinstance(e, _PeerFailed) else explain_write_error(e, directory)
         _release_peers(strategy)
@@ -166,6 +169,8 @@ def read_sharded(state: dict, directory: Path) -> dict:
 
     try:
         return dist_checkpointing.load(state, str(directory))
+    except StopRequested:
+        raise
     except (Exception, CheckpointException) as e:  # megatron and torch raise many types for damaged files
         problems = _shard_problems(Path(directory))
         if problems:

@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
+from megatron_prune.runtime.stop import stop_on_signals
+
 if TYPE_CHECKING:
     from megatron_prune.importance import ImportanceScores
-
-from megatron_prune.runtime.stop import stop_on_signals
 
 
 @stop_on_signals(immediate=True)  # one pass with nothing to resume: a stop signal ends it, nothing is written
