@@ -349,10 +349,15 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from megatron_prune.arch import ArchError
     from megatron_prune.checkpoint import CheckpointError
-    from megatron_prune.runtime import destroy
+    from megatron_prune.runtime import destroy, is_rank0
+    from megatron_prune.runtime.stop import EXIT_STOPPED, StopRequested
 
     try:
         run(args)
+    except StopRequested as e:  # SIGTERM/SIGINT/SIGUSR1: saved (or nothing written), see docs/distillation.md
+        if is_rank0():
+            print(f"megatron-prune {args.command}: {e}", file=sys.stderr, flush=True)
+        return EXIT_STOPPED
     except (ArchError, CheckpointError, FileNotFoundError, FileExistsError, ValueError) as e:
         if args.debug:
             raise

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -131,11 +132,30 @@ def test_teacher_correction_trains_the_teacher_first(setup, tmp_path):
     assert all(torch.equal(before[k], again[k]) for k in before)  # and the original is untouched
 
 
-def _cli_distill(setup, out, steps):
+def _cli_distill(setup, out, steps, save_every=2):
     return [sys.executable, "-u", "-m", "megatron_prune.cli", "distill", "--teacher", str(setup / "teacher"),
             "--student", str(setup / "student"), "--data", str(setup / "data"), "--out", str(out),
             "--steps", str(steps), "--seq-len", "16", "--micro-batch-size", "2", "--global-batch-size", "4",
-            "--lr", "1e-3", "--warmup-steps", "2", "--save-every", "2", "--keep-last", "2"]
+            "--lr", "1e-3", "--warmup-steps", "2", "--keep-last", "2"] + (
+            ["--save-every", str(save_every)] if save_every is not None else [])
+
+
+ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def full_run(setup, tmp_path_factory):
+    """An uninterrupted 6-step run launched as the README does, without --save-every."""
+    out = tmp_path_factory.mktemp("full") / "run"
+    full = subprocess.run(_cli_distill(setup, out, 6, save_every=None), capture_output=True, text=True, env=ENV)
+    assert full.returncode == 0, full.stderr[-3000:]
+    return out, full.stdout
+
+
+def test_the_final_model_is_always_saved(full_run):
+    out, stdout = full_run
+    assert sorted(p.name for p in out.glob("step_*")) == ["step_0000006"]  # default interval 500: only the last
+    assert f"final model (step 6): {out / 'step_0000006'}" in stdout
 
 
 def _losses(out):
@@ -145,13 +165,10 @@ def _losses(out):
     return [(r["step"], r["loss"]) for r in history if "loss" in r]
 
 
-def test_resume_after_a_kill_reproduces_the_uninterrupted_run(setup, tmp_path):
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
-    full = subprocess.run(_cli_distill(setup, tmp_path / "full", 6), capture_output=True, text=True, env=env)
-    assert full.returncode == 0, full.stderr[-3000:]
-
+def test_resume_after_a_kill_reproduces_the_uninterrupted_run(setup, full_run, tmp_path):
+    env = ENV
     proc = subprocess.Popen(_cli_distill(setup, tmp_path / "killed", 6), stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True, env=env)
+                            stderr=subprocess.DEVNULL, text=True, env=env, start_new_session=True)
     for line in proc.stdout:  # kill -9 once step 3 is logged (a checkpoint exists at step 2)
         if line.startswith("{") and json.loads(line).get("step") == 3:
             proc.send_signal(signal.SIGKILL)
@@ -159,12 +176,77 @@ def test_resume_after_a_kill_reproduces_the_uninterrupted_run(setup, tmp_path):
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
     assert (tmp_path / "killed" / "step_0000002").is_dir() and not (tmp_path / "killed" / "step_0000006").exists()
+    from test_faults import _processes_in_session
+
+    time.sleep(1)
+    assert _processes_in_session(proc.pid) == []  # no checkpoint-writer helper outlives the job
 
     resumed = subprocess.run(_cli_distill(setup, tmp_path / "killed", 6), capture_output=True, text=True, env=env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming at step" in resumed.stdout
-    assert _losses(tmp_path / "killed") == _losses(tmp_path / "full")
+    assert _losses(tmp_path / "killed") == _losses(full_run[0])
     assert sorted(p.name for p in (tmp_path / "killed").glob("step_*")) == ["step_0000004", "step_0000006"]  # keep-last 2
+
+
+def test_sigterm_saves_the_step_in_flight_and_the_rerun_continues(setup, full_run, tmp_path):
+    """What Slurm does at preemption: SIGTERM. The run finishes its step, saves it, exits 75; the rerun
+    continues from that step and ends with the losses of the uninterrupted run."""
+    from megatron_prune.runtime.stop import EXIT_STOPPED
+
+    out = tmp_path / "stopped"
+    proc = subprocess.Popen(_cli_distill(setup, out, 6, save_every=None), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=ENV)
+    for line in proc.stdout:
+        if line.startswith("{") and json.loads(line).get("step") == 2:
+            proc.send_signal(signal.SIGTERM)
+            break
+    stdout, stderr = proc.communicate()
+    assert proc.returncode == EXIT_STOPPED, stderr[-3000:]
+    saved = sorted(p.name for p in out.glob("step_*"))
+    assert saved in (["step_0000002"], ["step_0000003"]), saved  # at most the step in flight is lost
+    assert f"stopped by SIGTERM at step {int(saved[0][5:])}; saved to {out / saved[0]}" in stderr
+    assert "Traceback" not in stderr
+
+    resumed = subprocess.run(_cli_distill(setup, out, 6, save_every=None), capture_output=True, text=True, env=ENV)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming at step {int(saved[0][5:])}" in resumed.stdout
+    assert _losses(out) == _losses(full_run[0])
+
+
+def _stop_on_one_rank(root, out):
+    """DP2: only rank 1 gets SIGTERM (during step 2); both must stop after step 2 with one checkpoint."""
+    import torch.distributed as dist
+
+    from megatron_prune.distill.config import TrainConfig
+    from megatron_prune.distill.trainer import Trainer
+    from megatron_prune.runtime.stop import StopRequested
+
+    cfg = TrainConfig(teacher=str(root / "teacher"), student=str(root / "student"), data=[str(root / "data")],
+                      out=str(out), seq_len=16, micro_batch_size=1, global_batch_size=4, steps=5, lr=1e-3,
+                      dataset_cache=str(root / "cache"))
+    trainer = Trainer(cfg)
+    step = trainer.train_step
+
+    def step_and_signal():
+        record = step()
+        if trainer.step == 2 and dist.get_rank() == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return record
+
+    trainer.train_step = step_and_signal
+    try:
+        trainer.run()
+    except StopRequested as e:
+        return e.step, str(e.saved), e.reason
+    return None
+
+
+def test_a_signal_on_one_rank_stops_every_rank_at_the_same_step(setup, tmp_path):
+    results = run_ranks(_stop_on_one_rank, 2, setup, tmp_path / "run")
+    assert results[0] is not None and results[1] is not None
+    assert results[0][:2] == results[1][:2] == (2, str(tmp_path / "run" / "step_0000002"))
+    assert results[1][2] == "SIGTERM"
+    assert sorted(p.name for p in (tmp_path / "run").glob("step_*")) == ["step_0000002"]
 
 
 def _one_step_intermediate(root, out):

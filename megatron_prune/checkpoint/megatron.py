@@ -123,47 +123,73 @@ def save_checkpoint(
     ``extra_state``: more megatron sharded state (e.g. optimizer state), saved with the model.
     ``extra_files``: {file name: text} written into the checkpoint directory (e.g. the prune plan).
     """
-    from megatron.core import dist_checkpointing
+    from megatron_prune.checkpoint.writer import explain_write_error, write_sharded
 
     out = Path(out_dir).absolute()
     if out.exists() and not overwrite:
         raise CheckpointError(f"output {out} already exists; choose another path or pass --overwrite")
     tmp = _tmp_dir_for(out)
+    failure = None
     if _rank() == 0:
-        if tmp.exists():
-            shutil.rmtree(tmp)  # an earlier crashed write
-        tmp.mkdir(parents=True)
-    _barrier()
+        try:
+            if tmp.exists():
+                shutil.rmtree(tmp)  # an earlier crashed write
+            tmp.mkdir(parents=True)
+        except OSError as e:
+            failure = explain_write_error(e, out)
+    _agree_or_raise(failure, out)
     state = model.sharded_state_dict()
     if extra_state:
         state.update(extra_state)
-    dist_checkpointing.save(state, str(tmp))
-    _barrier()
+    try:
+        write_sharded(state, tmp)  # on failure every rank raises, together
+    except CheckpointError:
+        if _rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)  # a partial write would keep a full disk full
+        raise
     if _rank() == 0:
-        has_tok = False
-        if tokenizer_src is not None:
-            from megatron_prune.checkpoint.hf import copy_tokenizer_files, has_tokenizer
-
-            copy_tokenizer_files(tokenizer_src, tmp / TOKENIZER_DIR)
-            has_tok = has_tokenizer(tmp / TOKENIZER_DIR)
-        prov = dict(provenance or {})
-        prov.setdefault("created", datetime.datetime.now().isoformat(timespec="seconds"))
-        dtype = str(next(model.parameters()).dtype).replace("torch.", "")
-        meta = CheckpointMeta(arch=arch, dtype=dtype, provenance=prov, has_tokenizer=has_tok)
-        for name, text in (extra_files or {}).items():
-            (tmp / name).write_text(text)
-        (tmp / METADATA_FILE).write_text(json.dumps(meta.to_json(), indent=2) + "\n")
-        if out.exists():
-            old = out.parent / f".{out.name}.old"
-            if old.exists():
-                shutil.rmtree(old)
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out)
-    _barrier()
+        try:
+            _finish(model, arch, tmp, out, tokenizer_src, provenance, extra_files)
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            failure = explain_write_error(e, out)
+    _agree_or_raise(failure, out)
     return out
+
+
+def _agree_or_raise(rank0_failure: Optional[str], out: Path) -> None:
+    """Collective: raise CheckpointError on every rank when rank 0's step failed (instead of a barrier that the
+    other ranks would wait in forever)."""
+    from megatron_prune.runtime.distributed import any_rank
+
+    if any_rank(rank0_failure is not None):
+        raise CheckpointError(rank0_failure or f"writing {out} failed on rank 0 (see its message)")
+
+
+def _finish(model, arch, tmp: Path, out: Path, tokenizer_src, provenance, extra_files) -> None:
+    """Rank 0, after the shards: tokenizer, extra files, our metadata, then the rename into place."""
+    has_tok = False
+    if tokenizer_src is not None:
+        from megatron_prune.checkpoint.hf import copy_tokenizer_files, has_tokenizer
+
+        copy_tokenizer_files(tokenizer_src, tmp / TOKENIZER_DIR)
+        has_tok = has_tokenizer(tmp / TOKENIZER_DIR)
+    prov = dict(provenance or {})
+    prov.setdefault("created", datetime.datetime.now().isoformat(timespec="seconds"))
+    dtype = str(next(model.parameters()).dtype).replace("torch.", "")
+    meta = CheckpointMeta(arch=arch, dtype=dtype, provenance=prov, has_tokenizer=has_tok)
+    for name, text in (extra_files or {}).items():
+        (tmp / name).write_text(text)
+    (tmp / METADATA_FILE).write_text(json.dumps(meta.to_json(), indent=2) + "\n")
+    if out.exists():
+        old = out.parent / f".{out.name}.old"
+        if old.exists():
+            shutil.rmtree(old)
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(out)
 
 
 def load_into(model: torch.nn.Module, ckpt_dir: str | os.PathLike, arch: Optional[ModelArch] = None,
@@ -172,7 +198,7 @@ def load_into(model: torch.nn.Module, ckpt_dir: str | os.PathLike, arch: Optiona
 
     When ``arch`` is given it must equal the checkpoint's; returns the loaded ``extra_state`` entries.
     """
-    from megatron.core import dist_checkpointing
+    from megatron_prune.checkpoint.writer import read_sharded
 
     meta = read_meta(ckpt_dir)
     if arch is not None and arch != meta.arch:
@@ -183,10 +209,7 @@ def load_into(model: torch.nn.Module, ckpt_dir: str | os.PathLike, arch: Optiona
     state = model.sharded_state_dict()
     if extra_state:
         state.update(extra_state)
-    try:
-        loaded = dist_checkpointing.load(state, str(ckpt_dir))
-    except Exception as e:  # megatron raises many types for damaged files
-        raise CheckpointError(f"could not read checkpoint {ckpt_dir}: {type(e).__name__}: {e}") from e
+    loaded = read_sharded(state, Path(ckpt_dir))
     extras = {k: loaded.pop(k) for k in list(extra_state or {})}
     # megatron merges the checkpoint's whole common state (e.g. a trainer's) into the result: keep what we asked for
     model.load_state_dict({k: v for k, v in loaded.items() if k in state}, strict=True)

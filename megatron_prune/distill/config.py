@@ -55,7 +55,7 @@ class TrainConfig:
     log_every: int = 1
     eval_every: int = 0
     eval_samples: int = 16
-    save_every: int = 0
+    save_every: int = 500  # also saved: the last step, and on a stop signal (0: only those)
     keep_last: int = 2
     dataset_cache: Optional[str] = None
 

@@ -3,8 +3,9 @@
 megatron-core does the heavy lifting: its DDP (gradient buffers, all-reduce or reduce-scatter), its optimizer
 (fp32 main weights under bf16, the distributed optimizer with NCCL), its LR schedule, its pipeline schedules
 and its distributed checkpoints. This module wires them together, adds the KD losses, and keeps the run
-resumable: every ``save_every`` steps the student, the optimizer and the trainer state go to
-``out/step_XXXXXXX`` atomically; a restarted run continues from the newest complete one.
+resumable: every ``save_every`` steps, at the last step, and when a stop signal arrives (SIGTERM/SIGINT/SIGUSR1,
+see runtime/stop.py), the student, the optimizer and the trainer state go to ``out/step_XXXXXXX``
+atomically; a restarted run continues from the newest complete one.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_prune.distill.config import TrainConfig
+from megatron_prune.runtime.stop import StopRequested, stop_on_signals
 
 STEP_PREFIX = "step_"
 
@@ -162,8 +164,10 @@ class Trainer:
     def _load_training_state(self, ckpt: Path) -> None:
         from megatron.core import dist_checkpointing
 
+        from megatron_prune.checkpoint.writer import read_sharded
+
         state = {"optimizer": self.optimizer.sharded_state_dict(self.student.sharded_state_dict(), is_loading=True)}
-        loaded = dist_checkpointing.load(state, str(ckpt))
+        loaded = read_sharded(state, ckpt)
         self.optimizer.load_state_dict(loaded["optimizer"])
         common = dist_checkpointing.load_common_state_dict(str(ckpt))
         trainer = common["trainer"]
@@ -176,7 +180,7 @@ class Trainer:
 
     def save(self) -> Path:
         from megatron_prune.checkpoint import save_checkpoint, tokenizer_dir
-        from megatron_prune.runtime import is_rank0
+        from megatron_prune.runtime import is_rank0, log0
 
         extra = {"optimizer": self.optimizer.sharded_state_dict(self.student.sharded_state_dict()),
                  "trainer": self._trainer_state()}
@@ -188,6 +192,7 @@ class Trainer:
                       "mode": "distill" if self.teacher is not None else "train"}
         save_checkpoint(self.student, self.arch, path, tokenizer_src=tokenizer_dir(self.cfg.student),
                         provenance=provenance, extra_state=extra, overwrite=True)
+        log0(f"saved step {self.step} to {path}")
         if is_rank0():  # keep the newest keep_last step checkpoints
             steps = sorted(self.out.glob(f"{STEP_PREFIX}*"))
             for old in steps[: max(0, len(steps) - self.cfg.keep_last)]:
@@ -321,20 +326,31 @@ class Trainer:
         bar = progress(self.steps, "train", unit="step")
         bar.update(self.step)
         tokens_per_step = cfg.global_batch_size * cfg.seq_len
-        while self.step < self.steps:
-            t0 = time.time()
-            record = self.train_step()
-            record["tokens_per_s"] = tokens_per_step / max(time.time() - t0, 1e-9)
-            if self.valid_windows is not None and (self.step % cfg.eval_every == 0 or self.step == self.steps):
-                record["valid_lm"] = self.validate()
-            self._log(record)
-            bar.update(1)
-            bar.set_postfix(loss=f"{record.get('loss', float('nan')):.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
-            if cfg.save_every and (self.step % cfg.save_every == 0 or self.step == self.steps):
-                self.save()
+        saved = self.resume_from
+        with stop_on_signals() as stop:
+            while self.step < self.steps:
+                t0 = time.time()
+                record = self.train_step()
+                record["tokens_per_s"] = tokens_per_step / max(time.time() - t0, 1e-9)
+                if self.valid_windows is not None and (self.step % cfg.eval_every == 0 or self.step == self.steps):
+                    record["valid_lm"] = self.validate()
+                self._log(record)
+                bar.update(1)
+                bar.set_postfix(loss=f"{record.get('loss', float('nan')):.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+                if self.step == self.steps or (cfg.save_every and self.step % cfg.save_every == 0):
+                    saved = self.save()
+                signal_name = stop.agreed()  # every rank, every step: they stop together
+                if signal_name is not None:
+                    if saved is None or saved.name != f"{STEP_PREFIX}{self.step:07d}":
+                        saved = self.save()
+                    bar.close()
+                    raise StopRequested(signal_name, saved, self.step)
         bar.close()
         if self.writer is not None:
             self.writer.close()
+        if saved is None or saved.name != f"{STEP_PREFIX}{self.step:07d}":  # a run finished before: say where
+            saved = latest_step_dir(self.out)
+        log0(f"final model (step {self.step}): {saved}")
         return self.history
 
     def _log(self, record: dict) -> None:

@@ -5,10 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
+from megatron_prune.runtime.stop import stop_on_signals
+
 if TYPE_CHECKING:
     from megatron_prune.importance import ImportanceScores
 
 
+@stop_on_signals(immediate=True)  # one pass with nothing to resume: a stop signal ends it, nothing is written
 def score_checkpoint(ckpt: str | Path, data_prefix: str | Path, out: str | Path, num_samples: int = 1024,
                      seq_len: int = 512, micro_batch_size: int = 4, seq_agg: str = "mean", batch_agg: str = "l2",
                      lm_loss_blocks: Sequence[int] = (), lm_loss_samples: int = 64, tp: int = 1, pp: int = 1,

@@ -1,0 +1,182 @@
+"""Write and read megatron distributed checkpoints without helper processes, and explain storage faults.
+
+megatron-core's ``torch_dist`` save strategy writes through helper processes: a ``multiprocessing`` Manager
+(spawned once, kept for the life of the job) and one forked copy of the job per write bucket. A job killed
+while saving leaves them behind, re-parented to PID 1 (forked copies hold the job's memory). We keep the same
+on-disk format (megatron's planner and metadata, torch.distributed.checkpoint files) but write from this
+process only, so nothing of ours can outlive it.
+
+Storage faults (a full disk, a truncated ``.distcp`` shard) surface from megatron and torch as tracebacks per
+rank, some of them ``BaseException`` (torch's ``CheckpointException``). Here they become one
+:class:`~megatron_prune.checkpoint.megatron.CheckpointError` naming the file and the cause, raised on every rank
+(the ranks agree before raising, so none is left waiting in a collective).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import torch.distributed as dist
+from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.strategies.base import SaveShardedStrategy
+from megatron.core.dist_checkpointing.strategies.torch import (
+    MCoreSavePlanner,
+    _replace_state_dict_keys_with_sharded_keys,  # what megatron's own torch_dist saver does first
+    mcore_to_pyt_state_dict,
+)
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint import save as dcp_save
+from torch.distributed.checkpoint.api import CheckpointException
+
+from megatron_prune.runtime.distributed import any_rank
+from megatron_prune.runtime.stop import StopRequested
+
+
+class _PeerFailed(RuntimeError):
+    """Another rank failed before this one reached the write."""
+
+
+class InProcessTorchDistSave(SaveShardedStrategy):
+    """megatron's ``torch_dist`` format (backend and version), written by the calling process (one I/O thread)."""
+
+    def __init__(self):
+        super().__init__("torch_dist", 1)
+        self.entered = False  # reached save() (the ranks' first agreement)
+        self.written = False  # the shards and .metadata are on disk
+
+    @property
+    def can_handle_sharded_objects(self) -> bool:
+        return True
+
+    def save(self, sharded_state_dict, checkpoint_dir) -> None:
+        self.entered = True
+        if any_rank(False):  # rank 0 failed writing megatron's common state (see _release_peers)
+            raise _PeerFailed("another rank failed before the write")
+        by_key, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded_state_dict, keep_only_main_replica=True)
+        dcp_save(mcore_to_pyt_state_dict(by_key, is_loading=False),
+                 storage_writer=FileSystemWriter(str(checkpoint_dir), single_file_per_rank=True, thread_count=1),
+                 planner=MCoreSavePlanner(dedup_replicated_tensors=False, flatten_state_dict=False))
+        self.written = True
+
+
+def _root_causes(error: BaseException) -> list[BaseException]:
+    """The exceptions behind ``error``: torch's per-rank failures, then each one's __cause__/__context__ chain."""
+    found, todo = [], [error]
+    while todo:
+        e = todo.pop(0)
+        if e is None or any(e is f for f in found):
+            continue
+        found.append(e)
+        if isinstance(e, CheckpointException):
+            todo.extend(exc for exc, _trace in e.failures.values())
+        todo.extend([e.__cause__, e.__context__])
+    return found
+
+
+def _nearest_existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def explain_write_error(error: BaseException, directory: Path) -> str:
+    """One line: what failed while writing ``directory`` and why (a full disk is recognised by errno or by the
+    file system having no room left, since torch's writer reports it as 'unexpected pos')."""
+    causes = _root_causes(error)
+    os_errors = [e for e in causes if isinstance(e, OSError)]
+    where = next((f" ({e.filename})" for e in os_errors if e.filename), "")
+    try:
+        free = shutil.disk_usage(_nearest_existing(directory)).free
+    except OSError:
+        free = None
+    if any(e.errno == errno.ENOSPC for e in os_errors) or (free is not None and free < (1 << 20)):
+        return (f"No space left on device while writing {directory}{where}; the partial output was removed; "
+                f"free some space or write elsewhere, then re-run")
+    if os_errors:
+        e = os_errors[-1]
+        return f"{e.strerror or e} while writing {directory}{where}; the partial output was removed"
+    last = causes[-1]
+    return f"writing {directory} failed: {type(last).__name__}: {last}; the partial output was removed"
+
+
+def _release_peers(strategy: InProcessTorchDistSave) -> None:
+    """Join the collective the other ranks wait in after a failure that was local to this rank."""
+    try:
+        if not strategy.entered:  # failed in megatron's common-state write (rank 0): answer the agreement
+            any_rank(True)
+        elif strategy.written:  # failed in megatron's metadata.json write (rank 0): answer its barrier
+            dist.barrier()
+    except Exception:  # a peer is gone already: nothing to release
+        pass
+
+
+def write_sharded(state: dict, directory: Path) -> None:
+    """``dist_checkpointing.save(state, directory)`` from this process; collective.
+
+    On any failure every rank raises CheckpointError with the reason (the caller removes the directory).
+    """
+    from megatron_prune.checkpoint.megatron import CheckpointError
+
+    strategy = InProcessTorchDistSave()
+    message: Optional[str] = None
+    try:
+        dist_checkpointing.save(state, str(directory), sharded_strategy=strategy)
+    except StopRequested:  # a signal during an immediate-stop pass is not a storage fault
+        raise
+    except (Exception, CheckpointException) as e:  # CheckpointException is a BaseException
+        message = None if isinstance(e, _PeerFailed) else explain_write_error(e, directory)
+        _release_peers(strategy)
+        message = message or "__peer__"
+    messages = [message]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        messages = [None] * dist.get_world_size()
+        dist.all_gather_object(messages, message)
+    failed = [(rank, m) for rank, m in enumerate(messages) if m]
+    if failed:
+        real = [(rank, m) for rank, m in failed if m != "__peer__"] or failed
+        rank, m = real[0]
+        raise CheckpointError(m if m != "__peer__" else f"writing {directory} failed on rank {rank}")
+
+
+def _shard_problems(directory: Path) -> list[str]:
+    """Shard files that are missing or shorter than the .metadata says (the usual damage: a copy cut short)."""
+    try:
+        metadata = FileSystemReader(str(directory)).read_metadata()
+    except Exception as e:
+        return [f"{directory / '.metadata'} is unreadable ({type(e).__name__}: {e})"]
+    need: dict[str, int] = {}
+    for info in (metadata.storage_data or {}).values():
+        need[info.relative_path] = max(need.get(info.relative_path, 0), info.offset + info.length)
+    problems = []
+    for name, size in sorted(need.items()):
+        path = directory / name
+        if not path.is_file():
+            problems.append(f"checkpoint shard {path} is missing")
+        elif path.stat().st_size < size:
+            problems.append(f"checkpoint shard {path} is truncated ({path.stat().st_size} bytes, "
+                            f"the metadata needs {size})")
+    return problems
+
+
+def read_sharded(state: dict, directory: Path) -> dict:
+    """``dist_checkpointing.load(state, directory)``; a damaged checkpoint raises CheckpointError naming the
+    damaged file (every rank: torch gathers read failures before raising)."""
+    from megatron_prune.checkpoint.megatron import CheckpointError
+
+    try:
+        return dist_checkpointing.load(state, str(directory))
+    except StopRequested:
+        raise
+    except (Exception, CheckpointException) as e:  # megatron and torch raise many types for damaged files
+        problems = _shard_problems(Path(directory))
+        if problems:
+            reason = "; ".join(problems)
+        else:
+            last = _root_causes(e)[-1]
+            reason = f"it is corrupt or does not match the model ({type(last).__name__}: {str(last)[:300]})"
+        raise CheckpointError(f"could not read checkpoint {directory}: {reason}; restore it from a copy or "
+                              f"re-create it") from None

@@ -1,0 +1,72 @@
+"""Stop a long run cleanly on SIGTERM, SIGINT or SIGUSR1 (Slurm preemption and time limits, Ctrl-C).
+
+A signal only sets a flag; the training loop asks :meth:`StopSignals.agreed` once per step (an all-reduce, so
+every rank stops at the same step even when the signal reached only some of them), saves, and raises
+:class:`StopRequested`; the command line turns that into exit code :data:`EXIT_STOPPED`. A second signal
+acts as if no handler were installed (Ctrl-C twice kills at once).
+
+For work with no resumable state (``importance``), ``immediate=True`` raises StopRequested from the handler
+itself: the pass ends at once and nothing is written.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Optional
+
+EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped by a signal after saving; run the same command again to continue
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+
+class StopRequested(Exception):
+    """The run stopped on a signal; ``saved`` is the checkpoint to continue from (None: nothing was saved)."""
+
+    def __init__(self, reason: str, saved: Optional[Path] = None, step: Optional[int] = None):
+        self.reason, self.saved, self.step = reason, saved, step
+        at = f" at step {step}" if step is not None else ""
+        then = (f"; saved to {saved}; run the same command again to continue from there" if saved is not None
+                else "; nothing was written; run the same command again to start over")
+        super().__init__(f"stopped by {reason}{at}{then}")
+
+
+class StopSignals:
+    def __init__(self):
+        self.received: Optional[str] = None
+
+    def agreed(self) -> Optional[str]:
+        """Collective over all ranks: the signal's name if any rank received one, else None."""
+        from megatron_prune.runtime.distributed import any_rank
+
+        if any_rank(self.received is not None):
+            return self.received or "a signal on another rank"
+        return None
+
+
+@contextmanager
+def stop_on_signals(immediate: bool = False) -> Iterator[StopSignals]:
+    """Catch SIGTERM/SIGINT/SIGUSR1 inside the ``with`` block (main thread only; elsewhere a no-op)."""
+    state = StopSignals()
+    if threading.current_thread() is not threading.main_thread():
+        yield state
+        return
+    previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+
+    def restore():
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+    def handler(signum, _frame):
+        state.received = signal.Signals(signum).name
+        restore()  # a second signal is not caught
+        if immediate:
+            raise StopRequested(state.received)
+
+    for s in STOP_SIGNALS:
+        signal.signal(s, handler)
+    try:
+        yield state
+    finally:
+        restore()
