@@ -78,7 +78,10 @@ def _prune_export_all(root: Path, cases, tokens) -> dict:
         make_plan(fake_scores(arch), arch, PruneTarget.parse(target)).save(root / name / "plan.json")
         prune(src, root / name / "pruned", plan_file=root / name / "plan.json")
         logits[name] = megatron_logits(root / name / "pruned", 1, 1, tokens)
-        megatron_to_hf(root / name / "pruned", root / name / "export")
+        try:  # one case failing to export must not hide the others
+            megatron_to_hf(root / name / "pruned", root / name / "export")
+        except Exception as e:
+            logits[name] = f"export failed: {e}"
     return logits
 
 
@@ -90,7 +93,8 @@ def exported(tmp_path_factory):
         make_hf_model(root / name / "hf", model_type, **{**SMALL, **overrides})
     tokens = sample_tokens(VOCAB)
     ours = run_ranks(_prune_export_all, 1, root, CASES, tokens)[0]
-    theirs = hf_logits_fresh_process({name: root / name / "export" for name, *_ in CASES}, tokens, root)
+    theirs = hf_logits_fresh_process({name: root / name / "export" for name, *_ in CASES
+                                      if isinstance(ours[name], torch.Tensor)}, tokens, root)
     return root, ours, theirs
 
 
@@ -98,6 +102,7 @@ def exported(tmp_path_factory):
 def test_pruned_model_exports_and_transformers_gives_our_logits(exported, case):
     root, ours, theirs = exported
     name, _, _, _, model_type = case
+    assert isinstance(ours[name], torch.Tensor), ours[name]
     cfg = json.loads((root / name / "export" / "config.json").read_text())
     meta = json.loads((root / name / "pruned" / "megatron_prune.json").read_text())["arch"]
     assert cfg["model_type"] == model_type
