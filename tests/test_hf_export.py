@@ -46,7 +46,11 @@ dirs, tokens_file, out_file = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3]
 tokens = torch.load(tokens_file)
 out = {}
 for name, d in dirs.items():
-    model = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
+    except Exception as e:  # reported by the test of this directory
+        out[name] = {"error": f"{type(e).__name__}: {e}"[-2000:]}
+        continue
     with torch.no_grad():
         out[name] = {"logits": model(tokens).logits, "class": type(model).__name__}
 torch.save(out, out_file)
@@ -103,6 +107,7 @@ def test_pruned_model_exports_and_transformers_gives_our_logits(exported, case):
     root, ours, theirs = exported
     name, _, _, _, model_type = case
     assert isinstance(ours[name], torch.Tensor), ours[name]
+    assert "logits" in theirs[name], f"transformers cannot load the export: {theirs[name]['error']}"
     cfg = json.loads((root / name / "export" / "config.json").read_text())
     meta = json.loads((root / name / "pruned" / "megatron_prune.json").read_text())["arch"]
     assert cfg["model_type"] == model_type
