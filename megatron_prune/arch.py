@@ -250,12 +250,45 @@ class ModelArch:
             model_type=model_type,
         )
 
+    def hf_export_model_type(self) -> str:
+        """The Hugging Face model_type this shape exports to; ArchError when no supported one can hold it.
+
+        Usually ``model_type`` itself. A Llama whose hidden size is not a multiple of its head count (which
+        pruning ``hidden`` or ``heads`` easily produces: hidden 448 with 9 heads, Minitron-8B's 4096 with 48)
+        exports as ``mistral`` with ``sliding_window: null``: the same network as Llama with an explicit
+        ``head_dim``, but without LlamaConfig's ``hidden_size % num_attention_heads == 0`` check, which
+        transformers 5 enforces when the config is built and loaded.
+        """
+        if self.normalization != "RMSNorm" or self.activation != "swiglu":
+            raise ArchError(f"{self.normalization} + {self.activation} has no Hugging Face Llama-family config: "
+                            "only RMSNorm + SwiGLU shapes export")
+        if self.model_type == "qwen2":
+            if not self.qkv_bias or self.linear_bias:
+                raise ArchError("a qwen2 export needs qkv biases and no other linear biases")
+            return "qwen2"
+        if self.model_type == "mistral" or self.hidden_size % self.num_attention_heads == 0:
+            if self.model_type == "mistral" and (self.qkv_bias or self.linear_bias):
+                raise ArchError("a mistral export cannot have linear biases")
+            if self.qkv_bias != self.linear_bias:
+                raise ArchError("a llama export has biases on all linear layers or none")
+            return self.model_type
+        if self.qkv_bias or self.linear_bias:
+            raise ArchError(
+                f"hidden size {self.hidden_size} is not a multiple of {self.num_attention_heads} attention heads, "
+                "which transformers' LlamaConfig refuses, and this model's linear biases rule out the Mistral "
+                "config used instead: choose hidden/heads so that hidden % heads == 0 "
+                f"(e.g. hidden={self.num_attention_heads * (self.hidden_size // self.num_attention_heads)})"
+            )
+        return "mistral"
+
     def to_hf_config(self, extra: Optional[dict] = None):
-        """A transformers config object (LlamaConfig, MistralConfig or Qwen2Config)."""
+        """A transformers config object (LlamaConfig, MistralConfig or Qwen2Config), with ``architectures``.
+
+        ``head_dim`` is always written: pruning ``hidden`` or ``heads`` leaves it != hidden / heads.
+        """
         import transformers
 
-        if self.normalization != "RMSNorm" or self.activation != "swiglu":
-            raise ArchError("only RMSNorm + SwiGLU shapes export to Hugging Face Llama-family configs")
+        model_type = self.hf_export_model_type()
         kwargs: dict[str, Any] = dict(
             num_hidden_layers=self.num_layers,
             hidden_size=self.hidden_size,
@@ -269,34 +302,32 @@ class ModelArch:
             hidden_act="silu",
             tie_word_embeddings=self.tie_embeddings,
         )
-        rope = {"rope_type": "default", "rope_theta": self.rope_base}
-        if self.rope_scaling_factor:
-            rope = {"rope_type": "llama3", "rope_theta": self.rope_base, "factor": self.rope_scaling_factor,
-                    **_LLAMA3_ROPE_DEFAULTS}
+        rope = self.hf_rope_parameters()
         if _transformers_major() >= 5:
             kwargs["rope_parameters"] = rope
         else:
             kwargs["rope_theta"] = self.rope_base
             if self.rope_scaling_factor:
                 kwargs["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
-        if self.model_type == "qwen2":
-            if not self.qkv_bias or self.linear_bias:
-                raise ArchError("a qwen2 export needs qkv biases and no other linear biases")
-            cls = transformers.Qwen2Config
-            kwargs.pop("head_dim")
-        elif self.model_type == "mistral":
-            if self.qkv_bias or self.linear_bias:
-                raise ArchError("a mistral export cannot have linear biases")
-            cls = transformers.MistralConfig
+        if model_type == "qwen2":
+            cls, arch_name = transformers.Qwen2Config, "Qwen2ForCausalLM"
+        elif model_type == "mistral":
+            cls, arch_name = transformers.MistralConfig, "MistralForCausalLM"
             kwargs["sliding_window"] = None
         else:
-            if self.qkv_bias != self.linear_bias:
-                raise ArchError("a llama export has biases on all linear layers or none")
-            cls = transformers.LlamaConfig
+            cls, arch_name = transformers.LlamaConfig, "LlamaForCausalLM"
             kwargs["attention_bias"] = kwargs["mlp_bias"] = self.linear_bias
+        kwargs["architectures"] = [arch_name]
         if extra:
             kwargs.update(extra)
         return cls(**kwargs)
+
+    def hf_rope_parameters(self) -> dict:
+        """RoPE as transformers 5 spells it (``rope_parameters``)."""
+        if self.rope_scaling_factor:
+            return {"rope_type": "llama3", "rope_theta": self.rope_base, "factor": self.rope_scaling_factor,
+                    **_LLAMA3_ROPE_DEFAULTS}
+        return {"rope_type": "default", "rope_theta": self.rope_base}
 
 
 def _transformers_major() -> int:

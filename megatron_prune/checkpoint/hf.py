@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_prune.arch import ArchError, ModelArch
+from megatron_prune.checkpoint.outputs import follow_umask
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -237,29 +238,68 @@ def hf_tensors_for_param(name: str, value: torch.Tensor, arch: ModelArch, layer_
         raise KeyError(f"no Hugging Face name for megatron parameter {name}")
 
 
+def write_hf_config(config, out_dir: str | os.PathLike, arch: ModelArch) -> None:
+    """Save a transformers config, readable by transformers 4.x as well as 5.x.
+
+    transformers 5 spells RoPE ``rope_parameters``, which 4.x ignores (it would silently fall back to
+    rope_theta=10000); the 4.x keys ``rope_theta`` / ``rope_scaling`` are written next to it, and 5.x reads
+    both consistently.
+    """
+    config.save_pretrained(out_dir)
+    path = Path(out_dir) / "config.json"
+    c = json.loads(path.read_text())
+    rope = arch.hf_rope_parameters()
+    c["rope_theta"] = rope["rope_theta"]
+    if arch.rope_scaling_factor:
+        c["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
+    path.write_text(json.dumps(c, indent=2, sort_keys=True) + "\n")
+
+
 def export_model_to_hf(model: torch.nn.Module, arch: ModelArch, out_dir: str | os.PathLike,
                        tokenizer_src: Optional[str | os.PathLike] = None, dtype: Optional[torch.dtype] = None) -> Path:
     """Write a Hugging Face directory from a model loaded at TP=1 (any PP); collective over all ranks.
 
-    Atomic: written to a hidden sibling directory, renamed when every rank is done.
+    Atomic: written to a hidden sibling directory, renamed when every rank is done, removed on failure.
     """
     from megatron.core import parallel_state as ps
-    from safetensors.torch import save_file
-
-    from megatron_prune.model import layer_offset
 
     if ps.get_tensor_model_parallel_world_size() != 1:
         raise ValueError("export to Hugging Face runs at TP=1 (use one process per pipeline stage: --pp N)")
+    config = arch.to_hf_config()  # a shape transformers cannot hold fails here, before anything is written
+    config.torch_dtype = str(dtype or next(model.parameters()).dtype).replace("torch.", "")
     out = Path(out_dir).absolute()
     tmp = out.parent / f".{out.name}.tmp"
     rank = dist.get_rank() if dist.is_initialized() else 0
-    pp, pp_rank = ps.get_pipeline_model_parallel_world_size(), ps.get_pipeline_model_parallel_rank()
     if rank == 0:
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
     if dist.is_initialized():
         dist.barrier()
+    try:
+        _write_hf_dir(model, arch, config, tmp, tokenizer_src, dtype)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a partial export is hundreds of MB of nothing usable
+        raise
+    if rank == 0:
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    if dist.is_initialized():
+        dist.barrier()
+    return out
+
+
+def _write_hf_dir(model: torch.nn.Module, arch: ModelArch, config, tmp: Path,
+                  tokenizer_src: Optional[str | os.PathLike], dtype: Optional[torch.dtype]) -> None:
+    """Every rank writes the safetensors file of its pipeline stage; rank 0 the index, config and tokenizer."""
+    from megatron.core import parallel_state as ps
+    from safetensors.torch import save_file
+
+    from megatron_prune.model import layer_offset
+
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    pp, pp_rank = ps.get_pipeline_model_parallel_world_size(), ps.get_pipeline_model_parallel_rank()
     offset = layer_offset(arch)
     tensors = {}
     for name, param in model.named_parameters():
@@ -272,6 +312,7 @@ def export_model_to_hf(model: torch.nn.Module, arch: ModelArch, out_dir: str | o
         mine = ({}, 0)
     else:
         save_file(tensors, str(tmp / filename), metadata={"format": "pt"})
+        follow_umask(tmp / filename)
     gathered = [mine]
     if dist.is_initialized():
         gathered = [None] * dist.get_world_size()
@@ -282,17 +323,9 @@ def export_model_to_hf(model: torch.nn.Module, arch: ModelArch, out_dir: str | o
         (tmp / "model.safetensors.index.json").write_text(
             json.dumps({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2)
         )
-        config = arch.to_hf_config()
-        config.torch_dtype = str(dtype or next(model.parameters()).dtype).replace("torch.", "")
-        config.save_pretrained(tmp)
+        write_hf_config(config, tmp, arch)
         if tokenizer_src is not None:
             copy_tokenizer_files(tokenizer_src, tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    if dist.is_initialized():
-        dist.barrier()
-    return out
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -321,8 +354,15 @@ def gguf_to_hf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> Path
     missing = [k for k in missing if not (arch.tie_embeddings and k == "lm_head.weight")]
     if missing or unexpected:
         raise ArchError(f"GGUF weights do not match the architecture: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    model.save_pretrained(str(tmp), safe_serialization=True)
-    tokenizer.save_pretrained(str(tmp))
+    try:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+        write_hf_config(model.config, tmp, arch)
+        for f in tmp.glob("*.safetensors"):
+            follow_umask(f)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)

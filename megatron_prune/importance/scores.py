@@ -63,6 +63,8 @@ class ImportanceScores:
         """Write one safetensors file (atomically: temporary file, then rename)."""
         from safetensors.torch import save_file
 
+        from megatron_prune.checkpoint.outputs import follow_umask
+
         path = Path(path)
         tensors = {k: getattr(self, k).detach().float().cpu().contiguous() for k in _TENSOR_FIELDS}
         for n, t in self.angular.items():
@@ -77,6 +79,7 @@ class ImportanceScores:
         tmp = path.with_name(f".{path.name}.tmp")
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(tmp), metadata={"megatron_prune_importance": json.dumps(meta)})
+        follow_umask(tmp)  # safetensors creates files 0600
         os.replace(tmp, path)
         return path
 

@@ -16,6 +16,7 @@ from megatron_prune.arch import ModelArch
 from megatron_prune.checkpoint import load_model, save_checkpoint
 from megatron_prune.checkpoint.hf import export_model_to_hf, gguf_to_hf, load_hf_into_model, read_hf_config
 from megatron_prune.checkpoint.megatron import METADATA_FILE
+from megatron_prune.checkpoint.outputs import check_output_path
 from megatron_prune.model import build_model
 from megatron_prune.runtime import barrier, init_distributed, is_rank0, log0
 
@@ -76,6 +77,7 @@ def convert(src: str | Path, out: str | Path, to: Optional[str] = None, tp: int 
     ``dtype="auto"``: float32 when importing, the checkpoint's own dtype when exporting.
     """
     kind = detect_source(src)
+    check_output_path(out, {"source": src})
     to = to or ("hf" if kind == "megatron" else "megatron")
     if to not in ("megatron", "hf"):
         raise ValueError(f"--to must be 'megatron' or 'hf', got {to!r}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+from megatron_prune.checkpoint.outputs import check_output_path
 from megatron_prune.distill.config import TrainConfig
 
 
@@ -12,6 +13,7 @@ def distill(config: Optional[str] = None, **overrides) -> None:
     from megatron_prune.distill.trainer import train
 
     cfg = TrainConfig.from_yaml(config, **overrides)
+    check_output_path(cfg.out, {"student checkpoint": cfg.student, "teacher checkpoint": cfg.teacher})
     if not cfg.teacher:
         raise ValueError("`distill` needs --teacher (or teacher: in the YAML); use `train` for LM-loss training")
     train(cfg)

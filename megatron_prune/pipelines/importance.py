@@ -18,10 +18,13 @@ def score_checkpoint(ckpt: str | Path, data_prefix: str | Path, out: str | Path,
                      seed: int = 0, head_metric: str = "activation") -> "ImportanceScores":
     """Load ``ckpt`` at ``tp`` x ``pp``, score every prunable unit, and save the scores (rank 0) to ``out``."""
     from megatron_prune.checkpoint import load_model
+    from megatron_prune.checkpoint.outputs import check_output_path
     from megatron_prune.data import calibration_windows
     from megatron_prune.importance import compute_importance, lm_loss_drop
     from megatron_prune.runtime import barrier, init_distributed, is_rank0, log0
 
+    check_output_path(out, {"input checkpoint": ckpt, "data file": f"{data_prefix}.bin",
+                            "data index": f"{data_prefix}.idx"})
     init_distributed(tp, pp, seed=seed)
     model, meta = load_model(ckpt, use_te=False)  # the hooks read norm outputs, which TE fuses away
     windows = calibration_windows(data_prefix, num_samples, seq_len, seed)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+from megatron_prune.checkpoint.outputs import check_output_path
 from megatron_prune.distill.config import TrainConfig
 
 
@@ -12,6 +13,7 @@ def train(config: Optional[str] = None, **overrides) -> None:
     from megatron_prune.distill.trainer import train as run_trainer
 
     cfg = TrainConfig.from_yaml(config, **overrides)
+    check_output_path(cfg.out, {"student checkpoint": cfg.student, "teacher checkpoint": cfg.teacher})
     if cfg.teacher:
         raise ValueError("`train` trains without a teacher; use `distill` for knowledge distillation")
     run_trainer(cfg)

@@ -1,0 +1,56 @@
+"""Rules every written output follows: it never overlaps an input, and its files follow the user's umask."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Mapping, Optional
+
+
+class OutputPathError(ValueError):
+    """An output path that would overwrite, contain, or sit inside an input."""
+
+
+def check_output_path(out: str | os.PathLike, inputs: Mapping[str, Optional[str | os.PathLike]],
+                      flag: str = "--out") -> None:
+    """Refuse ``out`` when it is, contains, or lies inside one of ``inputs`` ({description: path}).
+
+    ``--overwrite`` replaces the output directory: if that directory were (or held) an input, the input
+    would be destroyed; an output inside an input would modify it. Symlinks are resolved first.
+    """
+    o = Path(out).resolve()
+    for what, path in inputs.items():
+        if path is None or str(path) == "":
+            continue
+        i = Path(path).resolve()
+        if o == i:
+            relation = "is"
+        elif i.is_relative_to(o):
+            relation = "contains"
+        elif o.is_relative_to(i):
+            relation = "is inside"
+        else:
+            continue
+        raise OutputPathError(f"{flag} {out} {relation} the {what} {path}: writing it would modify or delete an "
+                              f"input. Choose an output path outside the inputs (e.g. a sibling directory)")
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where Linux exposes it (changing it races other threads)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
+def follow_umask(path: str | os.PathLike) -> None:
+    """Give a file the mode an ordinary ``open()`` would (0666 minus the umask).
+
+    The safetensors writer creates its files 0600, which teammates on a shared file system cannot read.
+    """
+    os.chmod(path, 0o666 & ~_umask())
