@@ -54,3 +54,15 @@ def follow_umask(path: str | os.PathLike) -> None:
     The safetensors writer creates its files 0600, which teammates on a shared file system cannot read.
     """
     os.chmod(path, 0o666 & ~_umask())
+
+
+def write_json_atomic(path: str | os.PathLike, obj) -> Path:
+    """Write ``obj`` as JSON next to ``path`` and rename it into place: readers never see half a file."""
+    import json
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    os.replace(tmp, path)
+    return path

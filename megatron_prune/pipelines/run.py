@@ -150,9 +150,9 @@ def _run_eval(recipe: Recipe, stage: Stage, o: dict, out: str, tp: int, pp: int)
                                 max_sequences=o.get("max_sequences"), tp=tp, pp=pp)
         rows.append({"model": name, "checkpoint": ckpt, **r.to_dict(), **_lineage(recipe, name)})
     if is_rank0():
-        from megatron_prune.pipelines.search import _write_json
+        from megatron_prune.checkpoint.outputs import write_json_atomic
 
-        _write_json(Path(out), {"data": str(o["data"]), "rows": rows})
+        write_json_atomic(Path(out), {"data": str(o["data"]), "rows": rows})
         write_family_report(recipe, rows)
 
 

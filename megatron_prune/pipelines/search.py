@@ -24,6 +24,7 @@ import os
 from pathlib import Path
 from typing import Optional
 
+from megatron_prune.checkpoint.outputs import check_output_path, write_json_atomic
 from megatron_prune.search import Budget, SearchSpace, candidate_name, candidates, default_space, target_spec
 
 STAGES = ("all", "zero-shot", "distill", "report")
@@ -44,13 +45,6 @@ class DistillSettings:
     seed: int = 1234
 
 
-def _write_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    os.replace(tmp, path)
-
-
 def _read_json(path: Path):
     return json.loads(path.read_text()) if path.is_file() else None
 
@@ -67,6 +61,7 @@ def search(ckpt: str, scores: str, out: str, budget: Budget, valid_data: str, di
         raise ValueError(f"unknown stage {stage!r}; choose one of {', '.join(STAGES)}")
     if not Path(scores).is_file():
         raise FileNotFoundError(f"score file {scores} not found; compute it with `megatron-prune importance`")
+    check_output_path(out, {"source checkpoint": ckpt, "score file": scores})
     if stage in ("all", "distill") and distill is None:
         raise ValueError("distilling the top candidates needs --data (the distillation data); "
                          "use --stage zero-shot for the zero-shot ranking alone")
@@ -88,7 +83,7 @@ def search(ckpt: str, scores: str, out: str, budget: Budget, valid_data: str, di
               "candidates": [{"name": n, "target": target_spec(source, a, depth_metric), "params": a.param_count(),
                               **budget.measures(a), "arch": a.to_dict()} for n, a in zip(names, found)]}
     if is_rank0():
-        _write_json(out_dir / "search.json", header)
+        write_json_atomic(out_dir / "search.json", header)
     barrier()
     log0(f"{len(found)} candidates of {source.describe()} within the budget:\n" +
          "\n".join(f"  {n}: {a.param_count() / 1e6:.1f}M params" for n, a in zip(names, found)))
@@ -141,7 +136,7 @@ def _zero_shot(ckpt, scores_file, out_dir, source, found, names, depth_metric, v
         result = lm_loss(pruned, arch, windows, mbs, desc=f"zero-shot {name}").to_dict()
         result.update(name=name, params=arch.param_count(), kept_layers=plan.kept_layers)
         if is_rank0():
-            _write_json(out_dir / "zero_shot" / f"{name}.json", result)
+            write_json_atomic(out_dir / "zero_shot" / f"{name}.json", result)
         log0(f"zero-shot {name}: LM loss {result['lm_loss']:.4f}")
         del pruned
 
@@ -175,7 +170,7 @@ def _distill_one(ckpt, scores_file, out_dir, source, arch, name, depth_metric, v
     result = lm_loss(model, arch, windows, mbs, desc=f"after distillation {name}").to_dict()
     result.update(name=name, params=arch.param_count(), steps=d.steps, checkpoint=str(final))
     if is_rank0():
-        _write_json(cand / "result.json", result)
+        write_json_atomic(cand / "result.json", result)
     log0(f"after {d.steps} distillation steps {name}: LM loss {result['lm_loss']:.4f}")
 
 
