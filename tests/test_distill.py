@@ -32,12 +32,10 @@ def _prune(src, plan_file, out):
     prune_checkpoint(src, PrunePlan.load(plan_file), out)
 
 
-@pytest.fixture(scope="module")
-def setup(tiny_llama_dir, tmp_path_factory):
+def build_distill_setup(tiny_llama_dir, root):
     """Teacher = the tiny Llama; student = a pruned copy (hidden 48, FFN 64, 2 layers); random-token data."""
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
-    root = tmp_path_factory.mktemp("distill")
     run_ranks(_convert, 1, tiny_llama_dir, root / "teacher")
     arch = json.loads((root / "teacher" / "megatron_prune.json").read_text())["arch"]
     (root / "plan.json").write_text(json.dumps(random_plan_json(arch)))
@@ -48,6 +46,11 @@ def setup(tiny_llama_dir, tmp_path_factory):
         builder.add_document(torch.from_numpy(rng.integers(0, 1000, size=50, dtype=np.int32)), [50])
     builder.finalize(str(root / "data.idx"))
     return root
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_llama_dir, tmp_path_factory):
+    return build_distill_setup(tiny_llama_dir, tmp_path_factory.mktemp("distill"))
 
 
 def _one_step(root, out, tp, pp, kd_loss):

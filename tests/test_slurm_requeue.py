@@ -1,0 +1,74 @@
+"""Preemption on the real (local) Slurm: the sbatch script's tasks save on SIGUSR1, the script requeues the
+job, and the next allocation resumes and finishes with the same losses as an uninterrupted job."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from test_distill import build_distill_setup
+from test_slurm import REPO, _job_env, _sbatch_wait, slurm  # noqa: F401  (slurm: the session fixture)
+
+SBATCH = REPO / "launch" / "slurm" / "megatron_prune.sbatch"
+
+
+@pytest.fixture(scope="module")
+def requeue_setup(tiny_llama_dir, tmp_path_factory):
+    return build_distill_setup(tiny_llama_dir, tmp_path_factory.mktemp("requeue"))
+
+
+def _distill_args(setup, out):
+    return ["distill", "--teacher", setup / "teacher", "--student", setup / "student", "--data", setup / "data", "--out", out,
+            "--steps", "6", "--seq-len", "16", "--micro-batch-size", "2", "--global-batch-size", "4", "--lr", "1e-3",
+            "--warmup-steps", "2", "--save-every", "2"]
+
+
+def _job_args(tmp_path, log, *cmd):
+    return ["--nodes=1", "--ntasks-per-node=1", "--time=00:30:00", f"--chdir={tmp_path}", f"--output={log}",
+            SBATCH, *cmd]
+
+
+def _history(step_dir: Path) -> list:
+    from megatron.core import dist_checkpointing
+
+    history = dist_checkpointing.load_common_state_dict(str(step_dir))["trainer"]["history"]
+    return [(r["step"], r["loss"]) for r in history if "loss" in r]
+
+
+def _job_state(job: str) -> str:
+    out = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout
+    return next((w.split("=", 1)[1] for w in out.split() if w.startswith("JobState=")), "GONE")
+
+
+def test_preempted_distillation_requeues_and_resumes(slurm, requeue_setup, tmp_path):  # noqa: F811
+    env = _job_env(MP_VENV=str(Path(sys.executable).parent.parent), MP_REPO=str(REPO), OMP_NUM_THREADS="1")
+    full_log = tmp_path / "full.log"
+    _sbatch_wait(_job_args(tmp_path, full_log, *_distill_args(requeue_setup, tmp_path / "full")), env, full_log)
+    want = _history(tmp_path / "full" / "step_0000006")
+
+    out, log = tmp_path / "preempted", tmp_path / "preempted.log"
+    job = subprocess.run(["sbatch", "--parsable", *map(str, _job_args(tmp_path, log, *_distill_args(requeue_setup, out)))],
+                         capture_output=True, text=True, env=env, check=True).stdout.strip().split(";")[0]
+    deadline = time.time() + 1800  # a hang guard only
+    while not (out / "step_0000002").is_dir():  # a first checkpoint exists: the run is under way
+        assert time.time() < deadline and _job_state(job) in ("PENDING", "RUNNING", "CONFIGURING"), log.read_text()
+        time.sleep(0.5)
+    # what Slurm sends before a time limit (--signal=USR1@120) and what preemption looks like to the tasks
+    subprocess.run(["scancel", "--signal=USR1", job], check=True)
+    while _job_state(job) not in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "GONE"):
+        assert time.time() < deadline, log.read_text()
+        time.sleep(1)
+    text = log.read_text()
+    assert _job_state(job) in ("COMPLETED", "GONE"), text
+    assert "stopped by SIGUSR1" in text and "requeueing job" in text, text
+    assert text.count("[megatron_prune.sbatch] job") == 2, text  # two allocations, one log (--open-mode=append)
+    got = _history(out / "step_0000006")
+    assert [s for s, _ in got] == [s for s, _ in want] == list(range(1, 7))
+    for (_, g), (_, w) in zip(got, want):
+        assert abs(g - w) <= 1e-6 * abs(w), (got, want)
+    assert json.loads((out / "step_0000006" / "megatron_prune.json").read_text())["arch"]
