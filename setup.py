@@ -6,12 +6,14 @@ setup(
     description="Prune and distill Megatron-core LLMs on their tensor/pipeline-parallel shards (Minitron recipe)",
     long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",
-    python_requires=">=3.10,<3.12",
+    python_requires=">=3.10,<3.13",
     packages=find_packages(include=["megatron_prune", "megatron_prune.*"]),
     install_requires=[
-        # torch is pinned by the README/CI install line (CPU wheel); any 2.6+ works with megatron-core 0.16.
+        # torch is pinned by launch/local/install.sh (2.13.0); any 2.6+ works with megatron-core 0.16-0.19.
         "torch>=2.6",
-        "megatron-core>=0.16.1,<0.17",  # 0.17 needs Python 3.12
+        # 0.16.x is the newest release for Python 3.10/3.11 (0.17 and later need 3.12); version differences
+        # are handled in megatron_prune/runtime/compat.py.
+        "megatron-core>=0.16.1,<0.20",
         "psutil",
         "numpy",
         "transformers>=4.51,<6",

@@ -21,6 +21,14 @@ def test_cuda_calls_are_redirected():
     assert layer.cuda() is layer
     assert x.type() == "torch.cuda.FloatTensor"  # megatron's optimizer checks this name
     assert x.type(torch.float64).dtype == torch.float64  # casting still works
+    # megatron-core 0.17+ DDP synchronises its gradient buffers through CUDA streams and events
+    side = torch.cuda.Stream(device=torch.cuda.current_device())
+    event = torch.cuda.Event()
+    torch.cuda.current_stream().wait_event(event)
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        y = x + 1
+    assert torch.equal(y, x + 1) and event.query()
 
 
 def test_megatron_rng_tracker_and_causal_mask_on_cpu():

