@@ -10,8 +10,10 @@ from megatron_prune.distill.config import TrainConfig
 def distill(config: Optional[str] = None, **overrides) -> None:
     """Run knowledge distillation from a YAML file of TrainConfig fields plus keyword overrides."""
     from megatron_prune.distill.trainer import train
+    from megatron_prune.pipelines.train import check_training
 
     cfg = TrainConfig.from_yaml(config, **overrides)
     if not cfg.teacher:
         raise ValueError("`distill` needs --teacher (or teacher: in the YAML); use `train` for LM-loss training")
+    check_training(cfg)
     train(cfg)
