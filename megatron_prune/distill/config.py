@@ -97,7 +97,8 @@ class TrainConfig:
         for name, low in at_least.items():
             value = getattr(self, name)
             if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool) or value < low):
-                raise ValueError(f"{name} (--{name.replace('_', '-')}) must be a number >= {low}, got {value!r}")
+                hint = " (YAML reads 1e-4 as text: write 1.0e-4)" if isinstance(value, str) else ""
+                raise ValueError(f"{name} (--{name.replace('_', '-')}) must be a number >= {low}, got {value!r}{hint}")
         if self.min_lr > self.lr:
             raise ValueError(f"min_lr (--min-lr) {self.min_lr} is above lr (--lr) {self.lr}; the schedule decays "
                              f"from lr to min_lr")
