@@ -64,7 +64,11 @@ def enough_windows(prefix: str, seq_len: int, needed: int, name: str, fix: str) 
     """The data holds at least ``needed`` windows of ``seq_len + 1`` tokens; returns how many it holds."""
     from megatron_prune.data.indexed import count_windows
 
-    available = count_windows(prefix, seq_len)
+    try:
+        available = count_windows(prefix, seq_len)
+    except Exception as e:  # megatron's reader asserts on a foreign or truncated index
+        raise InputError(f"{name} {prefix}: {prefix}.idx/.bin cannot be read as a Megatron indexed dataset "
+                         f"({type(e).__name__}: {e}); rebuild it with `megatron-prune data`") from e
     if available < needed:
         raise InputError(f"{name} {prefix} has {available} windows of {seq_len + 1} tokens, fewer than the {needed} "
                          f"needed; {fix}")

@@ -60,6 +60,10 @@ def inputs(tmp_path_factory):
     (root / "plan.json").write_text("{ not json")
     (root / "bad.yaml").write_text("steps: [1, 2\n")
     (root / "a_file").write_text("x")
+    (root / "tok").mkdir()
+    (root / "tok" / "tokenizer.json").write_text("{}")  # enough for the checks, which never load it
+    (root / "junk.bin").write_text("not tokens")
+    (root / "junk.idx").write_text("not an index")
     return root
 
 
@@ -82,11 +86,17 @@ def _cases(r: Path):
         (["data", "--tokenizer", nope, "--out", out], ["--tokenizer", "does not exist"]),
         (["data", "--tokenizer", str(r / "empty_dir"), "--out", out], ["--tokenizer", "no tokenizer files"]),
         (["data", "--tokenizer", ck, "--out", out], ["--tokenizer", "carries no tokenizer"]),
+        (["data", "--tokenizer", str(r / "tok"), "--out", out, "--corpus", "wiki"], ["--corpus 'wiki'", "shakespeare"]),
+        (["data", "--tokenizer", str(r / "tok"), "--out", out, "--jsonl", nope], ["--jsonl", "does not exist"]),
+        (["data", "--tokenizer", str(r / "tok"), "--out", out, "--valid-fraction", "1.5"], ["--valid-fraction", "[0, 1)"]),
+        (["data", "--tokenizer", str(r / "tok"), "--out", out, "--max-docs", "0"], ["--max-docs", "positive"]),
+        (["data", "--tokenizer", str(r / "tok"), "--out", str(r / "a_file")], ["--out", "is a file"]),
         # eval
         (["eval", hf, "--data", data], ["CKPT", "Hugging Face model", f"megatron-prune convert {hf} CKPT_DIR"]),
         (["eval", nope, "--data", data], ["CKPT", "does not exist"]),
         (["eval", ck, "--data", nope], ["--data", "no indexed dataset", "megatron-prune data"]),
         (["eval", ck, "--data", data + ".bin"], ["--data", "without .bin"]),
+        (["eval", ck, "--data", str(r / "junk")], ["--data", "cannot be read as a Megatron indexed dataset"]),
         (["eval", ck, "--data", data, "--seq-len", "0"], ["--seq-len", "positive"]),
         (["eval", ck, "--data", data, "--micro-batch-size", "-1"], ["--micro-batch-size", "positive"]),
         (["eval", ck, "--data", data, "--seq-len", "5000"], ["--data", "0 windows of 5001 tokens", "--seq-len"]),
@@ -172,6 +182,9 @@ def test_bad_input_is_one_line_naming_it(index, inputs, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert code == 2, (argv, err)
     assert "Traceback" not in err
+    lines = err.strip().splitlines()  # one line; argparse's own errors come after the usage block
+    assert lines[-1].startswith(f"megatron-prune {argv[0]}: error: "), err
+    assert len(lines) == 1 or lines[0].startswith("usage:"), err
     for fragment in fragments:
         assert fragment in err, (argv, fragment, err)
     assert not (inputs / "new_out").exists()  # nothing was written

@@ -69,7 +69,7 @@ class TrainConfig:
             try:
                 values = yaml.safe_load(Path(path).read_text()) or {}
             except yaml.YAMLError as e:
-                raise ValueError(f"--config {path} is not valid YAML: {e}") from None
+                raise ValueError(f"--config {path} is not valid YAML: {' '.join(str(e).split())}") from None
             if not isinstance(values, dict):
                 raise ValueError(f"--config {path}: a training config is a YAML mapping of TrainConfig fields")
         values.update({k: v for k, v in overrides.items() if v is not None})
