@@ -45,7 +45,7 @@ _TRAIN_FLAGS = (
     ("--seed", int, "random seed (data order, initialisation)"),
     ("--eval-every", int, "validation LM loss on --valid-data every N steps (0: never)"),
     ("--eval-samples", int, "validation windows per evaluation"),
-    ("--save-every", int, "write a step_* checkpoint every N steps (0: only at the end)"),
+    ("--save-every", int, "write a step_* checkpoint every N steps"),
     ("--keep-last", int, "keep this many newest step_* checkpoints"),
 )
 _DISTILL_FLAGS = (
@@ -166,7 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--tokens", type=int, help="train on this many tokens instead of --steps")
         for flag, kind, text in _TRAIN_FLAGS + (_DISTILL_FLAGS if distill else ()):
             name = flag[2:].replace("-", "_")
-            p.add_argument(flag, type=kind, help=f"{text} (default {_train_default(name)})")
+            default = _train_default(name)
+            p.add_argument(flag, type=kind, help=f"{text} (default {'none' if default is None else default})")
         if distill:
             p.add_argument("--kd-loss", choices=["forward", "reverse", "topk"],
                            help=f"distillation loss: forward KL, reverse KL or top-K forward KL (default "
