@@ -16,7 +16,8 @@ def plan_from_scores(ckpt: str | Path, scores_file: str | Path, target: str | Pr
 
     if isinstance(target, str):
         target = PruneTarget.parse(target)
-    inputs.existing_file(scores_file, "--scores", "compute it with `megatron-prune importance CKPT --data PREFIX --out FILE`")
+    inputs.existing_file(scores_file, "--scores",
+                         "compute it with `megatron-prune importance` on this checkpoint (--data PREFIX --out FILE)")
     try:
         scores = ImportanceScores.load(scores_file)
     except Exception as e:  # safetensors raises its own error types for a file that is not safetensors
