@@ -130,7 +130,7 @@ def _cases(r: Path):
         # distill / train
         (["train", *tr, "--steps", "0"], ["steps (--steps)", ">= 1", "got 0"]),
         (["train", *tr, "--steps", "-1"], ["steps (--steps)", "got -1"]),
-        (["train", *tr], ["--steps or --tokens"]),
+        (["train", *tr], ["exactly one of steps or tokens", "--steps / --tokens"]),
         (["train", *tr, "--steps", "1", "--lr", "-1"], ["lr (--lr)", ">= 0"]),
         (["train", *tr, "--steps", "1", "--global-batch-size", "3", "--micro-batch-size", "2"],
          ["--global-batch-size", "multiple", "--micro-batch-size"]),
