@@ -32,6 +32,40 @@ def _add_layout(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (default 1)")
 
 
+# distill/train flags whose argparse default is None (so that --config values stand) and whose real default is
+# TrainConfig's: --help shows that one
+_TRAIN_FLAGS = (
+    ("--seq-len", int, "tokens per training sample"),
+    ("--micro-batch-size", int, "samples per forward/backward pass on one data-parallel rank"),
+    ("--global-batch-size", int, "samples per optimizer step over all ranks (gradient accumulation fills it)"),
+    ("--lr", float, "peak learning rate"),
+    ("--min-lr", float, "learning rate at the end of the cosine decay"),
+    ("--warmup-steps", int, "linear warm-up steps"),
+    ("--weight-decay", float, "decoupled weight decay"),
+    ("--clip-grad", float, "gradient-norm clipping threshold"),
+    ("--seed", int, "random seed (data order, initialisation)"),
+    ("--eval-every", int, "validation LM loss on --valid-data every N steps (0: never)"),
+    ("--eval-samples", int, "validation windows per evaluation"),
+    ("--save-every", int, "write a step_* checkpoint every N steps"),
+    ("--keep-last", int, "keep this many newest step_* checkpoints"),
+)
+_DISTILL_FLAGS = (
+    ("--kd-tau", float, "softmax temperature of the KD loss"),
+    ("--kd-top-k", int, "K of the top-K KD loss (with --kd-loss topk)"),
+    ("--ce-weight", float, "weight of the LM (cross-entropy) loss added to the KD loss"),
+    ("--teacher-correction-steps", int, "first fine-tune the teacher on the data for this many steps (0: off)"),
+    ("--teacher-correction-lr", float, "learning rate of the teacher correction"),
+)
+
+
+def _train_default(name: str):
+    import dataclasses
+
+    from megatron_prune.distill.config import TrainConfig
+
+    return {f.name: f.default for f in dataclasses.fields(TrainConfig)}[name]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="megatron-prune",
@@ -71,8 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "over the remaining ranks), on consecutive windows of a Megatron indexed dataset.")
     p.add_argument("ckpt", help="megatron-prune checkpoint")
     p.add_argument("--data", required=True, help="indexed dataset prefix (path without .bin/.idx)")
-    p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--micro-batch-size", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per evaluation window")
+    p.add_argument("--micro-batch-size", type=int, default=4, help="windows per forward pass")
     p.add_argument("--max-sequences", type=int, help="evaluate at most this many windows")
     p.add_argument("--out", help="also write the result as JSON here")
     _add_layout(p)
@@ -86,18 +120,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="indexed dataset prefix of calibration text (your training data)")
     p.add_argument("--out", required=True, help="score file to write (safetensors)")
     p.add_argument("--samples", type=int, default=1024, help="calibration samples (default 1024, as in Minitron)")
-    p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--micro-batch-size", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration sample")
+    p.add_argument("--micro-batch-size", type=int, default=4, help="samples per forward pass")
     p.add_argument("--seq-agg", default="mean", choices=["mean", "l2", "variance"], help="aggregation over the sequence (default mean)")
     p.add_argument("--batch-agg", default="l2", choices=["mean", "l2", "variance"], help="aggregation over the batch (default l2)")
     p.add_argument("--head-metric", default="activation", choices=["activation", "channel", "residual"],
                    help="attention-head score used for pruning heads and query groups (all three are stored; "
                    "see docs/pruning.md; default activation)")
     p.add_argument("--lm-loss-drop", type=int, nargs="*", default=[], metavar="N",
-                   help="also measure the LM-loss increase when each block of N layers is removed (one pass per block)")
+                   help="also measure the LM-loss increase when each block of N layers is removed (one pass per block; default none)")
     p.add_argument("--lm-loss-samples", type=int, default=64,
                    help="samples for the LM-loss drop (the first N calibration windows)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the random choice of calibration windows")
     _add_layout(p)
 
     p = sub.add_parser("prune", help="write a pruned checkpoint from scores and a target shape",
@@ -111,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plan", help="use this plan file instead of --scores/--target")
     p.add_argument("--plan-out", help="also write the plan (human-readable JSON) here")
     p.add_argument("--out", help="pruned checkpoint to write (omit to only print the plan)")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     _add_layout(p)
 
     for verb in ("distill", "train"):
@@ -125,38 +159,27 @@ def build_parser() -> argparse.ArgumentParser:
                          "distillation, or a CE baseline). ") + "Options come from --config YAML (TrainConfig "
                          "fields) and the flags below, which override it. Resumes from the newest step_* "
                          "checkpoint in --out.")
-        p.add_argument("--config", help="YAML file of TrainConfig fields")
+        p.add_argument("--config", help="YAML file of TrainConfig fields (flags override it)")
         if distill:
-            p.add_argument("--teacher", help="teacher checkpoint")
-        p.add_argument("--student", help="checkpoint to train")
+            p.add_argument("--teacher", help="teacher checkpoint (frozen)")
+        p.add_argument("--student", help="checkpoint to train (usually the pruned one)")
         p.add_argument("--data", nargs="+", help="indexed dataset prefixes, or a blend: WEIGHT PREFIX WEIGHT PREFIX ...")
-        p.add_argument("--valid-data", help="indexed dataset prefix for the periodic validation LM loss")
-        p.add_argument("--out", help="run directory (step_* checkpoints, tensorboard/)")
-        p.add_argument("--steps", type=int)
+        p.add_argument("--valid-data", help="indexed dataset prefix for the periodic validation LM loss (default: none)")
+        p.add_argument("--out", help="run directory (step_* checkpoints, tensorboard/); an existing one is resumed")
+        p.add_argument("--steps", type=int, help="optimizer steps (give this or --tokens)")
         p.add_argument("--tokens", type=int, help="train on this many tokens instead of --steps")
-        p.add_argument("--seq-len", type=int)
-        p.add_argument("--micro-batch-size", type=int)
-        p.add_argument("--global-batch-size", type=int)
-        p.add_argument("--lr", type=float)
-        p.add_argument("--min-lr", type=float)
-        p.add_argument("--warmup-steps", type=int)
-        p.add_argument("--weight-decay", type=float)
-        p.add_argument("--clip-grad", type=float)
-        p.add_argument("--seed", type=int)
-        p.add_argument("--eval-every", type=int)
-        p.add_argument("--eval-samples", type=int)
-        p.add_argument("--save-every", type=int)
-        p.add_argument("--keep-last", type=int)
+        for flag, kind, text in _TRAIN_FLAGS + (_DISTILL_FLAGS if distill else ()):
+            name = flag[2:].replace("-", "_")
+            default = _train_default(name)
+            p.add_argument(flag, type=kind, help=f"{text} (default {'none' if default is None else default})")
         if distill:
-            p.add_argument("--kd-loss", choices=["forward", "reverse", "topk"])
-            p.add_argument("--kd-tau", type=float)
-            p.add_argument("--kd-top-k", type=int)
-            p.add_argument("--ce-weight", type=float)
-            p.add_argument("--teacher-correction-steps", type=int,
-                           help="first fine-tune the teacher on the data for this many steps (0: off)")
-            p.add_argument("--teacher-correction-lr", type=float)
-            p.add_argument("--fp8-teacher", action="store_true", default=None, help="teacher forward in FP8 (TE, Hopper)")
-            p.add_argument("--fp8-student", action="store_true", default=None, help="student training in FP8 (TE)")
+            p.add_argument("--kd-loss", choices=["forward", "reverse", "topk"],
+                           help=f"distillation loss: forward KL, reverse KL or top-K forward KL (default "
+                           f"{_train_default('kd_loss')})")
+            p.add_argument("--fp8-teacher", action="store_true", default=None,
+                           help="teacher forward in FP8 (TE, Hopper; default off)")
+            p.add_argument("--fp8-student", action="store_true", default=None,
+                           help="student training in FP8 (TE; default off)")
         _add_layout(p)
 
     p = sub.add_parser("search", help="every shape within a parameter/memory budget, ranked zero-shot, then after distillation",
@@ -233,15 +256,16 @@ def build_parser() -> argparse.ArgumentParser:
                        "depth, distill the width-pruned one briefly from the original, evaluate all and write a "
                        "report (table + plot). Resumes: finished steps are skipped.")
     p.add_argument("--workdir", default="runs/demo", help="where everything is written (default runs/demo)")
-    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per calibration and evaluation window")
     p.add_argument("--eval-sequences", type=int, default=64, help="validation windows to evaluate")
     p.add_argument("--calib-samples", type=int, default=64, help="calibration samples for importance")
     p.add_argument("--distill-steps", type=int, default=30, help="distillation steps for the width-pruned model (0: skip)")
     _add_layout(p)
     for p in sub.choices.values():  # every subcommand's --help shows the defaults
         for action in p._actions:
-            if action.help is None and action.default not in (None, argparse.SUPPRESS):
-                action.help = "default: %(default)s"
+            if (action.option_strings and action.default not in (None, False, argparse.SUPPRESS)
+                    and "default" not in (action.help or "")):
+                action.help = f"{action.help} (default %(default)s)"
     return parser
 
 
@@ -265,13 +289,9 @@ def run(args: argparse.Namespace) -> None:
             valid_fraction=args.valid_fraction, max_docs=args.max_docs).items()})
     elif args.command == "eval":
         from megatron_prune.pipelines.eval import evaluate_checkpoint
-        from megatron_prune.runtime import is_rank0
 
         result = evaluate_checkpoint(args.ckpt, args.data, seq_len=args.seq_len, micro_batch_size=args.micro_batch_size,
-                                     max_sequences=args.max_sequences, tp=args.tp, pp=args.pp).to_dict()
-        if args.out and is_rank0():
-            with open(args.out, "w") as f:
-                json.dump(result, f, indent=2)
+                                     max_sequences=args.max_sequences, tp=args.tp, pp=args.pp, out=args.out).to_dict()
         _print_json(result)
     elif args.command == "importance":
         from megatron_prune.pipelines.importance import score_checkpoint

@@ -65,3 +65,46 @@ def smol_tokenizer_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("smol_tokenizer")
     tok.save_pretrained(out)
     return out
+
+
+# ---- shared SmolLM2 artefacts for slow end-to-end tests: converted once, scored once per session ----------
+
+
+def _convert_smol(hf_dir, out):
+    from megatron_prune.pipelines.convert import hf_to_megatron
+
+    hf_to_megatron(hf_dir, out, tp=1, pp=1)
+
+
+def _score_smol(ckpt, prefix, out):
+    from megatron_prune.pipelines.importance import score_checkpoint
+
+    score_checkpoint(ckpt, prefix, out, num_samples=16, seq_len=128, lm_loss_blocks=(1,), lm_loss_samples=8)
+
+
+@pytest.fixture(scope="session")
+def smol_ckpt(smol_hf_dir, tmp_path_factory) -> Path:
+    """SmolLM2-135M as a TP1 PP1 megatron-prune checkpoint (loads at any layout). Read-only: copy before writing."""
+    from distributed_utils import run_ranks
+
+    out = tmp_path_factory.mktemp("smol_ckpt") / "ckpt"
+    run_ranks(_convert_smol, 1, smol_hf_dir, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def smol_shakespeare(smol_hf_dir, tmp_path_factory) -> dict:
+    """Shakespeare (train/valid) tokenized with SmolLM2's tokenizer: {split: indexed prefix}."""
+    from megatron_prune.pipelines.data import prepare_data
+
+    return prepare_data("shakespeare", tokenizer=smol_hf_dir, out_dir=tmp_path_factory.mktemp("smol_data"))
+
+
+@pytest.fixture(scope="session")
+def smol_scores(smol_ckpt, smol_shakespeare, tmp_path_factory) -> Path:
+    """One calibration pass over SmolLM2 (16 x 128 tokens of Shakespeare train, with LM-loss drop per layer)."""
+    from distributed_utils import run_ranks
+
+    out = tmp_path_factory.mktemp("smol_scores") / "smol.scores"
+    run_ranks(_score_smol, 1, smol_ckpt, smol_shakespeare["train"], out)
+    return out

@@ -51,7 +51,7 @@ def test_demo_end_to_end(tmp_path):
     work = tmp_path / "demo"
     args = ["demo", "--workdir", str(work), "--seq-len", "128", "--eval-sequences", "8", "--calib-samples", "8",
             "--distill-steps", "3"]
-    out = cli(*args, timeout=1800)
+    out = cli(*args, timeout=3600)  # a hang guard only
     assert out.returncode == 0, out.stderr[-3000:]
     report = json.loads((work / "report.json").read_text())
     base, width, depth, distilled = (r["lm_loss"] for r in report["rows"])
@@ -62,5 +62,5 @@ def test_demo_end_to_end(tmp_path):
     assert distilled < width  # three distillation steps already recover some of the loss
     assert "| SmolLM2-135M-Instruct" in (work / "report.md").read_text()
     assert (work / "report.png").stat().st_size > 1000
-    again = cli(*args, timeout=1800)
+    again = cli(*args, timeout=3600)  # a hang guard only
     assert again.returncode == 0 and again.stdout.count("(done before, skipping)") == 5

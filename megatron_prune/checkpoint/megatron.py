@@ -70,7 +70,8 @@ def read_meta(ckpt_dir: str | os.PathLike) -> CheckpointMeta:
     if not meta_path.is_file():
         hint = ""
         if (path / "config.json").is_file():
-            hint = " It looks like a Hugging Face model: convert it first with `megatron-prune convert --hf ... --out ...`."
+            hint = (f" It looks like a Hugging Face model: convert it first with `megatron-prune convert {path} "
+                    f"CKPT_DIR` and pass CKPT_DIR.")
         elif path.name.startswith(".") and path.name.endswith(".tmp"):
             hint = " It is an unfinished write (a job died while saving); delete it and re-run."
         raise CheckpointError(f"{path} is not a megatron-prune checkpoint: {METADATA_FILE} is missing.{hint}")

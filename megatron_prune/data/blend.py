@@ -60,7 +60,9 @@ def build_train_dataset(blend, seq_len: int, num_samples: int, seed: int, eod: i
         blend=(prefixes, weights),
         split="100,0,0",
         path_to_cache=str(cache_dir) if cache_dir else None,
-        tokenizer=_EodTokenizer(eod, eod if pad is None else pad),
+        # no pad id by default: samples are cut from the concatenated token stream and are never padded. -1 is
+        # what megatron falls back to anyway when pad == eod, after warning on every run ("pad token id collides")
+        tokenizer=_EodTokenizer(eod, -1 if pad is None else pad),
         reset_position_ids=False,
         reset_attention_mask=False,
         eod_mask_loss=False,

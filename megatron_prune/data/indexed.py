@@ -189,7 +189,8 @@ def fixed_length_windows(prefix: str | os.PathLike, seq_len: int, max_windows: i
         raise ValueError(f"seq_len must be >= 1, got {seq_len}")
     prefix = str(prefix)
     if not (Path(f"{prefix}.bin").is_file() and Path(f"{prefix}.idx").is_file()):
-        raise FileNotFoundError(f"no indexed dataset at {prefix}(.bin/.idx); make one with tokenize_jsonl()")
+        raise FileNotFoundError(f"no indexed dataset at {prefix}(.bin/.idx); make one with `megatron-prune data` "
+                                f"(or megatron_prune.data.tokenize_jsonl)")
     ds = IndexedDataset(prefix)
     width = seq_len + 1
     total = int(ds.sequence_lengths.sum())

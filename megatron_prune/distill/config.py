@@ -63,9 +63,15 @@ class TrainConfig:
     def from_yaml(cls, path: Optional[str | Path] = None, **overrides) -> "TrainConfig":
         values = {}
         if path is not None:
-            values = yaml.safe_load(Path(path).read_text()) or {}
+            if not Path(path).is_file():
+                raise ValueError(f"--config {path} does not exist; give a YAML file of TrainConfig fields "
+                                 f"(see examples/)")
+            try:
+                values = yaml.safe_load(Path(path).read_text()) or {}
+            except yaml.YAMLError as e:
+                raise ValueError(f"--config {path} is not valid YAML: {' '.join(str(e).split())}") from None
             if not isinstance(values, dict):
-                raise ValueError(f"{path}: a training config is a YAML mapping of TrainConfig fields")
+                raise ValueError(f"--config {path}: a training config is a YAML mapping of TrainConfig fields")
         values.update({k: v for k, v in overrides.items() if v is not None})
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
@@ -81,14 +87,34 @@ class TrainConfig:
         return cfg
 
     def validate(self) -> None:
+        """Check every field before anything is loaded; messages name the field and its flag."""
         if (self.steps is None) == (self.tokens is None):
-            raise ValueError("give exactly one of steps or tokens")
+            raise ValueError("give exactly one of steps or tokens (--steps / --tokens, or steps: / tokens: in the YAML)")
+        at_least = {"steps": 1, "tokens": 1, "tp": 1, "pp": 1, "seq_len": 1, "micro_batch_size": 1,
+                    "global_batch_size": 1, "log_every": 1, "eval_samples": 1, "keep_last": 1, "warmup_steps": 0,
+                    "eval_every": 0, "save_every": 0, "teacher_correction_steps": 0, "lr": 0, "min_lr": 0,
+                    "weight_decay": 0, "clip_grad": 0, "ce_weight": 0, "teacher_correction_lr": 0}
+        for name, low in at_least.items():
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool) or value < low):
+                hint = " (YAML reads 1e-4 as text: write 1.0e-4)" if isinstance(value, str) else ""
+                raise ValueError(f"{name} (--{name.replace('_', '-')}) must be a number >= {low}, got {value!r}{hint}")
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr (--min-lr) {self.min_lr} is above lr (--lr) {self.lr}; the schedule decays "
+                             f"from lr to min_lr")
+        if not self.kd_tau > 0:
+            raise ValueError(f"kd_tau (--kd-tau) must be > 0, got {self.kd_tau}")
+        if self.kd_top_k is not None and self.kd_top_k < 1:
+            raise ValueError(f"kd_top_k (--kd-top-k) must be >= 1, got {self.kd_top_k}")
+        if self.global_batch_size % self.micro_batch_size:
+            raise ValueError(f"global_batch_size (--global-batch-size) {self.global_batch_size} must be a multiple "
+                             f"of micro_batch_size (--micro-batch-size) {self.micro_batch_size}")
         if self.optimizer not in ("adam", "sgd"):
             raise ValueError(f"optimizer must be adam or sgd, got {self.optimizer!r}")
         if self.kd_loss not in ("forward", "reverse", "topk"):
             raise ValueError(f"kd_loss must be forward, reverse or topk, got {self.kd_loss!r}")
         if self.kd_loss == "topk" and not self.kd_top_k:
-            raise ValueError("kd_loss=topk needs kd_top_k")
+            raise ValueError("kd_loss=topk needs kd_top_k (--kd-top-k K)")
         if self.intermediate_loss not in ("cosine", "mse"):
             raise ValueError(f"intermediate_loss must be cosine or mse, got {self.intermediate_loss!r}")
         if self.teacher is None and (self.intermediate_layers or self.embedding_loss or self.fp8_teacher):

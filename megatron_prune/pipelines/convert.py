@@ -12,7 +12,8 @@ from typing import Optional
 
 import torch
 
-from megatron_prune.arch import ModelArch
+from megatron_prune import inputs
+from megatron_prune.arch import ArchError, ModelArch
 from megatron_prune.checkpoint import load_model, save_checkpoint
 from megatron_prune.checkpoint.hf import export_model_to_hf, gguf_to_hf, load_hf_into_model, read_hf_config
 from megatron_prune.checkpoint.megatron import METADATA_FILE
@@ -30,9 +31,10 @@ def detect_source(path: str | Path) -> str:
     if (p / "config.json").is_file():
         return "hf"
     if not p.exists():
-        raise FileNotFoundError(f"{p} does not exist")
-    raise ValueError(f"cannot tell what {p} is: expected a .gguf file, a Hugging Face directory (config.json) "
-                     f"or a megatron-prune checkpoint ({METADATA_FILE})")
+        raise inputs.InputError(f"SRC {p} does not exist; pass a .gguf file, a Hugging Face directory or a "
+                                f"megatron-prune checkpoint")
+    raise inputs.InputError(f"SRC: cannot tell what {p} is: expected a .gguf file, a Hugging Face directory "
+                            f"(config.json) or a megatron-prune checkpoint ({METADATA_FILE})")
 
 
 def hf_to_megatron(hf_dir: str | Path, out: str | Path, tp: int = 1, pp: int = 1, dtype: torch.dtype = torch.float32,
@@ -70,17 +72,43 @@ def _launch_world_size() -> int:
     return detect_launch_env().world_size
 
 
+def check_convert(src, out, to: Optional[str], tp: int, pp: int, dtype: str, overwrite: bool) -> tuple[str, str]:
+    """Every input of `convert`, before any process group or weight; returns (source kind, target format)."""
+    inputs.layout(tp, pp)
+    kind = detect_source(src)
+    to = to or ("hf" if kind == "megatron" else "megatron")
+    if to not in ("megatron", "hf"):
+        raise inputs.InputError(f"--to must be 'megatron' or 'hf', got {to!r}")
+    if dtype != "auto" and not isinstance(getattr(torch, dtype, None), torch.dtype):
+        raise inputs.InputError(f"--dtype {dtype!r} is not a torch dtype; use auto, float32, bfloat16 or float16")
+    if kind == to:
+        what = "a Hugging Face directory" if kind == "hf" else "a Megatron checkpoint (it loads at any TP/PP as it is)"
+        raise inputs.InputError(f"SRC {src} is already {what}; drop --to {to} to convert it to the other format")
+    if kind == "megatron":
+        inputs.checkpoint(src, "SRC")
+    if to == "hf" and (tp != 1 or pp != 1):
+        raise inputs.InputError(
+            "--tp/--pp set the layout of an import; an export to Hugging Face loads the checkpoint at TP=1 with one "
+            "pipeline stage per process (to split a big model over N stages, launch N processes: torchrun "
+            "--nproc-per-node N). Drop --tp/--pp")
+    if to == "megatron" and kind == "hf":
+        try:
+            arch = ModelArch.from_hf_config(read_hf_config(src))
+            arch.check_parallel(tp, pp)
+        except (ArchError, ValueError) as e:
+            raise inputs.InputError(f"SRC {src}: {e}") from e
+    inputs.output(out, "OUT", overwrite)
+    return kind, to
+
+
 def convert(src: str | Path, out: str | Path, to: Optional[str] = None, tp: int = 1, pp: int = 1,
             dtype: str = "auto", overwrite: bool = False) -> Path:
     """Convert ``src`` (gguf, hf or megatron) to ``to`` ("megatron" or "hf").
 
     ``dtype="auto"``: float32 when importing, the checkpoint's own dtype when exporting.
     """
-    kind = detect_source(src)
+    kind, to = check_convert(src, out, to, tp, pp, dtype, overwrite)
     check_output_path(out, {"source": src})
-    to = to or ("hf" if kind == "megatron" else "megatron")
-    if to not in ("megatron", "hf"):
-        raise ValueError(f"--to must be 'megatron' or 'hf', got {to!r}")
     torch_dtype = None if dtype == "auto" else getattr(torch, dtype)
     import_dtype = torch_dtype or torch.float32
     out = Path(out)
@@ -102,9 +130,5 @@ def convert(src: str | Path, out: str | Path, to: Optional[str] = None, tp: int 
             if is_rank0():
                 shutil.rmtree(staging, ignore_errors=True)
     if kind == "hf":
-        if to == "hf":
-            raise ValueError(f"{src} is already a Hugging Face directory")
         return hf_to_megatron(src, out, tp, pp, import_dtype, overwrite)
-    if to == "megatron":
-        raise ValueError(f"{src} is already a Megatron checkpoint (it loads at any TP/PP as it is)")
     return megatron_to_hf(src, out, dtype=torch_dtype, overwrite=overwrite)

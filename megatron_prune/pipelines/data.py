@@ -5,22 +5,29 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from megatron_prune.checkpoint.megatron import METADATA_FILE
+from megatron_prune import inputs
 
 
 def resolve_tokenizer_dir(path: str | Path) -> Path:
     """A checkpoint's ``tokenizer/`` folder, or the directory itself when it holds tokenizer files."""
-    p = Path(path)
-    if (p / METADATA_FILE).is_file():
-        from megatron_prune.checkpoint import tokenizer_dir
+    return inputs.tokenizer_source(path, "--tokenizer")
 
-        found = tokenizer_dir(p)
-        if found is None:
-            raise FileNotFoundError(f"checkpoint {p} carries no tokenizer; pass a Hugging Face tokenizer directory")
-        return found
-    if not p.is_dir():
-        raise FileNotFoundError(f"tokenizer {p} not found: pass a megatron-prune checkpoint or a tokenizer directory")
-    return p
+
+def check_data(corpus: str, tokenizer, out_dir, jsonl, valid_fraction: float, max_docs: Optional[int]) -> Path:
+    """Every input of `data`, before reading or tokenizing anything; returns the tokenizer directory."""
+    from megatron_prune.data.corpora import CORPORA
+
+    tok_dir = resolve_tokenizer_dir(tokenizer)
+    if jsonl is not None:
+        inputs.existing_file(jsonl, "--jsonl", "give a JSONL file with one {\"text\": ...} object per line")
+    elif corpus not in CORPORA:
+        raise inputs.InputError(f"--corpus {corpus!r} is unknown; choose one of {', '.join(sorted(CORPORA))} "
+                                f"(or pass --jsonl FILE)")
+    if not 0 <= valid_fraction < 1:
+        raise inputs.InputError(f"--valid-fraction must be in [0, 1), got {valid_fraction}")
+    inputs.positive("--max-docs", max_docs)
+    inputs.output(out_dir, "--out", overwrite=None)  # an existing directory is fine: finished outputs are reused
+    return tok_dir
 
 
 def prepare_data(corpus: str = "shakespeare", tokenizer: str | Path = "", out_dir: str | Path = "data",
@@ -30,7 +37,7 @@ def prepare_data(corpus: str = "shakespeare", tokenizer: str | Path = "", out_di
     from megatron_prune.data import tokenize_jsonl, write_corpus_jsonl
 
     out = Path(out_dir)
-    tok_dir = resolve_tokenizer_dir(tokenizer)
+    tok_dir = check_data(corpus, tokenizer, out_dir, jsonl, valid_fraction, max_docs)
     if jsonl is not None:
         splits = {Path(jsonl).stem: Path(jsonl)}
     else:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from megatron_prune import inputs
 from megatron_prune.runtime import barrier, init_distributed, is_rank0, log0
 
 WIDTH_TARGET = "hidden=448,ffn=1024"  # Minitron-style width pruning: 134.5M -> 84.0M parameters
@@ -31,6 +32,12 @@ def run_demo(workdir: str | Path = "runs/demo", tp: int = 1, pp: int = 1, seq_le
     from megatron_prune.pipelines.importance import score_checkpoint
     from megatron_prune.pipelines.prune import prune
 
+    inputs.layout(tp, pp)
+    for name, value in (("--seq-len", seq_len), ("--eval-sequences", eval_sequences),
+                        ("--calib-samples", calib_samples)):
+        inputs.positive(name, value)
+    inputs.positive("--distill-steps", distill_steps, allow_zero=True)
+    inputs.output(workdir, "--workdir", overwrite=None)  # an existing workdir is resumed
     work = Path(workdir)
     init_distributed(tp, pp)
     base, scores = work / "smollm2-135m", work / "smollm2-135m.scores"

@@ -11,9 +11,11 @@ from megatron_prune.distill.config import TrainConfig
 def distill(config: Optional[str] = None, **overrides) -> None:
     """Run knowledge distillation from a YAML file of TrainConfig fields plus keyword overrides."""
     from megatron_prune.distill.trainer import train
+    from megatron_prune.pipelines.train import check_training
 
     cfg = TrainConfig.from_yaml(config, **overrides)
     check_output_path(cfg.out, {"student checkpoint": cfg.student, "teacher checkpoint": cfg.teacher})
     if not cfg.teacher:
         raise ValueError("`distill` needs --teacher (or teacher: in the YAML); use `train` for LM-loss training")
+    check_training(cfg)
     train(cfg)

@@ -5,10 +5,30 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
+from megatron_prune import inputs
 from megatron_prune.runtime.stop import stop_on_signals
 
 if TYPE_CHECKING:
     from megatron_prune.importance import ImportanceScores
+
+
+def check_importance(ckpt, data_prefix, out, num_samples: int, seq_len: int, micro_batch_size: int,
+                     lm_loss_blocks: Sequence[int], lm_loss_samples: int, tp: int, pp: int) -> None:
+    """Every input of `importance`, before any process group or weight."""
+    inputs.layout(tp, pp)
+    for name, value in (("--samples", num_samples), ("--seq-len", seq_len), ("--micro-batch-size", micro_batch_size),
+                        ("--lm-loss-samples", lm_loss_samples)):
+        inputs.positive(name, value)
+    meta = inputs.checkpoint(ckpt)
+    inputs.checkpoint_fits(meta, tp, pp)
+    layers = meta.arch.num_layers
+    bad = [n for n in lm_loss_blocks if not 1 <= n < layers]
+    if bad:
+        raise inputs.InputError(f"--lm-loss-drop {bad}: block sizes must be in [1, {layers - 1}] (the model has "
+                                f"{layers} layers)")
+    inputs.enough_windows(inputs.indexed_data(data_prefix), seq_len, num_samples, "--data",
+                          "lower --samples or --seq-len, or use more data")
+    inputs.output(out, "--out", overwrite=None, kind="file")
 
 
 @stop_on_signals(immediate=True)  # one pass with nothing to resume: a stop signal ends it, nothing is written
@@ -25,6 +45,8 @@ def score_checkpoint(ckpt: str | Path, data_prefix: str | Path, out: str | Path,
 
     check_output_path(out, {"input checkpoint": ckpt, "data file": f"{data_prefix}.bin",
                             "data index": f"{data_prefix}.idx"})
+    check_importance(ckpt, data_prefix, out, num_samples, seq_len, micro_batch_size, lm_loss_blocks, lm_loss_samples,
+                     tp, pp)
     init_distributed(tp, pp, seed=seed)
     model, meta = load_model(ckpt, use_te=False)  # the hooks read norm outputs, which TE fuses away
     windows = calibration_windows(data_prefix, num_samples, seq_len, seed)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
+from megatron_prune import inputs
 from megatron_prune.arch import ArchError
 from megatron_prune.checkpoint.outputs import check_output_path
 from megatron_prune.prune import PrunePlan, PruneTarget, make_plan
@@ -17,9 +18,27 @@ def plan_from_scores(ckpt: str | Path, scores_file: str | Path, target: str | Pr
 
     if isinstance(target, str):
         target = PruneTarget.parse(target)
-    if not Path(scores_file).is_file():
-        raise FileNotFoundError(f"score file {scores_file} not found; compute it with `megatron-prune importance`")
-    return make_plan(ImportanceScores.load(scores_file), read_meta(ckpt).arch, target, scores_file=str(scores_file))
+    inputs.existing_file(scores_file, "--scores",
+                         "compute it with `megatron-prune importance` on this checkpoint (--data PREFIX --out FILE)")
+    try:
+        scores = ImportanceScores.load(scores_file)
+    except Exception as e:  # safetensors raises its own error types for a file that is not safetensors
+        raise inputs.InputError(f"--scores {scores_file} is not a megatron-prune score file ({e}); compute it with "
+                                f"`megatron-prune importance`") from e
+    return make_plan(scores, read_meta(ckpt).arch, target, scores_file=str(scores_file))
+
+
+def load_plan(plan_file) -> PrunePlan:
+    from megatron_prune.prune import PlanError
+
+    inputs.existing_file(plan_file, "--plan", "write one with `megatron-prune prune ... --plan-out FILE`")
+    try:
+        return PrunePlan.load(plan_file)
+    except PlanError:
+        raise
+    except (ValueError, KeyError, TypeError) as e:  # JSONDecodeError is a ValueError
+        raise inputs.InputError(f"--plan {plan_file} is not a valid plan file ({type(e).__name__}: {e}); write one "
+                                f"with `megatron-prune prune ... --plan-out FILE`") from e
 
 
 def prune(ckpt: str | Path, out: Optional[str | Path], scores: Optional[str | Path] = None,
@@ -31,14 +50,24 @@ def prune(ckpt: str | Path, out: Optional[str | Path], scores: Optional[str | Pa
 
     if (plan_file is None) == (scores is None or target is None):
         raise PlanError("give either --plan PLAN.json, or --scores SCORES with --target SPEC")
-    inputs = {"input checkpoint": ckpt, "score file": scores, "plan file": plan_file}
+    sources = {"input checkpoint": ckpt, "score file": scores, "plan file": plan_file}
     if out is not None:
-        check_output_path(out, inputs, "--out")
+        check_output_path(out, sources, "--out")
     if plan_out is not None:
-        check_output_path(plan_out, inputs, "--plan-out")
-    plan = PrunePlan.load(plan_file) if plan_file else plan_from_scores(ckpt, scores, target)
+        check_output_path(plan_out, sources, "--plan-out")
+    inputs.layout(tp, pp)
+    meta = inputs.checkpoint(ckpt)
+    if out is not None:
+        inputs.output(out, "--out", overwrite)
+    if plan_out is not None:
+        inputs.output(plan_out, "--plan-out", overwrite=None, kind="file")
+    plan = load_plan(plan_file) if plan_file else plan_from_scores(ckpt, scores, target)
+    if plan_file and plan.source_arch != meta.arch:
+        raise PlanError(f"--plan {plan_file} was made for another model than {ckpt} (plan vs checkpoint: "
+                        f"{plan.source_arch.differences(meta.arch)}); make a plan for this checkpoint")
     try:  # every shape check happens before any process group or weight is touched
         plan.target_arch.check_parallel(tp, pp)
+        plan.source_arch.check_parallel(tp, pp)
     except ValueError as e:
         raise PlanError(str(e)) from e
     try:

@@ -55,17 +55,35 @@ class PruneTarget:
         for item in filter(None, (s.strip() for s in spec.split(","))):
             if "=" not in item:
                 raise PlanError(f"target item {item!r} is not KEY=VALUE (e.g. hidden=448,ffn=1024)")
-            key, value = (s.strip() for s in item.split("=", 1))
-            key = TARGET_ALIASES.get(key, key)
+            name, value = (s.strip() for s in item.split("=", 1))
+            key = TARGET_ALIASES.get(name, name)
             if key not in TARGET_KEYS:
-                raise PlanError(f"unknown target axis {key!r}; use one of: hidden, ffn, heads, query_groups, "
+                raise PlanError(f"unknown target axis {name!r}; use one of: hidden, ffn, heads, query_groups, "
                                 f"layers, drop_layers, depth_metric")
-            if key == "depth_metric":
-                values[key] = value
-            elif key == "drop_layers":
-                values[key] = tuple(int(v) for v in value.replace(":", " ").split())
-            else:
-                values[key] = int(value)
+            if key in values:
+                raise PlanError(f"target key {name!r} is given twice in {spec!r}; give each key once")
+            try:
+                if key == "depth_metric":
+                    if not value:
+                        raise ValueError
+                    values[key] = value
+                elif key == "drop_layers":
+                    values[key] = tuple(int(v) for v in value.replace(":", " ").split())
+                    if not values[key]:
+                        raise ValueError
+                else:
+                    values[key] = int(value)
+                    if values[key] <= 0:
+                        raise PlanError(f"target {name}={value} must be a positive number")
+            except PlanError:
+                raise
+            except ValueError:
+                example = {"drop_layers": "drop_layers=3:4:5", "depth_metric": "depth_metric=angular"}
+                raise PlanError(f"target {name}={value!r} is not valid: {name} takes "
+                                f"{'layer indices separated by colons' if key == 'drop_layers' else 'a name' if key == 'depth_metric' else 'a whole number'}, "
+                                f"e.g. {example.get(key, name + '=1024')}") from None
+        if not values:
+            raise PlanError(f"target {spec!r} is empty; give KEY=VALUE items, e.g. hidden=448,ffn=1024")
         return cls(**values)
 
 
@@ -155,11 +173,15 @@ def target_arch(source: ModelArch, target: PruneTarget) -> ModelArch:
             raise PlanError(f"target {key}={value} must be positive")
         if value > getattr(source, key):
             raise PlanError(f"target {key}={value} is larger than the source's {getattr(source, key)}: pruning only removes")
+    per_group = source.heads_per_group
+    hint = ""
+    if target.num_query_groups is None and heads % per_group == 0:
+        hint = f"; to keep {heads} heads, prune whole query groups instead: query_groups={heads // per_group}"
     if heads % groups:
         raise PlanError(f"target heads={heads} is not divisible by query groups={groups}: every group keeps "
-                        "the same number of heads")
-    if heads // groups > source.heads_per_group:
-        raise PlanError(f"target has {heads // groups} heads per query group, the source only {source.heads_per_group}")
+                        f"the same number of heads{hint}")
+    if heads // groups > per_group:
+        raise PlanError(f"target has {heads // groups} heads per query group, the source only {per_group}{hint}")
     try:
         return source.replace(**sizes)  # kv_channels stays: heads keep their width
     except ArchError as e:

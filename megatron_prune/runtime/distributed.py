@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -53,12 +52,6 @@ class LaunchEnv:
     launcher: str  # "torchrun", "slurm" or "single"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _slurm_master_addr(env) -> str:
     nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", "")
     try:
@@ -95,7 +88,8 @@ def detect_launch_env(environ=None) -> LaunchEnv:
             master_port=int(env.get("MASTER_PORT", 20000 + job_id % 20000)),
             launcher="slurm",
         )
-    return LaunchEnv(0, 1, 0, "127.0.0.1", int(env.get("MASTER_PORT", 0)) or _free_port(), "single")
+    # a single process needs no rendezvous and so no port (0): see init_distributed
+    return LaunchEnv(0, 1, 0, "127.0.0.1", int(env.get("MASTER_PORT", 0)), "single")
 
 
 def init_distributed(tp: int = 1, pp: int = 1, seed: int = 1234) -> ParallelLayout:
@@ -113,14 +107,21 @@ def init_distributed(tp: int = 1, pp: int = 1, seed: int = 1234) -> ParallelLayo
     if not dist.is_initialized():
         if on_gpu:  # modulo: with --gpus-per-task=1 every task sees a single device 0
             torch.cuda.set_device(launch.local_rank % torch.cuda.device_count())
-        # an explicit init_method (not MASTER_* in os.environ), so child processes of this one that start
-        # their own megatron-prune do not inherit our rendezvous port
+        if launch.launcher == "single":
+            # an in-memory store: no port is picked, so none can be lost to another process on a busy machine
+            rendezvous = {"store": dist.HashStore()}
+        else:
+            # an explicit init_method (not MASTER_* in os.environ), so child processes of this one that start
+            # their own megatron-prune do not inherit our rendezvous port. Under torchrun (and run_ranks) the
+            # launcher already holds a store on that port and every rank connects to it as a client
+            # (TORCHELASTIC_USE_AGENT_STORE): no port is chosen and bound later, so there is no race.
+            rendezvous = {"init_method": f"tcp://{launch.master_addr}:{launch.master_port}"}
         dist.init_process_group(
             backend="nccl" if on_gpu else "gloo",
-            init_method=f"tcp://{launch.master_addr}:{launch.master_port}",
             rank=launch.rank,
             world_size=launch.world_size,
             timeout=datetime.timedelta(minutes=int(os.environ.get("MP_DIST_TIMEOUT_MIN", "30"))),
+            **rendezvous,
         )
     world = dist.get_world_size()
     if world % (tp * pp) != 0:

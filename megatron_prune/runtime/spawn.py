@@ -1,12 +1,17 @@
 """Run a function on N local ranks (spawned processes with torchrun's variables) and collect the results.
 
 For tests, benchmarks and notebooks: the same multi-rank code path as torchrun, from one Python call.
+
+The rendezvous is race-free the way torchrun's is: this (parent) process hosts the TCPStore on a port the OS
+assigns while binding it, and tells the ranks to connect to it as clients (``TORCHELASTIC_USE_AGENT_STORE``,
+honoured by ``init_process_group``'s ``tcp://`` rendezvous). No port is ever picked first and bound later, so
+another process on a busy machine cannot take it in between (EADDRINUSE).
 """
 
 from __future__ import annotations
 
+import datetime
 import os
-import socket
 import tempfile
 import traceback
 from pathlib import Path
@@ -16,15 +21,17 @@ import torch
 import torch.multiprocessing as mp
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _host_store(timeout: float):
+    """A TCPStore server owned by this process, bound to a port the OS picks atomically."""
+    from torch.distributed import TCPStore
+
+    return TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
+                    timeout=datetime.timedelta(seconds=timeout))
 
 
 def _entry(fn, rank, world_size, port, outdir, threads, args):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), TORCHELASTIC_USE_AGENT_STORE="True")
     torch.set_num_threads(threads)
     import warnings
 
@@ -50,9 +57,9 @@ def run_ranks(fn, world_size: int, *args, threads: Optional[int] = None, timeout
     if threads is None:
         threads = max(1, (os.cpu_count() or 1) // world_size)
     ctx = mp.get_context("spawn")
-    port = _free_port()
+    store = _host_store(timeout)  # kept alive (and its port held) until every rank has finished
     with tempfile.TemporaryDirectory() as outdir:
-        procs = [ctx.Process(target=_entry, args=(fn, r, world_size, port, outdir, threads, args))
+        procs = [ctx.Process(target=_entry, args=(fn, r, world_size, store.port, outdir, threads, args))
                  for r in range(world_size)]
         for p in procs:
             p.start()

@@ -1,0 +1,123 @@
+"""Checks of a user's inputs, run by every pipeline before it loads a model or starts a process group.
+
+Each failure is an :class:`InputError` (a ValueError: the CLI prints it as one line and exits 2) that names
+the input (``--data``, ``CKPT``, ...) and says how to fix it. Only files' names and small metadata are read here.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+
+class InputError(ValueError):
+    """A command-line input is wrong; the message names it and the fix."""
+
+
+def positive(name: str, value, allow_zero: bool = False) -> None:
+    """``value`` (when given) is > 0, or >= 0 with ``allow_zero``."""
+    if value is None:
+        return
+    if value < 0 or (value == 0 and not allow_zero):
+        raise InputError(f"{name} must be {'>= 0' if allow_zero else 'a positive number'}, got {value}")
+
+
+def layout(tp: int, pp: int) -> None:
+    positive("--tp", tp)
+    positive("--pp", pp)
+
+
+def checkpoint(path, name: str = "CKPT"):
+    """A readable megatron-prune checkpoint; returns its metadata (architecture, dtype)."""
+    from megatron_prune.checkpoint import CheckpointError, read_meta
+
+    try:
+        return read_meta(path)
+    except CheckpointError as e:
+        raise InputError(f"{name}: {e}") from e
+
+
+def checkpoint_fits(meta, tp: int, pp: int, name: str = "CKPT") -> None:
+    """The model can be sharded at ``tp`` x ``pp`` (heads, groups, layers divide)."""
+    try:
+        meta.arch.check_parallel(tp, pp)
+    except ValueError as e:
+        raise InputError(f"{name} cannot be loaded at --tp {tp} --pp {pp}: {e}") from e
+
+
+def indexed_data(prefix, name: str = "--data") -> str:
+    """A Megatron indexed dataset: ``prefix.bin`` and ``prefix.idx`` both exist."""
+    p = str(prefix)
+    for suffix in (".bin", ".idx"):
+        if p.endswith(suffix) and Path(p).is_file():
+            raise InputError(f"{name} {p}: give the prefix without {suffix}, i.e. {p[:-len(suffix)]}")
+    missing = [s for s in (".bin", ".idx") if not Path(p + s).is_file()]
+    if missing:
+        hint = ("make one with `megatron-prune data --tokenizer CKPT --out DIR` (it prints the prefixes)"
+                if len(missing) == 2 else f"{p}{missing[0]} is missing: rebuild it with `megatron-prune data`")
+        raise InputError(f"{name} {p}: no indexed dataset ({p}.bin/.idx); {hint}")
+    return p
+
+
+def enough_windows(prefix: str, seq_len: int, needed: int, name: str, fix: str) -> int:
+    """The data holds at least ``needed`` windows of ``seq_len + 1`` tokens; returns how many it holds."""
+    from megatron_prune.data.indexed import count_windows
+
+    try:
+        available = count_windows(prefix, seq_len)
+    except Exception as e:  # megatron's reader asserts on a foreign or truncated index
+        raise InputError(f"{name} {prefix}: {prefix}.idx/.bin cannot be read as a Megatron indexed dataset "
+                         f"({type(e).__name__}: {e}); rebuild it with `megatron-prune data`") from e
+    if available < needed:
+        raise InputError(f"{name} {prefix} has {available} windows of {seq_len + 1} tokens, fewer than the {needed} "
+                         f"needed; {fix}")
+    return available
+
+
+def existing_file(path, name: str, fix: str) -> Path:
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"{name} {p} {'is a directory, not a file' if p.is_dir() else 'does not exist'}; {fix}")
+    return p
+
+
+def output(path, name: str = "--out", overwrite: Optional[bool] = False, kind: str = "dir") -> Path:
+    """An output path we may write: its parent exists (or can be created) and it does not exist yet (unless
+    ``overwrite``; ``None``: an existing output is fine, e.g. a run directory to resume in)."""
+    p = Path(path)
+    if p.exists() and overwrite is False:
+        raise InputError(f"{name} {p} already exists; choose another path or pass --overwrite")
+    if kind == "file" and p.is_dir():
+        raise InputError(f"{name} {p} is a directory; give a file name")
+    if kind == "dir" and p.exists() and not p.is_dir():
+        raise InputError(f"{name} {p} is a file; give a directory")
+    parent = p.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise InputError(f"{name} {p}: cannot write under {parent}; choose a writable location")
+    if kind == "file" and not p.parent.is_dir():
+        raise InputError(f"{name} {p}: directory {p.parent} does not exist; create it first")
+    return p
+
+
+def tokenizer_source(path, name: str = "--tokenizer") -> Path:
+    """A megatron-prune checkpoint that carries a tokenizer, or a directory of tokenizer files."""
+    from megatron_prune.checkpoint.hf import TOKENIZER_MODEL_FILES, has_tokenizer
+    from megatron_prune.checkpoint.megatron import METADATA_FILE, tokenizer_dir
+
+    p = Path(path)
+    if (p / METADATA_FILE).is_file():
+        found = tokenizer_dir(p)
+        if found is None:
+            raise InputError(f"{name} {p}: this checkpoint carries no tokenizer; pass the Hugging Face directory it "
+                             f"was converted from (or any directory with {' / '.join(TOKENIZER_MODEL_FILES)})")
+        return found
+    if not p.exists():
+        raise InputError(f"{name} {p} does not exist; pass a megatron-prune checkpoint or a Hugging Face tokenizer "
+                         f"directory")
+    if not p.is_dir() or not has_tokenizer(p):
+        raise InputError(f"{name} {p} holds no tokenizer files ({', '.join(TOKENIZER_MODEL_FILES)}); pass a "
+                         f"megatron-prune checkpoint or a directory written by a tokenizer's save_pretrained()")
+    return p

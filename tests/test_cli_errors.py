@@ -1,0 +1,246 @@
+"""Bad inputs to every verb end in one line naming the input and the fix (exit 2), before anything is loaded;
+every option of every subcommand has help text and shows its default."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from megatron_prune import cli
+
+
+class _Loaded(Exception):
+    """Raised if a bad input got as far as a process group or a model: the validation came too late."""
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """A checkpoint directory with valid metadata (no weights: nothing may load them), a tiny indexed dataset,
+    a tokenizer-less directory, a Hugging Face config directory, a score file that is not one, a broken plan."""
+    from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
+
+    from megatron_prune.arch import ModelArch
+    from megatron_prune.checkpoint.megatron import FORMAT_VERSION, METADATA_FILE
+
+    root = tmp_path_factory.mktemp("bad_inputs")
+    hf_config = dict(model_type="llama", vocab_size=1000, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+                     num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=256, rms_norm_eps=1e-5)
+    arch = ModelArch.from_hf_config(hf_config)
+    ckpt = root / "ckpt"
+    ckpt.mkdir()
+    (ckpt / METADATA_FILE).write_text(json.dumps({"format_version": FORMAT_VERSION, "arch": arch.to_dict()}))
+    (ckpt / "metadata.json").write_text("{}")
+    (ckpt / ".metadata").write_text("")
+    mha = root / "mha"  # multi-head attention: 8 heads in 8 groups
+    mha.mkdir()
+    (mha / METADATA_FILE).write_text(json.dumps({"format_version": FORMAT_VERSION,
+                                                  "arch": arch.replace(num_query_groups=8).to_dict()}))
+    (mha / "metadata.json").write_text("{}")
+    (mha / ".metadata").write_text("")
+    hf = root / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text(json.dumps(hf_config))
+    data = root / "tokens"
+    builder = IndexedDatasetBuilder(f"{data}.bin", dtype=DType.optimal_dtype(1000))
+    import torch
+
+    for doc in range(4):  # 4 documents of 600 tokens: 4 windows at the default --seq-len 512
+        builder.add_document(torch.arange(doc, doc + 600) % 1000, [600])
+    builder.finalize(f"{data}.idx")
+    (root / "empty_dir").mkdir()
+    (root / "not_scores.safetensors").write_text("not a safetensors file")
+    (root / "plan.json").write_text("{ not json")
+    (root / "bad.yaml").write_text("steps: [1, 2\n")
+    (root / "a_file").write_text("x")
+    (root / "tok").mkdir()
+    (root / "tok" / "tokenizer.json").write_text("{}")  # enough for the checks, which never load it
+    (root / "junk.bin").write_text("not tokens")
+    (root / "junk.idx").write_text("not an index")
+    return root
+
+
+def _cases(r: Path):
+    """(argv, fragments the message must contain). ``r``: the fixture directory."""
+    ck, data, hf, nope = str(r / "ckpt"), str(r / "tokens"), str(r / "hf"), str(r / "nope")
+    out = str(r / "new_out")
+    tr = ["--student", ck, "--data", data, "--out", out]
+    return [
+        # convert
+        (["convert", nope, out], ["SRC", "does not exist"]),
+        (["convert", str(r / "empty_dir"), out], ["SRC", "cannot tell what"]),
+        (["convert", ck, out, "--tp", "3"], ["--tp/--pp", "export", "torchrun --nproc-per-node N"]),
+        (["convert", ck, out, "--to", "megatron"], ["SRC", "already a Megatron checkpoint", "drop --to"]),
+        (["convert", hf, out, "--to", "hf"], ["already a Hugging Face directory"]),
+        (["convert", hf, str(r / "ckpt")], ["OUT", "already exists", "--overwrite"]),
+        (["convert", hf, out, "--tp", "0"], ["--tp", "positive"]),
+        (["convert", hf, out, "--tp", "3"], ["SRC", "num_query_groups=4 is not divisible by TP=3"]),
+        # data
+        (["data", "--tokenizer", nope, "--out", out], ["--tokenizer", "does not exist"]),
+        (["data", "--tokenizer", str(r / "empty_dir"), "--out", out], ["--tokenizer", "no tokenizer files"]),
+        (["data", "--tokenizer", ck, "--out", out], ["--tokenizer", "carries no tokenizer"]),
+        (["data", "--tokenizer", str(r / "tok"), "--out", out, "--corpus", "wiki"], ["--corpus 'wiki'", "shakespeare"]),
+        (["data", "--tokenizer", str(r / "tok"), "--out", out, "--jsonl", nope], ["--jsonl", "does not exist"]),
+        (["data", "--tokenizer", str(r / "tok"), "--out", out, "--valid-fraction", "1.5"], ["--valid-fraction", "[0, 1)"]),
+        (["data", "--tokenizer", str(r / "tok"), "--out", out, "--max-docs", "0"], ["--max-docs", "positive"]),
+        (["data", "--tokenizer", str(r / "tok"), "--out", str(r / "a_file")], ["--out", "is a file"]),
+        # eval
+        (["eval", hf, "--data", data], ["CKPT", "Hugging Face model", f"megatron-prune convert {hf} CKPT_DIR"]),
+        (["eval", nope, "--data", data], ["CKPT", "does not exist"]),
+        (["eval", ck, "--data", nope], ["--data", "no indexed dataset", "megatron-prune data"]),
+        (["eval", ck, "--data", data + ".bin"], ["--data", "without .bin"]),
+        (["eval", ck, "--data", str(r / "junk")], ["--data", "cannot be read as a Megatron indexed dataset"]),
+        (["eval", ck, "--data", data, "--seq-len", "0"], ["--seq-len", "positive"]),
+        (["eval", ck, "--data", data, "--micro-batch-size", "-1"], ["--micro-batch-size", "positive"]),
+        (["eval", ck, "--data", data, "--seq-len", "5000"], ["--data", "0 windows of 5001 tokens", "--seq-len"]),
+        (["eval", ck, "--data", data, "--tp", "3"], ["CKPT", "--tp 3", "not divisible by TP=3"]),
+        (["eval", ck, "--data", data, "--out", str(r / "no_dir" / "x.json")], ["--out", "does not exist"]),
+        (["eval", ck, "--data", data, "--seq-len", "abc"], ["--seq-len", "invalid int value"]),
+        # importance
+        (["importance", ck, "--data", nope, "--out", str(r / "s")], ["--data", "no indexed dataset"]),
+        (["importance", ck, "--data", data, "--out", str(r / "s"), "--samples", "0"], ["--samples", "positive"]),
+        (["importance", ck, "--data", data, "--out", str(r / "s"), "--samples", "100"],
+         ["--data", "fewer than the 100", "--samples"]),
+        (["importance", ck, "--data", data, "--out", str(r / "s"), "--samples", "2", "--lm-loss-drop", "4"],
+         ["--lm-loss-drop", "[1, 3]"]),
+        (["importance", ck, "--data", data, "--out", str(r / "empty_dir"), "--samples", "2"], ["--out", "is a directory"]),
+        # prune
+        (["prune", ck, "--target", "hidden=32"], ["--plan", "--scores"]),
+        (["prune", ck, "--scores", nope, "--target", "hidden=32"], ["--scores", "does not exist",
+                                                                     "megatron-prune importance"]),
+        (["prune", ck, "--scores", str(r / "not_scores.safetensors"), "--target", "hidden=32"],
+         ["--scores", "not a megatron-prune score file"]),
+        (["prune", ck, "--plan", str(r / "plan.json")], ["--plan", "not a valid plan file"]),
+        (["prune", ck, "--plan", nope], ["--plan", "does not exist"]),
+        (["prune", ck, "--plan", str(r / "plan.json"), "--out", str(r / "ckpt")], ["--out", "already exists"]),
+        # target parsing happens before the score file is read: these fail on the spec alone
+        (["prune", ck, "--scores", nope, "--target", "hidden="], ["hidden=''", "whole number"]),
+        (["prune", ck, "--scores", nope, "--target", "hidden=abc"], ["hidden='abc'", "whole number"]),
+        (["prune", ck, "--scores", nope, "--target", "ffn=1024,ffn=512"], ["'ffn'", "given twice"]),
+        (["prune", ck, "--scores", nope, "--target", "hidden=0"], ["hidden=0", "positive"]),
+        (["prune", ck, "--scores", nope, "--target", "width=3"], ["unknown target axis 'width'"]),
+        (["prune", ck, "--scores", nope, "--target", "drop_layers=a:b"], ["drop_layers", "colons"]),
+        # distill / train
+        (["train", *tr, "--steps", "0"], ["steps (--steps)", ">= 1", "got 0"]),
+        (["train", *tr, "--steps", "-1"], ["steps (--steps)", "got -1"]),
+        (["train", *tr], ["exactly one of steps or tokens", "--steps / --tokens"]),
+        (["train", *tr, "--steps", "1", "--lr", "-1"], ["lr (--lr)", ">= 0"]),
+        (["train", *tr, "--steps", "1", "--global-batch-size", "3", "--micro-batch-size", "2"],
+         ["--global-batch-size", "multiple", "--micro-batch-size"]),
+        (["train", "--student", ck, "--out", out, "--steps", "1"], ["missing training option", "data"]),
+        (["train", "--student", ck, "--data", nope, "--out", out, "--steps", "1"], ["--data", "no indexed dataset"]),
+        (["train", "--student", ck, "--data", "0.5", data, "0.5", "--out", out, "--steps", "1"],
+         ["--data", "WEIGHT PREFIX pairs"]),
+        (["train", *tr, "--steps", "1", "--valid-data", nope], ["--valid-data", "no indexed dataset"]),
+        (["train", "--student", hf, "--data", data, "--out", out, "--steps", "1"], ["--student", "Hugging Face model"]),
+        (["train", *tr, "--steps", "1", "--config", nope], ["--config", "does not exist"]),
+        (["train", *tr, "--steps", "1", "--config", str(r / "bad.yaml")], ["--config", "not valid YAML"]),
+        (["train", *tr, "--steps", "1", "--out", str(r / "a_file")], ["--out", "is a file"]),
+        (["distill", *tr, "--steps", "1"], ["distill", "--teacher"]),
+        (["distill", *tr, "--steps", "1", "--teacher", nope], ["--teacher", "does not exist"]),
+        (["distill", *tr, "--steps", "1", "--teacher", ck, "--kd-loss", "topk"], ["kd_top_k", "--kd-top-k"]),
+        (["distill", *tr, "--steps", "1", "--teacher", ck, "--kd-tau", "0"], ["kd_tau (--kd-tau)", "> 0"]),
+        (["distill", *tr, "--steps", "1", "--teacher", ck, "--tp", "3"], ["--student", "not divisible by TP=3"]),
+        # demo
+        (["demo", "--workdir", str(r / "a_file")], ["--workdir", "is a file"]),
+        (["demo", "--workdir", out, "--seq-len", "0"], ["--seq-len", "positive"]),
+        (["demo", "--workdir", out, "--distill-steps", "-1"], ["--distill-steps", ">= 0"]),
+        (["demo", "--workdir", out, "--pp", "0"], ["--pp", "positive"]),
+    ]
+
+
+def _case_ids():
+    return [f"{i:02d}-{' '.join(a[:1] + [x for x in a[1:] if x.startswith('--')])}"
+            for i, (a, _) in enumerate(_cases(Path("r")))]
+
+
+@pytest.mark.parametrize("index", range(len(_case_ids())), ids=_case_ids())
+def test_bad_input_is_one_line_naming_it(index, inputs, monkeypatch, capsys):
+    """In-process (cheap): exit code 2, the fragments in the message, no traceback, and no process group or
+    model load was reached."""
+    import torch.distributed as dist
+
+    import megatron_prune.checkpoint as ckpt_pkg
+
+    def loaded(*a, **k):
+        raise _Loaded("a bad input reached a process group or a model load")
+
+    monkeypatch.setattr(dist, "init_process_group", loaded)
+    monkeypatch.setattr(ckpt_pkg, "load_model", loaded)
+    argv, fragments = _cases(inputs)[index]
+    try:
+        code = cli.main(argv)
+    except SystemExit as e:  # argparse's own errors (wrong type, missing required argument)
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2, (argv, err)
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()  # one line; argparse's own errors come after the usage block
+    assert lines[-1].startswith(f"megatron-prune {argv[0]}: error: "), err
+    assert len(lines) == 1 or lines[0].startswith("usage:"), err
+    for fragment in fragments:
+        assert fragment in err, (argv, fragment, err)
+    assert not (inputs / "new_out").exists()  # nothing was written
+
+
+def test_messages_from_real_processes(inputs):
+    """The same through `python -m megatron_prune.cli` (one bad input per verb, run side by side)."""
+    firsts = {}
+    for argv, fragments in _cases(inputs):
+        firsts.setdefault(argv[0], (argv, fragments))
+    assert len(firsts) == 8
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    procs = {}
+    for verb, (argv, fragments) in firsts.items():
+        procs[verb] = (subprocess.Popen([sys.executable, "-m", "megatron_prune.cli", *argv], stdout=subprocess.PIPE,
+                                        stderr=subprocess.PIPE, text=True, env=env), fragments)
+    for verb, (p, fragments) in procs.items():
+        _, err = p.communicate(timeout=900)  # a hang guard only
+        assert p.returncode == 2, (verb, err)
+        assert "Traceback" not in err and "Warning" not in err, (verb, err)
+        lines = [ln for ln in err.splitlines() if ln.strip()]
+        assert len(lines) == 1 and lines[0].startswith(f"megatron-prune {verb}: error: "), (verb, err)
+        for fragment in fragments:
+            assert fragment in err, (verb, fragment, err)
+
+
+def test_mha_heads_target_suggests_query_groups(inputs):
+    """Multi-head attention (one head per group): heads=4 cannot keep 8 groups; say query_groups=4 instead."""
+    from megatron_prune.checkpoint import read_meta
+    from megatron_prune.prune import PlanError, PruneTarget
+    from megatron_prune.prune.plan import target_arch
+
+    source = read_meta(inputs / "mha").arch
+    with pytest.raises(PlanError, match="query_groups=4"):
+        target_arch(source, PruneTarget.parse("heads=4"))
+    assert target_arch(source, PruneTarget.parse("query_groups=4")).num_attention_heads == 4
+
+
+def test_every_option_has_help_and_shows_its_default():
+    from megatron_prune.distill.config import TrainConfig
+
+    train_defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    parser = cli.build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(subparsers.choices) >= {"convert", "data", "eval", "importance", "prune", "distill", "train", "demo"}
+    for verb, sub in subparsers.choices.items():
+        for action in sub._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            name = action.option_strings[-1] if action.option_strings else action.dest
+            assert action.help and len(action.help) > 10, (verb, name)
+            help_line = sub._get_formatter()._expand_help(action)
+            field = action.dest
+            if verb in ("distill", "train") and field in train_defaults and field not in ("student", "data", "out"):
+                default = train_defaults[field]
+                if default not in (None, False):  # None/False: off unless given, said in words
+                    assert f"default {default}" in help_line, (verb, name, help_line)
+            elif action.default not in (None, False, [], argparse.SUPPRESS):
+                assert "default" in help_line and str(action.default) in help_line, (verb, name, help_line)
