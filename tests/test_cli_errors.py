@@ -119,7 +119,8 @@ def _cases(r: Path):
          ["--scores", "not a megatron-prune score file"]),
         (["prune", ck, "--plan", str(r / "plan.json")], ["--plan", "not a valid plan file"]),
         (["prune", ck, "--plan", nope], ["--plan", "does not exist"]),
-        (["prune", ck, "--plan", str(r / "plan.json"), "--out", str(r / "ckpt")], ["--out", "already exists"]),
+        (["prune", ck, "--plan", str(r / "plan.json"), "--out", str(r / "empty_dir")], ["--out", "already exists"]),
+        (["prune", ck, "--plan", str(r / "plan.json"), "--out", ck, "--overwrite"], ["--out", "is the input checkpoint"]),
         # target parsing happens before the score file is read: these fail on the spec alone
         (["prune", ck, "--scores", nope, "--target", "hidden="], ["hidden=''", "whole number"]),
         (["prune", ck, "--scores", nope, "--target", "hidden=abc"], ["hidden='abc'", "whole number"]),
