@@ -131,8 +131,12 @@ class BatchRunner:
         self.length = length
 
 
-def _generate_batch(model, arch, prompts, indices, params: SamplingParams, stop_ids: torch.Tensor,
-                    pad_token_id: int, use_cache: bool, bar) -> list[list[int]]:
+def generate_batch(model, arch, prompts: list[list[int]], indices: list[int], params: SamplingParams,
+                   stop_token_ids: Sequence[int] = (), pad_token_id: int = 0, use_cache: bool = True,
+                   bar=None) -> list[list[int]]:
+    """One batch on this model-parallel group (no DP split); ``indices`` seed each prompt's sampler."""
+    stop_ids = torch.tensor(list(stop_token_ids), dtype=torch.long)
+    bar = bar if bar is not None else _NoBar()
     b, longest = len(prompts), max(len(p) for p in prompts)
     runner = BatchRunner(model, arch, b, longest + params.max_new_tokens, use_cache)
     tokens = torch.full((b, longest), pad_token_id, dtype=torch.long)
@@ -197,15 +201,14 @@ def generate(model: torch.nn.Module, arch: ModelArch, prompts: list[list[int]], 
     model.eval()
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     mine = sorted(range(dp_rank, len(prompts), dp), key=lambda i: -len(prompts[i]))  # little padding per batch
-    stop_ids = torch.tensor(list(stop_token_ids), dtype=torch.long)
     bar = progress(len(prompts) * params.max_new_tokens, desc, unit="tok") if desc else None
     bar_for_batches = bar if bar is not None else _NoBar()
     results: dict[int, list[int]] = {}
     start, produced = time.time(), 0
     for k in range(0, len(mine), batch_size):
         idx = mine[k: k + batch_size]
-        outs = _generate_batch(model, arch, [list(prompts[i]) for i in idx], idx, params, stop_ids, pad_token_id,
-                               use_cache, _ScaledBar(bar_for_batches, dp))
+        outs = generate_batch(model, arch, [list(prompts[i]) for i in idx], idx, params, stop_token_ids, pad_token_id,
+                              use_cache, _ScaledBar(bar_for_batches, dp))
         results.update(zip(idx, outs))
         produced += sum(len(o) for o in outs)
     if bar is not None:
