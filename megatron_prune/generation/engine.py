@@ -85,6 +85,7 @@ class BatchRunner:
     def __init__(self, model: torch.nn.Module, arch: ModelArch, batch_size: int, max_length: int,
                  use_cache: bool = True):
         self.model, self.arch, self.use_cache = model, arch, use_cache
+        model.eval()  # megatron uses the inference context only outside training mode
         self.device = next(model.parameters()).device
         self.tokens = torch.zeros(batch_size, max_length, dtype=torch.long, device=self.device)
         self.keep = torch.zeros(batch_size, max_length, dtype=torch.bool, device=self.device)
