@@ -248,6 +248,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu-memory-gib", type=float, default=80.0, help="memory per GPU in GiB (default %(default)s, an H100)")
     p.add_argument("--overhead-gib", type=float, default=2.0, help="fixed per-GPU overhead in GiB: CUDA context, NCCL, allocator (default %(default)s)")
     p.add_argument("--gpus-per-node", type=int, default=8, help="TP stays within a node (default 8)")
+    def _add_sampling(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--max-new-tokens", type=int, default=128)
+        p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+        p.add_argument("--top-p", type=float, default=1.0)
+        p.add_argument("--top-k", type=int, default=0, help="0 = off")
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--no-chat", action="store_true", help="feed text prompts as they are, not through the chat template")
+
+    p = sub.add_parser("generate", help="generate completions for a file of prompts (KV-cached, batched)",
+                       description="Generate with a checkpoint at any TP/PP (remaining ranks split the prompts). "
+                       "Prompts: JSONL of {\"prompt\"}, {\"messages\"} (rendered through the checkpoint's chat "
+                       "template) or {\"tokens\"}, or plain text lines. Stops at the tokenizer's end-of-turn/EOS.")
+    p.add_argument("ckpt", help="megatron-prune checkpoint")
+    p.add_argument("--prompts", required=True, help="prompts file (.jsonl or plain text)")
+    p.add_argument("--out", required=True, help="output JSONL (one record per prompt, with completion and tokens)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence every step (slow; for checks)")
+    _add_sampling(p)
+    _add_layout(p)
+
+    p = sub.add_parser("specdec", help="speculative decoding: a draft (e.g. pruned) model speeds up a target",
+                       description="For each k the draft proposes k tokens and the target verifies them in one "
+                       "forward pass (greedy acceptance, or rejection sampling when --temperature > 0). Reports "
+                       "acceptance rate, mean accepted length per target step and the speed-up over the target alone.")
+    p.add_argument("--target", required=True, help="target checkpoint (e.g. the unpruned model)")
+    p.add_argument("--draft", required=True, help="draft checkpoint (same tokenizer)")
+    p.add_argument("--prompts", required=True, help="prompts file (.jsonl or plain text)")
+    p.add_argument("--k", default="1,2,4", help="draft lengths to try, comma-separated (default 1,2,4)")
+    p.add_argument("--out", help="also write the report as JSON here")
+    _add_sampling(p)
+    _add_layout(p)
+
+    p = sub.add_parser("merge", help="merge checkpoints of one shape (SLERP, linear, task arithmetic)",
+                       description="SLERP of two checkpoints (per tensor; --t may be a comma list interpolated over "
+                       "the layers) or a linear merge of N (--weights; with --base: task arithmetic, base + sum w_i "
+                       "(ckpt_i - base)). Streams tensor groups from the sharded inputs; writes at --tp/--pp.")
+    p.add_argument("ckpts", nargs="+", help="input checkpoints")
+    p.add_argument("--out", required=True, help="merged checkpoint to write")
+    p.add_argument("--method", choices=["slerp", "linear"], default="slerp")
+    p.add_argument("--t", default="0.5", help="SLERP factor (0 = first input, 1 = second), or a comma list over layers")
+    p.add_argument("--weights", help="comma-separated weights for --method linear (default: equal)")
+    p.add_argument("--base", help="base checkpoint for task arithmetic (--method linear)")
+    p.add_argument("--overwrite", action="store_true")
     _add_layout(p)
 
     p = sub.add_parser("demo", help="the whole pipeline on SmolLM2-135M-Instruct, offline",
@@ -354,6 +397,30 @@ def run(args: argparse.Namespace) -> None:
              precision=args.precision, fp8_teacher=args.fp8_teacher,
              distributed_optimizer=not args.no_distributed_optimizer, recompute=args.recompute,
              gpu_memory_gib=args.gpu_memory_gib, overhead_gib=args.overhead_gib, gpus_per_node=args.gpus_per_node)
+    elif args.command in ("generate", "specdec"):
+        from megatron_prune.generation import SamplingParams
+
+        params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+                                max_new_tokens=args.max_new_tokens)
+        if args.command == "generate":
+            from megatron_prune.pipelines.generate import generate_file
+
+            _print_json(generate_file(args.ckpt, args.prompts, args.out, params, tp=args.tp, pp=args.pp,
+                                      batch_size=args.batch_size, use_cache=not args.no_cache, chat=not args.no_chat))
+        else:
+            from megatron_prune.pipelines.specdec import specdec
+
+            ks = [int(k) for k in args.k.split(",")]
+            _print_json(specdec(args.target, args.draft, args.prompts, ks, params, tp=args.tp, pp=args.pp,
+                                chat=not args.no_chat, out=args.out))
+    elif args.command == "merge":
+        from megatron_prune.pipelines.merge import merge
+
+        t = [float(x) for x in args.t.split(",")]
+        weights = [float(x) for x in args.weights.split(",")] if args.weights else None
+        out = merge(args.ckpts, args.out, method=args.method, t=t[0] if len(t) == 1 else t, weights=weights,
+                    base=args.base, tp=args.tp, pp=args.pp, overwrite=args.overwrite)
+        _print_json({"written": str(out)})
     elif args.command == "demo":
         from megatron_prune.pipelines.demo import run_demo
 

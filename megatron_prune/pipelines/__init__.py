@@ -11,5 +11,8 @@ their output atomically. Core modules never import from this package.
     prune       scores + target (or a plan) -> a pruned sharded checkpoint
     distill     knowledge distillation of a student from a teacher
     train       plain LM-loss training (CE baseline, teacher correction)
+    generate    completions for a file of prompts (KV-cached, batched, greedy or sampled)
+    specdec     speculative decoding with a draft model: acceptance and speed-up per k
+    merge       SLERP / linear / task-arithmetic merge of checkpoints of one shape
     demo        the whole pipeline on SmolLM2-135M, offline
 """

@@ -1,0 +1,59 @@
+"""Prompts from files, rendered through a checkpoint's chat template, and the tokens that end a turn."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "</s>", "<|endoftext|>")
+
+
+def read_prompt_records(path: str | os.PathLike) -> list[dict]:
+    """JSONL of {"prompt"}, {"messages"} or {"tokens"} records, or plain text (one prompt per line)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompts file {path} does not exist")
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+    records = []
+    for i, ln in enumerate(lines):
+        if path.suffix in (".jsonl", ".json") or ln.lstrip().startswith("{"):
+            try:
+                rec = json.loads(ln)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path} line {i + 1} is not valid JSON ({e})") from e
+            if not any(k in rec for k in ("prompt", "messages", "tokens")):
+                raise ValueError(f"{path} line {i + 1} has none of the keys prompt / messages / tokens")
+            records.append(rec)
+        else:
+            records.append({"prompt": ln})
+    if not records:
+        raise ValueError(f"{path} holds no prompts")
+    return records
+
+
+def encode_prompt(record: dict, tokenizer, chat: bool = True) -> list[int]:
+    """Token ids of one record; text goes through the chat template (as a user turn) when there is one."""
+    if "tokens" in record:
+        return [int(t) for t in record["tokens"]]
+    has_template = tokenizer is not None and getattr(tokenizer, "chat_template", None)
+    if "messages" in record:
+        if not has_template:
+            raise ValueError("a {'messages'} prompt needs a tokenizer with a chat template")
+        messages = record["messages"]
+    elif chat and has_template:
+        messages = [{"role": "user", "content": record["prompt"]}]
+    else:
+        return tokenizer(record["prompt"])["input_ids"]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def stop_token_ids(tokenizer) -> list[int]:
+    """The tokenizer's EOS and any end-of-turn marker it knows."""
+    if tokenizer is None:
+        return []
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    vocab = tokenizer.get_vocab()
+    ids.update(vocab[t] for t in END_OF_TURN_TOKENS if t in vocab)
+    return sorted(ids)

@@ -1,0 +1,56 @@
+"""`megatron-prune specdec`: a (pruned) draft speeds up a target; acceptance and speed-up per k."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+
+def specdec(target_ckpt, draft_ckpt, prompts_file, ks: Sequence[int] = (1, 2, 4), params=None, tp: int = 1,
+            pp: int = 1, chat: bool = True, out: Optional[str] = None) -> dict:
+    """Run the target alone, then speculative decoding for each k, on the same prompts; report per k."""
+    from megatron_prune.checkpoint import load_model
+    from megatron_prune.generation import SamplingParams
+    from megatron_prune.generation.prompts import stop_token_ids
+    from megatron_prune.pipelines.generate import encode_file, load_tokenizer
+    from megatron_prune.runtime import init_distributed, is_rank0, log0
+    from megatron_prune.runtime.progress import progress
+    from megatron_prune.specdec import SpecStats, speculative_generate, target_alone
+    import json
+
+    params = params or SamplingParams()
+    tokenizer = load_tokenizer(target_ckpt)
+    _, prompts = encode_file(prompts_file, tokenizer, chat)
+    stops = stop_token_ids(tokenizer)
+    init_distributed(tp, pp)
+    target, tmeta = load_model(target_ckpt, use_te=False)
+    draft, dmeta = load_model(draft_ckpt, use_te=False)
+    log0(f"target {tmeta.arch.describe()}\ndraft  {dmeta.arch.describe()}")
+    baseline_s, baseline_tokens, reference = 0.0, 0, []
+    bar = progress(len(prompts) * (1 + len(ks)), "specdec", unit="prompt")
+    for i, p in enumerate(prompts):
+        o, s = target_alone(target, tmeta.arch, p, params, stops, index=i)
+        reference.append(o)
+        baseline_s += s
+        baseline_tokens += len(o)
+        bar.update()
+    report = {"target_alone": {"new_tokens": baseline_tokens, "seconds": baseline_s,
+                               "tokens_per_s": baseline_tokens / max(baseline_s, 1e-9)}, "k": {}}
+    for k in ks:
+        total, same = SpecStats(k=k), 0
+        for i, p in enumerate(prompts):
+            o, st = speculative_generate(target, tmeta.arch, draft, dmeta.arch, p, k, params, stops, index=i)
+            total.add(st)
+            same += o == reference[i]
+            bar.update()
+        row = total.summary()
+        row["speedup"] = (total.new_tokens / max(total.seconds, 1e-9)) / report["target_alone"]["tokens_per_s"]
+        if params.greedy:
+            row["equals_target_greedy"] = same == len(prompts)
+        report["k"][k] = row
+        log0(f"k={k}: acceptance {row['acceptance_rate']:.3f}, mean accepted length {row['mean_accepted_length']:.2f}, "
+             f"speed-up {row['speedup']:.2f}x")
+    bar.close()
+    if out and is_rank0():
+        with open(out, "w") as f:
+            json.dump(report, f, indent=2)
+    return report
