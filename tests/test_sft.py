@@ -185,7 +185,7 @@ def _naive_step(root):
     return loss.item(), {k: (p - p.grad).detach() for k, p in model.named_parameters()}, bool(prompt_grad)
 
 
-@pytest.mark.parametrize("tp,pp", [(1, 1), (2, 1), (1, 2)])
+@pytest.mark.parametrize("tp,pp", [(1, 1), (2, 1)])
 def test_one_sft_step_equals_naive_masked_ce(sft_setup, tmp_path, tp, pp):
     import transformers
 
