@@ -11,5 +11,7 @@ their output atomically. Core modules never import from this package.
     prune       scores + target (or a plan) -> a pruned sharded checkpoint
     distill     knowledge distillation of a student from a teacher
     train       plain LM-loss training (CE baseline, teacher correction)
+    sft         supervised fine-tuning on SFT JSONL, loss on the answer tokens only
+    selfdistill the teacher rewrites an SFT set in its own words (self-data distillation)
     demo        the whole pipeline on SmolLM2-135M, offline
 """
