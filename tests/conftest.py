@@ -108,3 +108,23 @@ def smol_scores(smol_ckpt, smol_shakespeare, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("smol_scores") / "smol.scores"
     run_ranks(_score_smol, 1, smol_ckpt, smol_shakespeare["train"], out)
     return out
+def _convert_hf(hf_dir, out):
+    from megatron_prune.pipelines.convert import hf_to_megatron
+
+    hf_to_megatron(hf_dir, out)
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_ckpt(smol_tokenizer_dir, tmp_path_factory) -> Path:
+    """A tiny random Llama (2 layers, hidden 64) with SmolLM2's vocabulary and chat template, as a Megatron
+    checkpoint (its Hugging Face source is the sibling ``hf/``): for SFT, generation and self-distillation."""
+    import shutil
+
+    from megatron_prune.runtime.spawn import run_ranks
+
+    root = tmp_path_factory.mktemp("tiny_chat")
+    hf = make_hf_model(root / "hf", vocab_size=49152, hidden_size=64, intermediate_size=96, num_hidden_layers=2)
+    for f in smol_tokenizer_dir.iterdir():
+        shutil.copy(f, hf / f.name)
+    run_ranks(_convert_hf, 1, hf, root / "ckpt")
+    return root / "ckpt"

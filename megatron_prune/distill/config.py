@@ -13,7 +13,7 @@ import yaml
 @dataclass
 class TrainConfig:
     student: str  # checkpoint to train (usually the pruned one)
-    data: list  # Megatron blend: prefixes, or WEIGHT PREFIX pairs
+    data: list  # Megatron blend: prefixes, or WEIGHT PREFIX pairs; or SFT JSONL files (answer-only loss)
     out: str  # run directory: step_XXXXXXX checkpoints, tensorboard/, log
     teacher: Optional[str] = None  # None: plain CE training (also used for teacher correction)
     valid_data: Optional[str] = None  # indexed prefix for the periodic validation LM loss
@@ -58,6 +58,7 @@ class TrainConfig:
     save_every: int = 500  # also saved: the last step, and on a stop signal (0: only those)
     keep_last: int = 2
     dataset_cache: Optional[str] = None
+    sft_pack: bool = True  # SFT JSONL data: pack whole examples into seq_len windows (False: one per sample, padded)
 
     @classmethod
     def from_yaml(cls, path: Optional[str | Path] = None, **overrides) -> "TrainConfig":

@@ -138,16 +138,7 @@ class Trainer:
 
         config.finalize_model_grads_func = lambda _models, *a, **k: finalize_model_grads([self.ddp], *a, **k)
 
-        tok_dir = tokenizer_dir(cfg.student)
-        eod = 0
-        if tok_dir is not None:
-            import transformers
-
-            eod = transformers.AutoTokenizer.from_pretrained(tok_dir).eos_token_id or 0
-        from megatron_prune.data.blend import build_train_dataset
-
-        self.dataset = build_train_dataset(cfg.data, cfg.seq_len, self.steps * cfg.global_batch_size, cfg.seed, eod,
-                                           cache_dir=cfg.dataset_cache or (self.out / "dataset_cache"))
+        self.dataset = self._build_dataset(tokenizer_dir(cfg.student))
         self.valid_windows = None
         if cfg.valid_data and cfg.eval_every:
             from megatron_prune.data import fixed_length_windows
@@ -155,6 +146,27 @@ class Trainer:
             self.valid_windows = fixed_length_windows(cfg.valid_data, cfg.seq_len, max_windows=cfg.eval_samples)
         self.writer = None
         self._ps = ps
+
+    def _build_dataset(self, tok_dir):
+        """SFT JSONL files (answer-only loss mask, chat template) or a blend of Megatron indexed datasets."""
+        from megatron_prune.data.sft import build_sft_dataset, is_sft_data
+
+        cfg = self.cfg
+        self.sft = is_sft_data(cfg.data)
+        if self.sft:
+            if tok_dir is None:
+                raise ValueError(f"SFT data is rendered with the checkpoint's chat template, but {cfg.student} "
+                                 f"carries no tokenizer")
+            return build_sft_dataset(cfg.data, tok_dir, cfg.seq_len, seed=cfg.seed, pack=cfg.sft_pack)
+        eod = 0
+        if tok_dir is not None:
+            import transformers
+
+            eod = transformers.AutoTokenizer.from_pretrained(tok_dir).eos_token_id or 0
+        from megatron_prune.data.blend import build_train_dataset
+
+        return build_train_dataset(cfg.data, cfg.seq_len, self.steps * cfg.global_batch_size, cfg.seed, eod,
+                                   cache_dir=cfg.dataset_cache or (self.out / "dataset_cache"))
 
     # ---------------------------------------------------------------------------------------- state
     def _trainer_state(self) -> dict:
@@ -189,7 +201,7 @@ class Trainer:
         path = self.out / f"{STEP_PREFIX}{self.step:07d}"
         provenance = {"parent": str(Path(self.cfg.student).absolute()), "teacher": self.cfg.teacher,
                       "step": self.step, "tokens": self.step * self.cfg.global_batch_size * self.cfg.seq_len,
-                      "mode": "distill" if self.teacher is not None else "train"}
+                      "mode": "distill" if self.teacher is not None else ("sft" if self.sft else "train")}
         save_checkpoint(self.student, self.arch, path, tokenizer_src=tokenizer_dir(self.cfg.student),
                         provenance=provenance, extra_state=extra, overwrite=True)
         log0(f"saved step {self.step} to {path}")
@@ -318,7 +330,7 @@ class Trainer:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(str(self.out / "tensorboard"))
-        what = f"distilling {cfg.teacher} -> {cfg.student}" if self.teacher is not None else f"training {cfg.student}"
+        what = f"distilling {cfg.teacher} -> {cfg.student}" if self.teacher is not None else f"{'SFT of' if self.sft else 'training'} {cfg.student}"
         log0(f"{what}: {self.steps} steps x {cfg.global_batch_size} x {cfg.seq_len} tokens, TP={cfg.tp} PP={cfg.pp} "
              f"DP={self.dp}" + (f", resuming at step {self.step} from {self.resume_from}" if self.resume_from else ""))
         if self.valid_windows is not None and self.step == 0:

@@ -14,5 +14,7 @@ their output atomically. Core modules never import from this package.
     generate    completions for a file of prompts (KV-cached, batched, greedy or sampled)
     specdec     speculative decoding with a draft model: acceptance and speed-up per k
     merge       SLERP / linear / task-arithmetic merge of checkpoints of one shape
+    sft         supervised fine-tuning on SFT JSONL, loss on the answer tokens only
+    selfdistill the teacher rewrites an SFT set in its own words (self-data distillation)
     demo        the whole pipeline on SmolLM2-135M, offline
 """

@@ -42,3 +42,54 @@ def evaluate_checkpoint(ckpt: str | Path, data_prefix: str | Path, seq_len: int 
     if out is not None and is_rank0():
         Path(out).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
     return result
+
+
+def evaluate_tasks(ckpt: str | Path, sft_data: Optional[str | Path] = None, arithmetic: int = 0, humaneval: int = 0,
+                   kl_teacher: Optional[str | Path] = None, data_prefix: Optional[str | Path] = None,
+                   seq_len: int = 512, max_sequences: Optional[int] = None, micro_batch_size: int = 4,
+                   max_new_tokens: int = 256, batch_size: int = 8, tp: int = 1, pp: int = 1) -> dict:
+    """Task accuracy (greedy) on held-out SFT records and the forgetting KL(teacher || ckpt) on text windows.
+
+    ``arithmetic`` / ``humaneval``: how many records of each task in ``sft_data`` to evaluate (-1: all).
+    """
+    from megatron_prune.checkpoint import load_model, tokenizer_dir
+    from megatron_prune.data.sft import humaneval_tasks, load_tokenizer, read_sft_jsonl
+    from megatron_prune.evaluate_sft import (arithmetic_accuracy, generate_answers, humaneval_passed,
+                                             kl_to_teacher)
+    from megatron_prune.runtime import init_distributed, log0
+
+    records = read_sft_jsonl(sft_data) if sft_data else []
+    if (arithmetic or humaneval) and not records:
+        raise ValueError("--arithmetic/--humaneval evaluate records of --sft-data (e.g. sft_heldout.jsonl from "
+                         "`megatron-prune data --corpus sft`)")
+    if kl_teacher and not data_prefix:
+        raise ValueError("--kl-teacher needs --data (an indexed dataset prefix of held-out general text)")
+    pick = lambda task, n: [r for r in records if r.get("task") == task][: None if n < 0 else n]  # noqa: E731
+    arith, he = pick("arithmetic", arithmetic) if arithmetic else [], pick("humaneval", humaneval) if humaneval else []
+    init_distributed(tp, pp)
+    model, meta = load_model(ckpt)
+    result: dict = {"checkpoint": str(ckpt)}
+    if arith or he:
+        tok = load_tokenizer(tokenizer_dir(ckpt))
+        if arith:
+            answers = generate_answers(model, meta.arch, tok, arith, max_new_tokens, batch_size, desc="arithmetic")
+            result["arithmetic_accuracy"] = arithmetic_accuracy(answers, arith)
+            result["arithmetic_n"] = len(arith)
+        if he:
+            by_id = {t["task_id"]: t for t in humaneval_tasks()}
+            answers = generate_answers(model, meta.arch, tok, he, max_new_tokens, batch_size, desc="humaneval")
+            passed = humaneval_passed(answers, [by_id[r["task_id"]] for r in he])
+            result["humaneval_pass"] = sum(passed) / len(passed)
+            result["humaneval_n"] = len(passed)
+    if data_prefix:
+        from megatron_prune.data import fixed_length_windows
+
+        windows = fixed_length_windows(data_prefix, seq_len, max_windows=max_sequences)
+        result["lm_loss"] = lm_loss(model, meta.arch, windows, micro_batch_size, desc="eval").lm_loss
+        if kl_teacher:
+            teacher, t_meta = load_model(kl_teacher)
+            if t_meta.arch.vocab_size != meta.arch.vocab_size:
+                raise ValueError(f"--kl-teacher vocab {t_meta.arch.vocab_size} != model vocab {meta.arch.vocab_size}")
+            result["kl_to_teacher"] = kl_to_teacher(model, teacher, meta.arch, windows, micro_batch_size)
+    log0(f"evaluated {ckpt}: {result}")
+    return result

@@ -1,0 +1,175 @@
+"""Self-data distillation (arXiv 2410.09982): the unpruned model rewrites an SFT set in its own words.
+
+For every (instruction, answer) pair the teacher sees, through its own chat template, the instruction and the
+original answer as a reference and writes its own response. A rewrite replaces the original answer only when
+it passes the filters: not truncated or empty, does not talk about the reference (the SDFT phrases), and, for
+checkable tasks (records with an integer ``answer``), has the right final answer. Otherwise the original
+answer is kept (or the example dropped, with ``on_reject="drop"``).
+
+The work is cut into chunks of consecutive examples; each finished chunk is written atomically to
+``OUT.parts/``, so an interrupted run continues at the first missing chunk and never loses or duplicates an
+example. All ranks generate every chunk together (data-parallel replicas split its prompts).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections import Counter
+from pathlib import Path
+from typing import Optional, Sequence
+
+from megatron_prune.data.sft import final_answer, prompt_ids, to_messages, write_jsonl
+
+SYSTEM_PROMPT = ("Below is an instruction and a reference answer. Using the reference answer as a guide, "
+                 "write your own response.")
+REFERENCE_PHRASES = ("reference answer", "your response", "my response", "your own response", "now it's your turn")
+RULES = ("rewritten", "truncated", "empty", "mentions_reference", "wrong_answer", "too_long")
+
+
+def rewrite_messages(record: dict) -> list[dict]:
+    """The teacher's prompt: the system prompt, then the (last) instruction and the original answer."""
+    msgs = to_messages(record)
+    instruction = next(m["content"] for m in reversed(msgs[:-1]) if m["role"] == "user") \
+        if any(m["role"] == "user" for m in msgs[:-1]) else ""
+    user = f"Instruction:\n{instruction}\n\nReference answer:\n{msgs[-1]['content']}"
+    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
+
+
+def judge(text: str, finished: bool, record: dict) -> str:
+    """``"rewritten"`` when the rewrite may replace the original answer, else the name of the rule it fails."""
+    if not finished:
+        return "truncated"
+    if not text.strip():
+        return "empty"
+    low = text.lower()
+    if any(p in low for p in REFERENCE_PHRASES) or low.lstrip().startswith("your turn"):
+        return "mentions_reference"
+    if isinstance(record.get("answer"), int) and final_answer(text) != record["answer"]:
+        return "wrong_answer"
+    return "rewritten"
+
+
+def with_answer(record: dict, text: str) -> dict:
+    """A copy of ``record`` whose (last) answer is ``text``, in the record's own form."""
+    out = dict(record)
+    if "messages" in record:
+        out["messages"] = [dict(m) for m in record["messages"]]
+        out["messages"][-1]["content"] = text
+    else:
+        out["output"] = text
+    return out
+
+
+def decide(record: dict, new_tokens: Optional[list[int]], tokenizer, stop_ids: Sequence[int],
+           on_reject: str = "original") -> tuple[Optional[dict], str]:
+    """(record to write or None, rule) for one example from the teacher's generated tokens (None: not generated)."""
+    if new_tokens is None:
+        rule = "too_long"
+    else:
+        finished = bool(new_tokens) and new_tokens[-1] in stop_ids
+        text = tokenizer.decode(new_tokens[:-1] if finished else new_tokens, skip_special_tokens=True).strip()
+        rule = judge(text, finished, record)
+        if rule == "rewritten":
+            return with_answer(record, text), rule
+    return (record if on_reject == "original" else None), rule
+
+
+def _fingerprint(records: list[dict], settings: dict) -> str:
+    h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    for r in records:
+        h.update(json.dumps(r, sort_keys=True).encode())
+    return h.hexdigest()
+
+
+def self_distill(model, arch, tokenizer, records: list[dict], out: str | os.PathLike, params,
+                 chunk_size: int = 64, batch_size: int = 8, on_reject: str = "original", settings: Optional[dict] = None,
+                 overwrite: bool = False) -> dict:
+    """Rewrite ``records`` with ``model`` (every rank calls this); writes ``out`` and ``out``.stats.json.
+
+    Returns the statistics: examples, written, rewritten (rewrite kept), original (original answer kept),
+    dropped, and the count per rule.
+    """
+    import torch.distributed as dist
+
+    from megatron_prune.data.sft import end_of_turn_ids
+    from megatron_prune.generation import generate
+    from megatron_prune.runtime import barrier, is_rank0, log0
+    from megatron_prune.runtime.progress import progress
+
+    if on_reject not in ("original", "drop"):
+        raise ValueError(f"on_reject must be 'original' or 'drop', got {on_reject!r}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    out = Path(out)
+    stats_path = out.with_name(out.stem + ".stats.json")
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"output {out} already exists; choose another path or pass --overwrite")
+    parts = out.with_name(out.name + ".parts")
+    fingerprint = _fingerprint(records, {**(settings or {}), "params": vars(params), "chunk_size": chunk_size,
+                                         "on_reject": on_reject, "system": SYSTEM_PROMPT})
+    stamp = parts / "fingerprint"
+    if stamp.is_file() and stamp.read_text() != fingerprint:  # every rank checks: all raise together
+        raise ValueError(f"{parts} holds chunks of a run with other data or settings; delete it to start over")
+    if is_rank0():
+        parts.mkdir(parents=True, exist_ok=True)
+        stamp.write_text(fingerprint)
+    barrier()
+
+    stop_ids = end_of_turn_ids(tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    starts = list(range(0, len(records), chunk_size))
+    todo = [s for s in starts if not (parts / f"chunk_{s:09d}.jsonl").is_file()]
+    log0(f"self-distillation: {len(records)} examples in {len(starts)} chunks, {len(starts) - len(todo)} done already")
+    bar = progress(len(starts), "selfdistill", unit="chunk")
+    bar.update(len(starts) - len(todo))
+    for s in todo:
+        chunk = records[s: s + chunk_size]
+        prompts = [prompt_ids(tokenizer, rewrite_messages(r)) for r in chunk]
+        fits = [i for i, p in enumerate(prompts) if len(p) + params.max_new_tokens <= arch.max_position_embeddings]
+        gen = {}
+        if fits:
+            import dataclasses
+
+            outs = generate(model, arch, [prompts[i] for i in fits], dataclasses.replace(params, seed=params.seed + s),
+                            stop_token_ids=stop_ids, pad_token_id=pad, batch_size=batch_size, desc=None)
+            gen = dict(zip(fits, outs))
+        if is_rank0():
+            lines = []
+            for i, rec in enumerate(chunk):
+                kept, rule = decide(rec, gen.get(i), tokenizer, stop_ids, on_reject)
+                lines.append({"index": s + i, "rule": rule, "record": kept})
+            write_jsonl(lines, parts / f"chunk_{s:09d}.jsonl")
+        bar.update(1)
+    bar.close()
+    barrier()
+
+    stats: dict = {}
+    if is_rank0():
+        rules: Counter = Counter()
+        written = []
+        for s in starts:
+            for line in (parts / f"chunk_{s:09d}.jsonl").read_text().splitlines():
+                item = json.loads(line)
+                rules[item["rule"]] += 1
+                if item["record"] is not None:
+                    written.append(item["record"])
+        rejected = len(records) - rules["rewritten"]
+        stats = {"examples": len(records), "written": len(written), "rewritten": rules["rewritten"],
+                 "original": rejected if on_reject == "original" else 0,
+                 "dropped": rejected if on_reject == "drop" else 0,
+                 "by_rule": {r: rules[r] for r in RULES}}
+        write_jsonl(written, out)
+        tmp = stats_path.with_name(f".{stats_path.name}.tmp")
+        tmp.write_text(json.dumps(stats, indent=2) + "\n")
+        os.replace(tmp, stats_path)
+        shutil.rmtree(parts)
+        log0(f"wrote {out}: {json.dumps(stats)}")
+    barrier()
+    if dist.is_initialized():
+        box = [stats]
+        dist.broadcast_object_list(box, src=0)
+        stats = box[0]
+    return stats
