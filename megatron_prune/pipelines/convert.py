@@ -28,10 +28,15 @@ def detect_source(path: str | Path) -> str:
         return "megatron"
     if (p / "config.json").is_file():
         return "hf"
+    from megatron_prune.checkpoint.nemo import detect_layout
+
+    if p.is_dir() and detect_layout(p):
+        return detect_layout(p)  # "nemo2" or "bridge"
     if not p.exists():
         raise FileNotFoundError(f"{p} does not exist")
     raise ValueError(f"cannot tell what {p} is: expected a .gguf file, a Hugging Face directory (config.json) "
-                     f"or a megatron-prune checkpoint ({METADATA_FILE})")
+                     f"a megatron-prune checkpoint ({METADATA_FILE}), a NeMo 2 checkpoint (context/ + weights/) "
+                     f"or a Megatron-Bridge checkpoint (iter_XXXXXXX/ with run_config.yaml)")
 
 
 def hf_to_megatron(hf_dir: str | Path, out: str | Path, tp: int = 1, pp: int = 1, dtype: torch.dtype = torch.float32,
@@ -77,9 +82,13 @@ def convert(src: str | Path, out: str | Path, to: Optional[str] = None, tp: int 
     """
     kind = detect_source(src)
     to = to or ("hf" if kind == "megatron" else "megatron")
-    if to not in ("megatron", "hf"):
-        raise ValueError(f"--to must be 'megatron' or 'hf', got {to!r}")
+    if to not in ("megatron", "hf", "nemo"):
+        raise ValueError(f"--to must be 'megatron', 'hf' or 'nemo', got {to!r}")
     torch_dtype = None if dtype == "auto" else getattr(torch, dtype)
+    if kind in ("nemo2", "bridge") or to == "nemo":
+        from megatron_prune.checkpoint.nemo import convert_nemo
+
+        return convert_nemo(src, kind, out, to, tp, pp, torch_dtype, overwrite)
     import_dtype = torch_dtype or torch.float32
     out = Path(out)
     if kind == "gguf":
