@@ -359,7 +359,16 @@ def load_foreign_into(model: torch.nn.Module, ckpt: ForeignCheckpoint) -> None:
     from megatron.core import parallel_state as ps
     from megatron.core.dist_checkpointing import ShardedTensor
 
+    from megatron.core.dist_checkpointing import ShardedObject
+    from torch.distributed.checkpoint import FileSystemReader
+
     state = model.sharded_state_dict(prefix=ckpt.prefix)
+    # module extra state (e.g. TE's fp8 meta) is optional: keep the model's own when the checkpoint has none
+    stored = set(FileSystemReader(str(ckpt.weights_dir)).read_metadata().state_dict_metadata)
+    own = model.state_dict()
+    absent = [n for n, sh in state.items() if isinstance(sh, ShardedObject) and sh.unique_key not in stored]
+    for name in absent:
+        state.pop(name)
     padded = ckpt.arch.padded_vocab_size
     resliced = {}
     if ckpt.vocab_rows != padded:
@@ -381,6 +390,7 @@ def load_foreign_into(model: torch.nn.Module, ckpt: ForeignCheckpoint) -> None:
         full[:n] = loaded[name][:n]
         loaded[name] = full[tp_rank * rows:(tp_rank + 1) * rows]
     plain = {k[len(ckpt.prefix):]: v for k, v in loaded.items() if k in state}
+    plain.update({n[len(ckpt.prefix):]: own[n[len(ckpt.prefix):]] for n in absent})
     model.load_state_dict(plain, strict=True)
 
 
