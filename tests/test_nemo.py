@@ -126,7 +126,9 @@ def _sharded_keys(weights: Path) -> dict[str, tuple]:
 def test_layout_matches_the_documented_one(exported, hf_dir):
     _, nemo = exported
     h, f, heads, groups, kv = 64, 96, 8, 4, 8
-    tok_files = sorted(p.name for p in hf_dir.iterdir() if p.name.startswith(("tokenizer", "special_tokens")))
+    carried = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+    tok_files = sorted(p.name for p in hf_dir.iterdir() if p.name in carried)
+    assert "tokenizer.json" in tok_files
     expected = {"context/model.yaml", "context/megatron_prune.json",
                 *(f"context/nemo_tokenizer/{n}" for n in tok_files),
                 "weights/.metadata", "weights/metadata.json", "weights/common.pt"}
