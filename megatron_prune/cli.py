@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "directory (run with one process per pipeline stage for big models).")
     p.add_argument("src", help="a .gguf file, a Hugging Face directory, or a megatron-prune checkpoint")
     p.add_argument("out", help="output directory (written atomically)")
-    p.add_argument("--to", choices=["megatron", "hf"], help="target format (default: megatron for GGUF/HF sources, hf for Megatron)")
+    p.add_argument("--to", choices=["megatron", "hf", "nemo"], help="target format (default: megatron for GGUF/HF/NeMo sources, hf for Megatron; nemo = NeMo 2 layout)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="weight dtype (auto: float32 on import, the checkpoint's dtype on export)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
@@ -377,6 +377,7 @@ def run(args: argparse.Namespace) -> None:
             valid_fraction=args.valid_fraction, max_docs=args.max_docs).items()})
     elif args.command == "eval":
         from megatron_prune.pipelines.eval import evaluate_checkpoint
+        from megatron_prune.runtime import is_rank0
 
         if args.sft_data or args.arithmetic or args.humaneval or args.kl_teacher:
             from megatron_prune.pipelines.eval import evaluate_tasks

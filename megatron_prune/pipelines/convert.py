@@ -30,11 +30,17 @@ def detect_source(path: str | Path) -> str:
         return "megatron"
     if (p / "config.json").is_file():
         return "hf"
+    from megatron_prune.checkpoint.nemo import detect_layout
+
+    if p.is_dir() and detect_layout(p):
+        return detect_layout(p)  # "nemo2" or "bridge"
     if not p.exists():
-        raise inputs.InputError(f"SRC {p} does not exist; pass a .gguf file, a Hugging Face directory or a "
-                                f"megatron-prune checkpoint")
+        raise inputs.InputError(f"SRC {p} does not exist; pass a .gguf file, a Hugging Face directory, a "
+                                f"megatron-prune checkpoint or a NeMo 2 / Megatron-Bridge checkpoint")
     raise inputs.InputError(f"SRC: cannot tell what {p} is: expected a .gguf file, a Hugging Face directory "
-                            f"(config.json) or a megatron-prune checkpoint ({METADATA_FILE})")
+                            f"(config.json), a megatron-prune checkpoint ({METADATA_FILE}), a NeMo 2 checkpoint "
+                            f"(context/ + weights/) or a Megatron-Bridge checkpoint (iter_XXXXXXX/ with "
+                            f"run_config.yaml)")
 
 
 def hf_to_megatron(hf_dir: str | Path, out: str | Path, tp: int = 1, pp: int = 1, dtype: torch.dtype = torch.float32,
@@ -77,8 +83,8 @@ def check_convert(src, out, to: Optional[str], tp: int, pp: int, dtype: str, ove
     inputs.layout(tp, pp)
     kind = detect_source(src)
     to = to or ("hf" if kind == "megatron" else "megatron")
-    if to not in ("megatron", "hf"):
-        raise inputs.InputError(f"--to must be 'megatron' or 'hf', got {to!r}")
+    if to not in ("megatron", "hf", "nemo"):
+        raise inputs.InputError(f"--to must be 'megatron', 'hf' or 'nemo', got {to!r}")
     if dtype != "auto" and not isinstance(getattr(torch, dtype, None), torch.dtype):
         raise inputs.InputError(f"--dtype {dtype!r} is not a torch dtype; use auto, float32, bfloat16 or float16")
     if kind == to:
@@ -86,6 +92,9 @@ def check_convert(src, out, to: Optional[str], tp: int, pp: int, dtype: str, ove
         raise inputs.InputError(f"SRC {src} is already {what}; drop --to {to} to convert it to the other format")
     if kind == "megatron":
         inputs.checkpoint(src, "SRC")
+    if to in ("hf", "nemo") and kind in ("nemo2", "bridge") and to == "nemo":
+        raise inputs.InputError(f"SRC {src} is already a NeMo 2 / Megatron-Bridge checkpoint; convert it with --to "
+                                f"megatron or --to hf")
     if to == "hf" and (tp != 1 or pp != 1):
         raise inputs.InputError(
             "--tp/--pp set the layout of an import; an export to Hugging Face loads the checkpoint at TP=1 with one "
@@ -110,6 +119,10 @@ def convert(src: str | Path, out: str | Path, to: Optional[str] = None, tp: int 
     kind, to = check_convert(src, out, to, tp, pp, dtype, overwrite)
     check_output_path(out, {"source": src})
     torch_dtype = None if dtype == "auto" else getattr(torch, dtype)
+    if kind in ("nemo2", "bridge") or to == "nemo":
+        from megatron_prune.checkpoint.nemo import convert_nemo
+
+        return convert_nemo(src, kind, out, to, tp, pp, torch_dtype, overwrite)
     import_dtype = torch_dtype or torch.float32
     out = Path(out)
     if kind == "gguf":
