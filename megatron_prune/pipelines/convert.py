@@ -92,7 +92,7 @@ def check_convert(src, out, to: Optional[str], tp: int, pp: int, dtype: str, ove
         raise inputs.InputError(f"SRC {src} is already {what}; drop --to {to} to convert it to the other format")
     if kind == "megatron":
         inputs.checkpoint(src, "SRC")
-    if to in ("hf", "nemo") and kind in ("nemo2", "bridge") and to == "nemo":
+    if to == "nemo" and kind in ("nemo2", "bridge"):
         raise inputs.InputError(f"SRC {src} is already a NeMo 2 / Megatron-Bridge checkpoint; convert it with --to "
                                 f"megatron or --to hf")
     if to == "hf" and (tp != 1 or pp != 1):
