@@ -132,9 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--micro-batch-size", type=int, default=4, help="samples per forward pass")
     p.add_argument("--seq-agg", default="mean", choices=["mean", "l2", "variance"], help="aggregation over the sequence (default mean)")
     p.add_argument("--batch-agg", default="l2", choices=["mean", "l2", "variance"], help="aggregation over the batch (default l2)")
-    p.add_argument("--head-metric", default="activation", choices=["activation", "channel", "residual"],
-                   help="attention-head score used for pruning heads and query groups (all three are stored; "
-                   "see docs/pruning.md; default activation)")
+    p.add_argument("--head-metric", default="residual", choices=["activation", "channel", "residual"],
+                   help="attention-head score used for pruning heads and query groups: residual (what each head adds "
+                   "to the residual stream, the best in docs/pruning_results.md), activation (Minitron's L2 of the "
+                   "head output) or channel; all three are stored in the score file (default residual)")
     p.add_argument("--lm-loss-drop", type=int, nargs="*", default=[], metavar="N",
                    help="also measure the LM-loss increase when each block of N layers is removed (one pass per block; default none)")
     p.add_argument("--lm-loss-samples", type=int, default=64,

@@ -115,8 +115,9 @@ def test_width_scores_match_naive_transformers(reference, hf_activations):
                                   for a, b in zip(hf_activations["ln1"], hf_activations["ln2"])])
         tag = f"seq={seq} batch={batch}"
         assert_close(s.mlp, mlp, f"mlp {tag}")
-        assert_close(s.heads, heads, f"heads {tag}")
-        assert_close(s.query_groups, groups, f"query groups {tag}")
+        minitron = s.with_head_metric("activation")  # the default is "residual", tested below
+        assert_close(minitron.heads, heads, f"heads {tag}")
+        assert_close(minitron.query_groups, groups, f"query groups {tag}")
         assert_close(s.embedding_layers, emb_layers, f"embedding per layer {tag}")
         assert_close(s.embedding, emb_layers.sum((0, 1)), f"embedding {tag}")
 
@@ -127,7 +128,7 @@ def test_head_metrics_match_naive_transformers(reference, hf_activations):
     L, H, G, kv = cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     for seq, batch in AGGS:
         s = reference[(1, 1, seq, batch)]
-        assert s.head_metric == "activation" and torch.equal(s.head_variants["activation"], s.heads)
+        assert s.head_metric == "residual" and torch.equal(s.head_variants["residual"], s.heads)
         channel = torch.stack([naive_agg(a, seq, batch).reshape(H, kv).norm(dim=-1)
                                for a in hf_activations["o_proj_in"]])
         residual = []

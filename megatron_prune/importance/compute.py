@@ -40,7 +40,7 @@ def compute_importance(
     batch_agg: str = "l2",
     angular_sizes: Optional[Sequence[int]] = None,
     desc: Optional[str] = "importance",
-    head_metric: str = "activation",
+    head_metric: str = "residual",
 ) -> ImportanceScores:
     """Score every prunable unit of ``model`` (this rank's GPTModel shard) on the calibration samples.
 

@@ -140,7 +140,7 @@ def gather_global(local: dict, tp_group=None, pp_group=None) -> dict:
 
 def make_scores(global_parts: dict, arch, seq_agg: str, batch_agg: str, num_samples: int, seq_len: int,
                 angular_sizes: Optional[list] = None, extra: Optional[dict] = None,
-                head_metric: str = "activation") -> ImportanceScores:
+                head_metric: str = "residual") -> ImportanceScores:
     from megatron_prune.importance.depth import angular_distances
     from megatron_prune.importance.width import query_group_scores
 

@@ -35,7 +35,7 @@ def check_importance(ckpt, data_prefix, out, num_samples: int, seq_len: int, mic
 def score_checkpoint(ckpt: str | Path, data_prefix: str | Path, out: str | Path, num_samples: int = 1024,
                      seq_len: int = 512, micro_batch_size: int = 4, seq_agg: str = "mean", batch_agg: str = "l2",
                      lm_loss_blocks: Sequence[int] = (), lm_loss_samples: int = 64, tp: int = 1, pp: int = 1,
-                     seed: int = 0, head_metric: str = "activation") -> "ImportanceScores":
+                     seed: int = 0, head_metric: str = "residual") -> "ImportanceScores":
     """Load ``ckpt`` at ``tp`` x ``pp``, score every prunable unit, and save the scores (rank 0) to ``out``."""
     from megatron_prune.checkpoint import load_model
     from megatron_prune.checkpoint.outputs import check_output_path
