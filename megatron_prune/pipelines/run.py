@@ -106,8 +106,9 @@ def run_stage(recipe: Recipe, stage: Stage) -> None:
             from megatron_prune.pipelines.importance import score_checkpoint
 
             ckpt, data = o.pop("ckpt"), o.pop("data")
-            if "samples" in o:
-                o["num_samples"] = o.pop("samples")
+            for cli_name, name in (("samples", "num_samples"), ("lm_loss_drop", "lm_loss_blocks")):
+                if cli_name in o:  # the command line's names
+                    o[name] = o.pop(cli_name)
             score_checkpoint(ckpt, data, out, tp=tp, pp=pp, **o)
         elif stage.verb == "prune":
             from megatron_prune.pipelines.prune import prune
