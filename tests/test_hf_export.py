@@ -176,8 +176,13 @@ def test_prune_refuses_a_target_no_hf_config_can_hold_before_any_work(tmp_path):
     arch = ModelArch(num_layers=2, hidden_size=64, ffn_hidden_size=96, num_attention_heads=8, num_query_groups=4,
                      vocab_size=256, qkv_bias=True, linear_bias=True)
     make_plan(fake_scores(arch), arch, PruneTarget.parse("hidden=36")).save(tmp_path / "plan.json")
+    src = tmp_path / "src"  # only what the checks before any work read: our metadata and the dist-checkpoint markers
+    src.mkdir()
+    (src / "megatron_prune.json").write_text(json.dumps({"format_version": 1, "arch": arch.to_dict()}))
+    (src / "metadata.json").write_text("{}")
+    (src / ".metadata").write_text("")
     with pytest.raises(PlanError, match="could not be exported to Hugging Face.*hidden % heads == 0"):
-        prune(tmp_path / "no-checkpoint-needed", tmp_path / "out", plan_file=tmp_path / "plan.json")
+        prune(src, tmp_path / "out", plan_file=tmp_path / "plan.json")
     assert not (tmp_path / "out").exists()
 
 
