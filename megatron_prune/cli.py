@@ -257,12 +257,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu-memory-gib", type=float, default=80.0, help="memory per GPU in GiB (default %(default)s, an H100)")
     p.add_argument("--overhead-gib", type=float, default=2.0, help="fixed per-GPU overhead in GiB: CUDA context, NCCL, allocator (default %(default)s)")
     p.add_argument("--gpus-per-node", type=int, default=8, help="TP stays within a node (default 8)")
+    _add_layout(p)
+
     def _add_sampling(p: argparse.ArgumentParser) -> None:
         p.add_argument("--max-new-tokens", type=int, default=128)
         p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
         p.add_argument("--top-p", type=float, default=1.0)
-        p.add_argument("--top-k", type=int, default=0, help="0 = off")
-        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--top-k", type=int, default=0, help="sample among the K most likely tokens (default 0: off)")
+        p.add_argument("--seed", type=int, default=0, help="sampling seed; each prompt gets its own stream (default 0)")
         p.add_argument("--no-chat", action="store_true", help="feed text prompts as they are, not through the chat template")
 
     p = sub.add_parser("generate", help="generate completions for a file of prompts (KV-cached, batched)",
@@ -309,13 +311,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", nargs="+", help="SFT JSONL file(s), e.g. from `data --corpus sft`")
     p.add_argument("--valid-data", help="indexed dataset prefix for a periodic LM loss on general text")
     p.add_argument("--out", help="run directory (step_* checkpoints, tensorboard/)")
-    for flag, kind in (("--steps", int), ("--tokens", int), ("--seq-len", int), ("--micro-batch-size", int),
-                       ("--global-batch-size", int), ("--lr", float), ("--min-lr", float), ("--warmup-steps", int),
-                       ("--weight-decay", float), ("--clip-grad", float), ("--seed", int), ("--eval-every", int),
-                       ("--eval-samples", int), ("--save-every", int), ("--keep-last", int)):
-        p.add_argument(flag, type=kind)
+    p.add_argument("--steps", type=int, help="optimizer steps (give this or --tokens)")
+    p.add_argument("--tokens", type=int, help="train on this many tokens instead of --steps")
+    for flag, kind, text in _TRAIN_FLAGS:
+        default = _train_default(flag[2:].replace("-", "_"))
+        p.add_argument(flag, type=kind, help=f"{text} (default {'none' if default is None else default})")
     p.add_argument("--no-pack", dest="sft_pack", action="store_false", default=None,
-                   help="one example per sample (right-padded) instead of packing examples into --seq-len windows")
+                   help="one example per sample (right-padded) instead of packing examples into --seq-len windows "
+                   "(default: packed)")
     _add_layout(p)
 
     p = sub.add_parser("selfdistill", help="the teacher rewrites an SFT JSONL set in its own words (self-data distillation)",
@@ -330,13 +333,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=512)
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--top-k", type=int, default=0, help="sample among the K most likely tokens (default 0: off)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed; each example gets its own stream (default 0)")
     p.add_argument("--batch-size", type=int, default=8, help="prompts per generation batch (per data-parallel rank)")
     p.add_argument("--chunk-size", type=int, default=64, help="examples per resumable chunk")
     p.add_argument("--on-reject", choices=["original", "drop"], default="original",
                    help="a rejected rewrite keeps the original answer (default) or drops the example")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing finished output (an unfinished run resumes without it)")
     _add_layout(p)
 
     p = sub.add_parser("demo", help="the whole pipeline on SmolLM2-135M-Instruct, offline",
