@@ -22,9 +22,9 @@ from typing import Optional
 
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
-from megatron.core.dist_checkpointing.strategies.base import SaveShardedStrategy
 from megatron.core.dist_checkpointing.strategies.torch import (
     MCoreSavePlanner,
+    TorchDistSaveShardedStrategy,
     _replace_state_dict_keys_with_sharded_keys,  # what megatron's own torch_dist saver does first
     mcore_to_pyt_state_dict,
 )
@@ -40,17 +40,17 @@ class _PeerFailed(RuntimeError):
     """Another rank failed before this one reached the write."""
 
 
-class InProcessTorchDistSave(SaveShardedStrategy):
-    """megatron's ``torch_dist`` format (backend and version), written by the calling process (one I/O thread)."""
+class InProcessTorchDistSave(TorchDistSaveShardedStrategy):
+    """megatron's ``torch_dist`` format (backend and version), written by the calling process (one I/O thread).
+
+    A subclass of megatron's own strategy (megatron-core >= 0.17 replaces any other kind with its default) whose
+    ``save`` writes in-process instead of through the async machinery.
+    """
 
     def __init__(self):
-        super().__init__("torch_dist", 1)
+        super().__init__("torch_dist", 1, thread_count=1)
         self.entered = False  # reached save() (the ranks' first agreement)
         self.written = False  # the shards and .metadata are on disk
-
-    @property
-    def can_handle_sharded_objects(self) -> bool:
-        return True
 
     def save(self, sharded_state_dict, checkpoint_dir) -> None:
         self.entered = True
