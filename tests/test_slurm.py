@@ -135,13 +135,13 @@ def _sbatch_wait(args: list, env: dict, log: Path) -> int:
             f"sbatch --wait did not return in {JOB_TIMEOUT_S}s; job log:\n"
             f"{log.read_text() if log.exists() else '(none)'}"
         )
-    job_log = log.read_text() if log.exists() else "(no job log)"
+    job_log = log.read_bytes().decode(errors="replace") if log.exists() else "(no job log)"
     assert p.returncode == 0, f"{cmd}: exit {p.returncode}\n{p.stdout}\n{p.stderr}\n--- job log ---\n{job_log}"
     return int(p.stdout.strip().split(";")[0])
 
 
 def _records(out: Path, log: Path) -> dict:
-    job_log = log.read_text() if log.exists() else "(no job log)"
+    job_log = log.read_bytes().decode(errors="replace") if log.exists() else "(no job log)"
     recs = {}
     for r in range(2):
         f = out / f"rank{r}.json"
