@@ -17,7 +17,9 @@ if [ ! -x "$VENV/bin/python" ]; then
   echo "[install] creating virtual environment $VENV"
   "$PY" -m venv "$VENV"
 fi
-pip() { "$VENV/bin/python" -m pip "$@"; }
+# A find-links entry in the machine's pip config that does not exist makes pip warn once per package; drop
+# those lines so that a real error stays visible.
+pip() { "$VENV/bin/python" -m pip "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }
 pip install -q --upgrade pip
 # Pin the CPU wheel of torch first: an unpinned torch would pull several GB of CUDA packages.
 pip install -q "torch==2.13.0"
