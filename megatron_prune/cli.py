@@ -287,6 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--draft", required=True, help="draft checkpoint (same tokenizer)")
     p.add_argument("--prompts", required=True, help="prompts file (.jsonl or plain text)")
     p.add_argument("--k", default="1,2,4", help="draft lengths to try, comma-separated (default 1,2,4)")
+    p.add_argument("--limit", type=int, help="only the first N prompts (default: all)")
     p.add_argument("--out", help="also write the report as JSON here")
     _add_sampling(p)
     _add_layout(p)
@@ -477,7 +478,7 @@ def run(args: argparse.Namespace) -> None:
 
             ks = [int(k) for k in args.k.split(",")]
             _print_json(specdec(args.target, args.draft, args.prompts, ks, params, tp=args.tp, pp=args.pp,
-                                chat=not args.no_chat, out=args.out))
+                                chat=not args.no_chat, out=args.out, limit=args.limit))
     elif args.command == "merge":
         from megatron_prune.pipelines.merge import merge
 

@@ -59,13 +59,18 @@ def check_same_shape(ckpts: Sequence[str]):
     return metas[0]
 
 
-def _groups(names: list[str]) -> list[list[str]]:
-    """Tensor names grouped per decoder layer (one load per layer and input), others one by one."""
+def _groups(names: list[str], sharded: dict) -> list[list[str]]:
+    """Tensor names grouped by checkpoint key: one load per key gets that tensor of every layer this rank holds.
+
+    A key of the layer-stacked tensors (decoder.layers.*) covers all layers; megatron's loader expects a request
+    to cover every layer of the key across the ranks loading at once (one layer alone fails at world size 1),
+    so every pipeline stage loads the same key in the same call: layer keys first, in one order everywhere.
+    """
     groups: dict[str, list[str]] = {}
     for n in names:
-        m = re.match(r"(decoder\.layers\.\d+)\.", n)
-        groups.setdefault(m.group(1) if m else n, []).append(n)
-    return list(groups.values())
+        groups.setdefault(sharded[n].key, []).append(n)
+    layered = sorted(k for k in groups if k.startswith("decoder.layers."))
+    return [groups[k] for k in layered] + [groups[k] for k in sorted(set(groups) - set(layered))]
 
 
 def _global_layer(name: str, arch: ModelArch) -> Optional[int]:
@@ -128,7 +133,7 @@ def merge_into(model: torch.nn.Module, arch: ModelArch, ckpts: Sequence[str], me
         raise ValueError(f"unknown merge method {method!r}; choose slerp or linear")
     sharded = {k: v for k, v in model.sharded_state_dict().items() if hasattr(v, "data") and torch.is_tensor(v.data)}
     target = model.state_dict()
-    groups = _groups([n for n in sharded if n in target and not n.endswith("_extra_state")])
+    groups = _groups([n for n in sharded if n in target and not n.endswith("_extra_state")], sharded)
     # loading is collective: pipeline stages with fewer groups join the others' loads with empty requests
     count = torch.tensor([len(groups)])
     if dist.is_initialized():

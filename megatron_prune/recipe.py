@@ -24,10 +24,14 @@ from typing import Any
 
 import yaml
 
-VERBS = ("convert", "data", "importance", "prune", "distill", "train", "search", "eval")
-# the option of each verb that names its output (distill/train: the run directory; the checkpoint is its last step)
-OUTPUT_KEY = {"convert": "out", "data": "out", "importance": "out", "prune": "out", "distill": "out",
-              "train": "out", "search": "out", "eval": "out"}
+VERBS = ("convert", "data", "importance", "prune", "distill", "train", "search", "selfdistill", "sft", "merge",
+         "generate", "specdec", "eval")
+TRAINING_VERBS = ("distill", "train", "sft")  # their `out` is a run directory; the checkpoint is its last step
+# the option of each verb that names its output; the default when a stage leaves it out
+OUTPUT_KEY = {verb: "out" for verb in VERBS}
+DEFAULT_OUT = {**{verb: "{name}-run" for verb in TRAINING_VERBS}, "convert": "{name}", "prune": "{name}",
+               "merge": "{name}", "eval": "{name}.json", "specdec": "{name}.json", "selfdistill": "{name}.jsonl",
+               "generate": "{name}.jsonl"}
 
 
 class RecipeError(ValueError):
@@ -76,12 +80,8 @@ def load_recipe(path: str | Path, workdir: str | Path | None = None) -> Recipe:
             raise RecipeError(f"{path}: stage {name!r} needs `verb:` one of {', '.join(VERBS)}")
         options = {k: v for k, v in spec.items() if k not in ("verb", "tp", "pp")}
         verb = spec["verb"]
-        if verb in ("distill", "train") and "out" not in options:
-            options["out"] = f"{name}-run"
-        if verb == "eval" and "out" not in options:
-            options["out"] = f"{name}.json"
-        if verb in ("prune", "convert") and "out" not in options:
-            options["out"] = name
+        if OUTPUT_KEY[verb] not in options and verb in DEFAULT_OUT:
+            options[OUTPUT_KEY[verb]] = DEFAULT_OUT[verb].format(name=name)
         if OUTPUT_KEY[verb] not in options:
             raise RecipeError(f"{path}: stage {name!r} ({verb}) needs `{OUTPUT_KEY[verb]}:`")
         recipe.stages.append(Stage(name, verb, options, int(spec.get("tp", doc.get("tp", 1))),

@@ -118,3 +118,20 @@ def test_different_shapes_refused(two_ckpts, tmp_path):
     (other / "megatron_prune.json").write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match="ffn_hidden_size: 96 != 64"):
         check_same_shape([str(a), str(other)])
+
+
+def _merge_alone_and_read(a, b, out):
+    """One process (the usual `megatron-prune merge` run): every tensor of the model loaded by this rank."""
+    from megatron_prune.checkpoint import load_model
+    from megatron_prune.pipelines.merge import merge
+
+    merge([a, b], out, t=0.3)
+    model, _ = load_model(out)
+    return {k: v.clone() for k, v in model.state_dict().items() if torch.is_tensor(v) and "_extra" not in k}
+
+
+def test_merge_on_one_process_equals_the_two_rank_merge(merged, two_ckpts):
+    a, b, d = two_ckpts
+    (alone,) = run_ranks(_merge_alone_and_read, 1, a, b, d / "alone")
+    for k, v in merged["ab_tp1"].items():
+        assert torch.equal(alone[k], v), k

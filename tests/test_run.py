@@ -105,3 +105,56 @@ def test_recipe_errors(tmp_path):
         load_recipe(bad)
     with pytest.raises(FileNotFoundError, match="recipe .* not found"):
         load_recipe(tmp_path / "missing.yaml")
+
+
+def test_selfdistill_pipeline_as_a_recipe(tiny_chat_ckpt, tmp_path):
+    """The self-data distillation path as recipe stages: rewrite, SFT on both sets, SLERP merge, task eval,
+    speculative decoding; a second run skips every stage."""
+    import yaml
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    from megatron_prune.data.sft import arithmetic_problems, write_jsonl
+
+    problems = arithmetic_problems(12, seed=3)
+    write_jsonl(problems[:8], tmp_path / "train.jsonl")
+    write_jsonl(problems[8:], tmp_path / "heldout.jsonl")
+    builder = IndexedDatasetBuilder(str(tmp_path / "valid.bin"), dtype=np.int32)
+    rng = np.random.default_rng(0)
+    for _ in range(6):
+        builder.add_document(torch.from_numpy(rng.integers(0, 49152, size=40, dtype=np.int32)), [40])
+    builder.finalize(str(tmp_path / "valid.idx"))
+    sft = dict(steps=2, seq_len=256, micro_batch_size=2, global_batch_size=2, lr=1.0e-3, log_every=1)
+    stages = {
+        "rewrites": {"verb": "selfdistill", "teacher": str(tiny_chat_ckpt), "data": str(tmp_path / "train.jsonl"),
+                     "max_new_tokens": 6, "batch_size": 4, "chunk_size": 4},
+        "sft": {"verb": "sft", "student": str(tiny_chat_ckpt), "data": [str(tmp_path / "train.jsonl")], **sft},
+        "sdd": {"verb": "sft", "student": str(tiny_chat_ckpt), "data": ["rewrites"], **sft},
+        "merged": {"verb": "merge", "ckpts": ["sft", "sdd"], "t": 0.5},
+        "eval": {"verb": "eval", "models": [str(tiny_chat_ckpt), "sdd", "merged"], "data": str(tmp_path / "valid"),
+                 "seq_len": 32, "max_sequences": 4, "kl_teacher": str(tiny_chat_ckpt),
+                 "sft_data": str(tmp_path / "heldout.jsonl"), "arithmetic": 2, "max_new_tokens": 4},
+        "specdec": {"verb": "specdec", "target": str(tiny_chat_ckpt), "draft": "merged",
+                    "prompts": str(tmp_path / "heldout.jsonl"), "k": [1, 2], "limit": 2, "max_new_tokens": 5},
+    }
+    recipe = tmp_path / "sdd.yaml"
+    recipe.write_text(yaml.safe_dump({"stages": stages}, sort_keys=False))
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    work = tmp_path / "work"
+    first = subprocess.run(_run(recipe, work), capture_output=True, text=True, env=env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert [e["stage"] for e in _log(work) if e["event"] == "done"] == list(stages)
+
+    stats = json.loads((work / "rewrites.stats.json").read_text())
+    assert stats["examples"] == stats["written"] == 8
+    assert str(work / "rewrites.jsonl") in (work / "sdd-run" / "config.yaml").read_text()  # SFT on the rewrites
+    rows = json.loads((work / "eval.json").read_text())["rows"]
+    assert abs(rows[0]["kl_to_teacher"]) < 1e-6 < rows[1]["kl_to_teacher"]  # the teacher against itself: 0
+    assert all(r["arithmetic_n"] == 2 and 0 <= r["arithmetic_accuracy"] <= 1 for r in rows)
+    assert "KL to teacher" in (work / "report.md").read_text()
+    report = json.loads((work / "specdec.json").read_text())
+    assert sorted(report["k"]) == ["1", "2"] and all(r["equals_target_greedy"] for r in report["k"].values())
+
+    again = subprocess.run(_run(recipe, work), capture_output=True, text=True, env=env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert [e["stage"] for e in _log(work)[-len(stages):]] == list(stages)
+    assert all(e["event"] == "skipped" for e in _log(work)[-len(stages):])

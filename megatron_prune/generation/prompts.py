@@ -10,7 +10,11 @@ END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<
 
 
 def read_prompt_records(path: str | os.PathLike) -> list[dict]:
-    """JSONL of {"prompt"}, {"messages"} or {"tokens"} records, or plain text (one prompt per line)."""
+    """JSONL of {"prompt"}, {"messages"} or {"tokens"} records, or plain text (one prompt per line).
+
+    SFT records are prompts too, so a held-out SFT file can be generated from as it is: {"instruction",
+    "input"?} becomes the user turn, and a {"messages"} conversation that ends with the assistant's answer is
+    cut before it."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"prompts file {path} does not exist")
@@ -22,14 +26,27 @@ def read_prompt_records(path: str | os.PathLike) -> list[dict]:
                 rec = json.loads(ln)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path} line {i + 1} is not valid JSON ({e})") from e
-            if not any(k in rec for k in ("prompt", "messages", "tokens")):
-                raise ValueError(f"{path} line {i + 1} has none of the keys prompt / messages / tokens")
-            records.append(rec)
+            if not any(k in rec for k in ("prompt", "messages", "tokens", "instruction")):
+                raise ValueError(f"{path} line {i + 1} has none of the keys prompt / messages / tokens / instruction")
+            records.append(_as_prompt(rec))
         else:
             records.append({"prompt": ln})
     if not records:
         raise ValueError(f"{path} holds no prompts")
     return records
+
+
+def _as_prompt(rec: dict) -> dict:
+    if "prompt" in rec or "tokens" in rec:
+        return rec
+    if "instruction" in rec:  # system? + user turn, as SFT renders it
+        from megatron_prune.data.sft import to_messages
+
+        return {**rec, "messages": to_messages({"output": "", **rec})[:-1]}
+    messages = rec["messages"]
+    if messages and isinstance(messages[-1], dict) and messages[-1].get("role") == "assistant":
+        return {**rec, "messages": messages[:-1]}
+    return rec
 
 
 def encode_prompt(record: dict, tokenizer, chat: bool = True) -> list[int]:

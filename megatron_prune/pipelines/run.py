@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from megatron_prune.recipe import OUTPUT_KEY, Recipe, RecipeError, Stage, load_recipe, references
+from megatron_prune.recipe import OUTPUT_KEY, TRAINING_VERBS, Recipe, RecipeError, Stage, load_recipe, references
 
 
 # ------------------------------------------------------------------------------------------ outputs
@@ -34,7 +34,7 @@ def output_path(recipe: Recipe, stage: Stage) -> Path:
 def product(recipe: Recipe, stage: Stage) -> Path:
     """What later stages get when they name this stage: the checkpoint, score file, data directory, ..."""
     out = output_path(recipe, stage)
-    if stage.verb in ("distill", "train"):
+    if stage.verb in TRAINING_VERBS:
         from megatron_prune.distill.trainer import STEP_PREFIX
 
         return out / f"{STEP_PREFIX}{_steps(stage):07d}"
@@ -52,16 +52,20 @@ def is_complete(recipe: Recipe, stage: Stage) -> bool:
     out = output_path(recipe, stage)
     if stage.verb == "convert":
         return (out / METADATA_FILE).is_file() or (out / "config.json").is_file()
-    if stage.verb == "prune":
+    if stage.verb in ("prune", "merge"):
         return (out / METADATA_FILE).is_file()
-    if stage.verb in ("distill", "train"):
+    if stage.verb == "selfdistill":  # the statistics are written after the data file
+        return out.is_file() and out.with_name(out.stem + ".stats.json").is_file()
+    if stage.verb in TRAINING_VERBS:
         return (product(recipe, stage) / METADATA_FILE).is_file()
     if stage.verb == "data":
         corpus = stage.options.get("corpus", "shakespeare")
+        if corpus == "sft":  # the offline SFT set: JSONL, untokenized
+            return all((out / f"sft_{split}.jsonl").is_file() for split in ("train", "heldout"))
         return all((out / f"{corpus}_{split}.idx").is_file() for split in ("train", "valid"))
     if stage.verb == "search":
         return (out / "report.md").is_file()
-    return out.is_file()  # importance (score file), eval (result JSON)
+    return out.is_file()  # importance (score file), generate (JSONL), specdec and eval (result JSON)
 
 
 def resolve(value: Any, recipe: Recipe, names: list[str]) -> Any:
@@ -114,11 +118,22 @@ def run_stage(recipe: Recipe, stage: Stage) -> None:
             from megatron_prune.pipelines.prune import prune
 
             prune(o.pop("ckpt"), out, tp=tp, pp=pp, **o)
-        elif stage.verb in ("distill", "train"):
+        elif stage.verb in TRAINING_VERBS:
             from megatron_prune.pipelines.distill import distill
+            from megatron_prune.pipelines.sft import sft
             from megatron_prune.pipelines.train import train
 
-            (distill if stage.verb == "distill" else train)(None, out=out, tp=tp, pp=pp, **o)
+            {"distill": distill, "train": train, "sft": sft}[stage.verb](None, out=out, tp=tp, pp=pp, **o)
+        elif stage.verb == "selfdistill":
+            from megatron_prune.pipelines.selfdistill import selfdistill
+
+            selfdistill(o.pop("teacher"), o.pop("data"), out, tp=tp, pp=pp, **o)
+        elif stage.verb == "merge":
+            from megatron_prune.pipelines.merge import merge
+
+            merge(o.pop("ckpts"), out, tp=tp, pp=pp, **o)
+        elif stage.verb in ("generate", "specdec"):
+            _run_generation(stage.verb, o, out, tp, pp)
         elif stage.verb == "search":
             _run_search(o, out, tp, pp)
         elif stage.verb == "eval":
@@ -139,17 +154,44 @@ def _run_search(o: dict, out: str, tp: int, pp: int) -> None:
            DistillSettings(**d) if d else None, space=space, tp=tp, pp=pp, **o)
 
 
+def _run_generation(verb: str, o: dict, out: str, tp: int, pp: int) -> None:
+    from megatron_prune.generation import SamplingParams
+
+    params = SamplingParams(**{k: o.pop(k) for k in ("temperature", "top_p", "top_k", "seed", "max_new_tokens")
+                               if k in o})
+    if verb == "generate":
+        from megatron_prune.pipelines.generate import generate_file
+
+        generate_file(o.pop("ckpt"), o.pop("prompts"), out, params, tp=tp, pp=pp, **o)
+    else:
+        from megatron_prune.pipelines.specdec import specdec
+
+        ks = o.pop("k", [1, 2, 4])
+        specdec(o.pop("target"), o.pop("draft"), o.pop("prompts"), [ks] if isinstance(ks, int) else ks, params,
+                tp=tp, pp=pp, out=out, **o)
+
+
+TASK_OPTIONS = ("sft_data", "arithmetic", "humaneval", "kl_teacher", "max_new_tokens", "batch_size")
+
+
 def _run_eval(recipe: Recipe, stage: Stage, o: dict, out: str, tp: int, pp: int) -> None:
-    """Held-out LM loss of every model listed, saved as one JSON, plus the family report."""
-    from megatron_prune.pipelines.eval import evaluate_checkpoint
+    """Held-out LM loss of every model listed (with ``sft_data``/``kl_teacher``: also task accuracy and the
+    forgetting KL), saved as one JSON, plus the family report."""
+    from megatron_prune.pipelines.eval import evaluate_checkpoint, evaluate_tasks
     from megatron_prune.runtime import is_rank0
 
     rows = []
+    tasks = {k: o[k] for k in TASK_OPTIONS if k in o}
     for name, ckpt in zip(stage.options["models"], o.pop("models")):
-        r = evaluate_checkpoint(ckpt, o["data"], seq_len=o.get("seq_len", 512),
-                                micro_batch_size=o.get("micro_batch_size", 4),
-                                max_sequences=o.get("max_sequences"), tp=tp, pp=pp)
-        rows.append({"model": name, "checkpoint": ckpt, **r.to_dict(), **_lineage(recipe, name)})
+        if tasks:
+            r = evaluate_tasks(ckpt, data_prefix=o["data"], seq_len=o.get("seq_len", 512),
+                               max_sequences=o.get("max_sequences"), micro_batch_size=o.get("micro_batch_size", 4),
+                               tp=tp, pp=pp, **tasks)
+        else:
+            r = evaluate_checkpoint(ckpt, o["data"], seq_len=o.get("seq_len", 512),
+                                    micro_batch_size=o.get("micro_batch_size", 4),
+                                    max_sequences=o.get("max_sequences"), tp=tp, pp=pp).to_dict()
+        rows.append({"model": name, **r, "checkpoint": ckpt, **_lineage(recipe, name)})
     if is_rank0():
         from megatron_prune.checkpoint.outputs import write_json_atomic
 
@@ -162,6 +204,8 @@ def _lineage(recipe: Recipe, name: str) -> dict:
     from megatron_prune.checkpoint import read_meta
 
     names = [s.name for s in recipe.stages]
+    if name not in names:  # a checkpoint given by its path: built elsewhere
+        return {"params": read_meta(name).arch.param_count(), "train_tokens": 0, "build_seconds": 0.0}
     log = read_log(recipe.workdir)
     tokens, seconds, todo, seen = 0, 0.0, [name], set()
     while todo:
@@ -170,7 +214,7 @@ def _lineage(recipe: Recipe, name: str) -> dict:
             continue
         seen.add(s.name)
         seconds += sum(e.get("seconds", 0) for e in log if e["stage"] == s.name and e["event"] == "done")
-        if s.verb in ("distill", "train"):
+        if s.verb in TRAINING_VERBS:
             tokens += _steps(s) * s.options.get("global_batch_size", 8) * s.options.get("seq_len", 512)
         inputs = {k: v for k, v in s.options.items() if k != OUTPUT_KEY[s.verb] and k != "teacher"}
         todo += references(inputs, names)
@@ -185,12 +229,15 @@ def write_family_report(recipe: Recipe, rows: list[dict]) -> None:
     import matplotlib.pyplot as plt
 
     base = rows[0]["lm_loss"]
+    extra = [(k, title) for k, title in (("kl_to_teacher", "KL to teacher"), ("arithmetic_accuracy", "arithmetic acc"),
+                                         ("humaneval_pass", "human-eval pass")) if any(k in r for r in rows)]
     lines = [f"# Model family: {recipe.path.name}", "",
-             "| model | params | held-out LM loss | vs first | train tokens | build time (s) |",
-             "|---|---|---|---|---|---|"]
+             "| model | params | held-out LM loss | vs first | " + "".join(f"{t} | " for _, t in extra)
+             + "train tokens | build time (s) |", "|---|---|---|---|" + "---|" * len(extra) + "---|---|"]
     for r in rows:
+        cells = "".join(f"{r[k]:.4f} | " if k in r else "- | " for k, _ in extra)
         lines.append(f"| {r['model']} | {r['params'] / 1e6:.1f}M | {r['lm_loss']:.4f} | {r['lm_loss'] - base:+.4f} | "
-                     f"{r['train_tokens']:,} | {r['build_seconds']:.0f} |")
+                     f"{cells}{r['train_tokens']:,} | {r['build_seconds']:.0f} |")
     (recipe.workdir / "report.md").write_text("\n".join(lines) + "\n")
     fig, ax = plt.subplots(figsize=(6, 4))
     for r in rows:

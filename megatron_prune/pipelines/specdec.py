@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional, Sequence
 
 
 def specdec(target_ckpt, draft_ckpt, prompts_file, ks: Sequence[int] = (1, 2, 4), params=None, tp: int = 1,
-            pp: int = 1, chat: bool = True, out: Optional[str] = None) -> dict:
-    """Run the target alone, then speculative decoding for each k, on the same prompts; report per k."""
+            pp: int = 1, chat: bool = True, out: Optional[str] = None, limit: Optional[int] = None) -> dict:
+    """Run the target alone, then speculative decoding for each k, on the same prompts (the first ``limit``);
+    report per k."""
     from megatron_prune.checkpoint import load_model
     from megatron_prune.generation import SamplingParams
     from megatron_prune.generation.prompts import stop_token_ids
@@ -15,11 +17,10 @@ def specdec(target_ckpt, draft_ckpt, prompts_file, ks: Sequence[int] = (1, 2, 4)
     from megatron_prune.runtime import init_distributed, is_rank0, log0
     from megatron_prune.runtime.progress import progress
     from megatron_prune.specdec import SpecStats, speculative_generate, target_alone
-    import json
-
     params = params or SamplingParams()
     tokenizer = load_tokenizer(target_ckpt)
     _, prompts = encode_file(prompts_file, tokenizer, chat)
+    prompts = prompts[:limit]
     stops = stop_token_ids(tokenizer)
     init_distributed(tp, pp)
     target, tmeta = load_model(target_ckpt, use_te=False)
@@ -51,6 +52,7 @@ def specdec(target_ckpt, draft_ckpt, prompts_file, ks: Sequence[int] = (1, 2, 4)
              f"speed-up {row['speedup']:.2f}x")
     bar.close()
     if out and is_rank0():
-        with open(out, "w") as f:
-            json.dump(report, f, indent=2)
+        from megatron_prune.checkpoint.outputs import write_json_atomic
+
+        write_json_atomic(Path(out), report)
     return report
