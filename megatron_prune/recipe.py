@@ -1,6 +1,6 @@
 """Recipes: a model-family build as named stages in one YAML file.
 
-    workdir: runs/family            # every relative path below lives here
+    workdir: runs/family            # every stage output (`out`) lives here
     tp: 1                           # default layout of every stage (a stage may set its own tp/pp)
     pp: 1
     stages:

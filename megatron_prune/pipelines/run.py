@@ -69,7 +69,7 @@ def is_complete(recipe: Recipe, stage: Stage) -> bool:
 
 
 def resolve(value: Any, recipe: Recipe, names: list[str]) -> Any:
-    """Stage names (or 'stage/sub/path') -> paths of their products; other relative paths -> under workdir."""
+    """Stage names (or 'stage/sub/path') -> paths of their products; anything else is left as it is."""
     if isinstance(value, dict):
         return {k: resolve(v, recipe, names) for k, v in value.items()}
     if isinstance(value, list):
