@@ -87,15 +87,32 @@ def load_tasks(tm, names: Sequence[str]) -> list:
         for spec in specs:
             try:
                 loaded = tm.load([spec])
-            except OSError as e:  # ConnectionError (offline / no network), FileNotFoundError (a missing local file)
-                raise TaskError(
-                    f"task {spec}: its data set could not be loaded: {type(e).__name__}: {e}\n"
-                    "Built-in lm-eval tasks download their data from the Hugging Face Hub: this needs the network "
-                    "(once; the datasets cache keeps it) or a local copy: a task YAML with `dataset_path: json` and "
-                    "`dataset_kwargs: {data_files: {test: /abs/path/data.jsonl}}` in a folder given with "
-                    "--include-path (see docs/lm_eval.md)") from e
+            except Exception as e:
+                if _is_network_error(e):
+                    raise TaskError(
+                        f"task {spec}: its data set could not be loaded: {type(e).__name__}: {e}\n"
+                        "Built-in lm-eval tasks download their data from the Hugging Face Hub: this needs the "
+                        "network (once; the datasets cache keeps it) or a local copy: a task YAML with "
+                        "`dataset_path: json` and `dataset_kwargs: {data_files: {test: /abs/path/data.jsonl}}` in a "
+                        "folder given with --include-path (see docs/lm_eval.md)") from e
+                raise TaskError(f"task {spec} could not be built: {type(e).__name__}: {e}") from e
             objs.extend(_top_level(loaded, spec))
     return objs
+
+
+def _is_network_error(e: BaseException) -> bool:
+    """A failed download or a missing data file: OSError (ConnectionError, FileNotFoundError, the Hub's offline
+    and not-found errors) or an HTTP client's error, anywhere in the exception's chain."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) or type(e).__module__.split(".")[0] in _HTTP_MODULES:
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+_HTTP_MODULES = {"httpx", "httpx2", "requests", "urllib3", "aiohttp", "huggingface_hub"}
 
 
 def _top_level(loaded: dict, spec: str) -> list:
