@@ -125,6 +125,11 @@ class MegatronLM(TemplateLM):
         return {"checkpoint": self.ckpt, "arch": self.arch.describe(), "max_length": self.max_length}
 
     # ---- scoring ------------------------------------------------------------------------------------------
+    def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        from megatron_prune.runtime import is_rank0
+
+        return super().loglikelihood(requests, disable_tqdm=disable_tqdm or not is_rank0())
+
     @torch.no_grad()
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         """(sum of the continuation's log-probs, whether greedy decoding gives the continuation) per request of

@@ -34,7 +34,7 @@ def check_include_path(include_path) -> Optional[Path]:
         return None
     p = Path(include_path)
     if not p.exists():
-        raise TaskError(f"--include-path {include_path} does not exist; give the folder that holds your task YAML files")
+        raise TaskError(f"--include-path {include_path} does not exist; give the folder that holds your task YAMLs")
     if p.is_dir() and not any(p.rglob("*.yaml")):
         raise TaskError(f"--include-path {include_path} holds no .yaml task files")
     return p

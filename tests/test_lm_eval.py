@@ -68,9 +68,9 @@ def _write_task(folder: Path, name: str, docs: list[dict], body: str) -> None:
 @pytest.fixture(scope="module")
 def tasks_dir(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("lm_eval_tasks")
-    _write_task(d, "mp_mc", _mc_docs(), 'output_type: multiple_choice\ndoc_to_text: "Question: {{question}}\\nAnswer:"\n'
-                'doc_to_choice: "{{choices}}"\ndoc_to_target: answer\nmetric_list:\n  - metric: acc\n'
-                '  - metric: acc_norm\n')
+    _write_task(d, "mp_mc", _mc_docs(), 'output_type: multiple_choice\n'
+                'doc_to_text: "Question: {{question}}\\nAnswer:"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: answer\n'
+                'metric_list:\n  - metric: acc\n  - metric: acc_norm\n')
     _write_task(d, "mp_arith", _arith_docs(), 'output_type: generate_until\ndoc_to_text: "{{question}}"\n'
                 f'doc_to_target: answer\ngeneration_kwargs:\n  until: ["\\n"]\n  max_gen_toks: {GEN_TOKS}\n'
                 '  do_sample: false\nmetric_list:\n  - metric: exact_match\n')
