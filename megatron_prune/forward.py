@@ -41,6 +41,25 @@ def token_losses(logits: torch.Tensor, labels: torch.Tensor, arch: ModelArch) ->
     return vocab_parallel_cross_entropy(logits.float().transpose(0, 1).contiguous(), labels.t().contiguous()).t()
 
 
+def vocab_parallel_argmax(logits: torch.Tensor, arch: ModelArch) -> torch.Tensor:
+    """Index of the largest logit over the whole vocab [b, s], from vocab-parallel logits [b, s, V/tp], without
+    gathering the vocab: each TP rank's (max, index) pair is all-gathered and the largest wins (lowest index on
+    ties, as torch.argmax)."""
+    from megatron.core import parallel_state as ps
+
+    value, index = mask_padded_vocab(logits, arch).float().max(-1)
+    tp = ps.get_tensor_model_parallel_world_size()
+    if tp == 1:
+        return index
+    index = index + ps.get_tensor_model_parallel_rank() * logits.shape[-1]
+    group = ps.get_tensor_model_parallel_group()
+    values, indices = [torch.empty_like(value) for _ in range(tp)], [torch.empty_like(index) for _ in range(tp)]
+    dist.all_gather(values, value.contiguous(), group=group)
+    dist.all_gather(indices, index.contiguous(), group=group)
+    best = torch.stack(values).argmax(0, keepdim=True)  # the first shard holding the maximum
+    return torch.stack(indices).gather(0, best)[0]
+
+
 def gather_vocab(logits: torch.Tensor, arch: ModelArch) -> torch.Tensor:
     """Full-vocab logits [..., vocab_size] from this rank's vocab shard (for tests and small outputs)."""
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region

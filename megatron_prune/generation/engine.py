@@ -16,7 +16,7 @@ every rank of the model-parallel group, so all ranks feed the same tokens.
 from __future__ import annotations
 
 import time
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -134,8 +134,12 @@ class BatchRunner:
 
 def generate_batch(model, arch, prompts: list[list[int]], indices: list[int], params: SamplingParams,
                    stop_token_ids: Sequence[int] = (), pad_token_id: int = 0, use_cache: bool = True,
-                   bar=None) -> list[list[int]]:
-    """One batch on this model-parallel group (no DP split); ``indices`` seed each prompt's sampler."""
+                   bar=None, stop_when: Optional[Callable[[list[int]], bool]] = None) -> list[list[int]]:
+    """One batch on this model-parallel group (no DP split); ``indices`` seed each prompt's sampler.
+
+    ``stop_when(new_tokens)``: an extra stop rule checked after every step (e.g. a stop string in the decoded
+    text); every rank sees the same tokens, so every rank takes the same decision without communicating.
+    """
     stop_ids = torch.tensor(list(stop_token_ids), dtype=torch.long)
     bar = bar if bar is not None else _NoBar()
     b, longest = len(prompts), max(len(p) for p in prompts)
@@ -156,6 +160,9 @@ def generate_batch(model, arch, prompts: list[list[int]], indices: list[int], pa
             out[i].append(int(chosen[i]))
         bar.update(int((~done).sum()))
         done |= torch.isin(chosen, stop_ids)
+        if stop_when is not None:
+            for i in (~done).nonzero().flatten().tolist():
+                done[i] = stop_when(out[i])
         if bool(done.all()) or step == params.max_new_tokens - 1:
             break
         logits = runner.feed(torch.where(done, pad_token_id, chosen)[:, None], (~done)[:, None])

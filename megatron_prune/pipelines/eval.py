@@ -93,3 +93,56 @@ def evaluate_tasks(ckpt: str | Path, sft_data: Optional[str | Path] = None, arit
             result["kl_to_teacher"] = kl_to_teacher(model, teacher, meta.arch, windows, micro_batch_size)
     log0(f"evaluated {ckpt}: {result}")
     return result
+
+
+def evaluate_lm_eval(ckpt: str | Path, tasks, include_path=None, num_fewshot: Optional[int] = None,
+                     limit: Optional[float] = None, batch_size: int = 8, max_length: Optional[int] = None,
+                     apply_chat_template: bool = False, data_prefix: Optional[str | Path] = None, seq_len: int = 512,
+                     max_sequences: Optional[int] = None, micro_batch_size: int = 4, tp: int = 1, pp: int = 1,
+                     out: Optional[str | Path] = None) -> Optional[dict]:
+    """lm-evaluation-harness tasks (and, with ``data_prefix``, the held-out LM loss) of ``ckpt`` at ``tp`` x ``pp``.
+
+    Task names, the include path and every task's data are checked before the model is loaded. Writes the
+    full lm-eval results (plus ``lm_loss``) to ``out`` as JSON and logs a table; returns a compact summary
+    on rank 0 (None elsewhere).
+    """
+    from megatron_prune import lm_eval_tasks as lt
+    from megatron_prune.checkpoint import tokenizer_dir
+    from megatron_prune.checkpoint.outputs import write_json_atomic
+    from megatron_prune.lm_eval_adapter import MegatronLM
+    from megatron_prune.runtime import is_rank0, log0
+
+    names = lt.parse_task_names(tasks)
+    inputs.layout(tp, pp)
+    for name, value in (("--batch-size", batch_size), ("--num-fewshot", num_fewshot), ("--limit", limit),
+                        ("--max-length", max_length)):
+        inputs.positive(name, value, allow_zero=name == "--num-fewshot")
+    inputs.checkpoint_fits(inputs.checkpoint(ckpt), tp, pp)
+    if tokenizer_dir(ckpt) is None:
+        raise ValueError(f"{ckpt} has no tokenizer/ folder: lm-eval tasks are text and need the checkpoint's tokenizer")
+    if data_prefix is not None:
+        check_eval(ckpt, data_prefix, seq_len, micro_batch_size, max_sequences, tp, pp)
+    if out is not None:
+        inputs.output(out, "--out", overwrite=None, kind="file")
+    tm = lt.task_manager(names, include_path)
+    task_objs = lt.load_tasks(tm, names)
+
+    lm = MegatronLM(str(ckpt), tp=tp, pp=pp, batch_size=batch_size, max_length=max_length)
+    log0(f"lm-eval {', '.join(names)} on {ckpt} ({lm.arch.describe()}) at TP{tp} PP{pp}")
+    results = lt.run_tasks(lm, task_objs, tm, num_fewshot=num_fewshot, limit=limit,
+                           apply_chat_template=apply_chat_template)
+    loss = None
+    if data_prefix is not None:
+        from megatron_prune.data import fixed_length_windows
+
+        windows = fixed_length_windows(data_prefix, seq_len, max_windows=max_sequences)
+        loss = lm_loss(lm.model, lm.arch, windows, micro_batch_size, desc="eval").to_dict()
+    if not is_rank0():
+        return None
+    result = {"checkpoint": str(ckpt), "tp": tp, "pp": pp, "tasks": lt.summary(results)}
+    if loss is not None:
+        result["lm_loss"], result["perplexity"] = loss["lm_loss"], loss["perplexity"]
+    log0(lt.table(results))
+    if out is not None:
+        write_json_atomic(out, {**result, "lm_loss_detail": loss, "lm_eval": results})
+    return result
