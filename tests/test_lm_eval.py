@@ -331,3 +331,32 @@ def test_unknown_task_and_download_errors(tasks_dir, tmp_path):
 def _empty(tmp_path: Path) -> Path:
     (tmp_path / "empty").mkdir()
     return tmp_path / "empty"
+
+
+def test_recipe_eval_stage_reports_lm_eval_scores(tiny_chat_ckpt, tasks_dir, tmp_path, mc_reference):
+    """A family recipe's eval stage with `tasks:`: one report column per task and metric."""
+    import yaml
+
+    recipe = tmp_path / "family.yaml"
+    recipe.write_text(yaml.safe_dump({"stages": {"eval": {
+        "verb": "eval", "models": [str(tiny_chat_ckpt)], "tasks": "mp_mc", "include_path": str(tasks_dir),
+        "data": str(_valid_prefix(tmp_path)), "seq_len": 32, "max_sequences": 2, "batch_size": 4}}}))
+    done = subprocess.run([sys.executable, "-m", "megatron_prune.cli", "run", str(recipe), "--workdir",
+                           str(tmp_path / "work")], capture_output=True, text=True,
+                          env={**os.environ, **OFFLINE, "PYTHONWARNINGS": "ignore"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    (row,) = json.loads((tmp_path / "work" / "eval.json").read_text())["rows"]
+    acc, acc_norm = _accuracy([r[0] for r in mc_reference])
+    assert row["mp_mc/acc"] == pytest.approx(acc) and row["mp_mc/acc_norm"] == pytest.approx(acc_norm)
+    assert "mp_mc/acc" in (tmp_path / "work" / "report.md").read_text()
+
+
+def _valid_prefix(tmp_path: Path) -> Path:
+    import numpy as np
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    builder = IndexedDatasetBuilder(str(tmp_path / "valid.bin"), dtype=np.int32)
+    for doc in np.random.default_rng(0).integers(0, 49152, size=(4, 40), dtype=np.int32):
+        builder.add_document(torch.from_numpy(doc), [40])
+    builder.finalize(str(tmp_path / "valid.idx"))
+    return tmp_path / "valid"

@@ -172,6 +172,7 @@ def _run_generation(verb: str, o: dict, out: str, tp: int, pp: int) -> None:
 
 
 TASK_OPTIONS = ("sft_data", "arithmetic", "humaneval", "kl_teacher", "max_new_tokens", "batch_size")
+LM_EVAL_OPTIONS = ("tasks", "include_path", "num_fewshot", "limit", "max_length", "apply_chat_template")
 
 
 def _run_eval(recipe: Recipe, stage: Stage, o: dict, out: str, tp: int, pp: int) -> None:
@@ -181,9 +182,21 @@ def _run_eval(recipe: Recipe, stage: Stage, o: dict, out: str, tp: int, pp: int)
     from megatron_prune.runtime import is_rank0
 
     rows = []
-    tasks = {k: o[k] for k in TASK_OPTIONS if k in o}
+    tasks = {k: o[k] for k in TASK_OPTIONS if k in o} if any(k in o for k in TASK_OPTIONS[:4]) else {}
+    lm_eval = {k: o[k] for k in LM_EVAL_OPTIONS if k in o}
+    if tasks and lm_eval:
+        raise RecipeError(f"{recipe.path}: stage {stage.name!r}: lm-eval `tasks` and the SFT task options "
+                          f"({', '.join(k for k in tasks if k in TASK_OPTIONS[:4])}) go in two eval stages")
     for name, ckpt in zip(stage.options["models"], o.pop("models")):
-        if tasks:
+        if lm_eval:  # lm-evaluation-harness tasks: one column per task and metric, e.g. arc_easy/acc
+            from megatron_prune.pipelines.eval import evaluate_lm_eval
+
+            r = evaluate_lm_eval(ckpt, data_prefix=o["data"], seq_len=o.get("seq_len", 512),
+                                 max_sequences=o.get("max_sequences"), micro_batch_size=o.get("micro_batch_size", 4),
+                                 batch_size=o.get("batch_size", 8), tp=tp, pp=pp, **lm_eval) or {}
+            r = {**{k: v for k, v in r.items() if k != "tasks"},
+                 **{f"{t}/{m}": v for t, ms in r.get("tasks", {}).items() for m, v in ms.items()}}
+        elif tasks:
             r = evaluate_tasks(ckpt, data_prefix=o["data"], seq_len=o.get("seq_len", 512),
                                max_sequences=o.get("max_sequences"), micro_batch_size=o.get("micro_batch_size", 4),
                                tp=tp, pp=pp, **tasks)
@@ -231,6 +244,7 @@ def write_family_report(recipe: Recipe, rows: list[dict]) -> None:
     base = rows[0]["lm_loss"]
     extra = [(k, title) for k, title in (("kl_to_teacher", "KL to teacher"), ("arithmetic_accuracy", "arithmetic acc"),
                                          ("humaneval_pass", "human-eval pass")) if any(k in r for r in rows)]
+    extra += [(k, k) for k in dict.fromkeys(k for r in rows for k in r if "/" in k)]  # lm-eval task/metric
     lines = [f"# Model family: {recipe.path.name}", "",
              "| model | params | held-out LM loss | vs first | " + "".join(f"{t} | " for _, t in extra)
              + "train tokens | build time (s) |", "|---|---|---|---|" + "---|" * len(extra) + "---|---|"]
