@@ -340,16 +340,6 @@ class TeacherLogitsFile:
                                      f"{self.dir}: the file was written on other data (or another dataset build); "
                                      f"rewrite it with `megatron-prune teacher-logits` on this run's --data")
 
-
-def offline_topk_kl(student_logits: torch.Tensor, logprobs: torch.Tensor, ids: torch.Tensor, tau: float = 1.0, *,
-                    tau_sq_scale: bool = True, group=None) -> torch.Tensor:
-    """Per-token top-K KL of vocab-parallel student logits ``[b, s, V/tp]`` against stored teacher top-K
-    log-probabilities ``[b, s, k]`` at ids ``[b, s, k]``: the online :func:`topk_kl`, without the teacher."""
-    from megatron_prune.distill.losses import topk_kl_at
-
-    return topk_kl_at(student_logits, logprobs.to(student_logits.device), ids.to(student_logits.device), tau,
-                      tau_sq_scale=tau_sq_scale, group=group)
-
     def check_dataset(self, dataset, needed: int) -> None:
         """The run's dataset gives the file's tokens (first and last sample the run uses), before training."""
         from megatron_prune.data.blend import collate
@@ -381,3 +371,13 @@ def open_for_run(cfg, vocab_size: int) -> TeacherLogitsFile:
     check_run(file.meta, cfg.teacher_logits, data=cfg.data, seq_len=cfg.seq_len, seed=cfg.seed,
               num_samples=cfg.train_steps() * cfg.global_batch_size, vocab_size=vocab_size, top_k=cfg.kd_top_k)
     return file
+
+
+def offline_topk_kl(student_logits: torch.Tensor, logprobs: torch.Tensor, ids: torch.Tensor, tau: float = 1.0, *,
+                    tau_sq_scale: bool = True, group=None) -> torch.Tensor:
+    """Per-token top-K KL of vocab-parallel student logits ``[b, s, V/tp]`` against stored teacher top-K
+    log-probabilities ``[b, s, k]`` at ids ``[b, s, k]``: the online :func:`topk_kl`, without the teacher."""
+    from megatron_prune.distill.losses import topk_kl_at
+
+    return topk_kl_at(student_logits, logprobs.to(student_logits.device), ids.to(student_logits.device), tau,
+                      tau_sq_scale=tau_sq_scale, group=group)
