@@ -235,3 +235,21 @@ def test_writer_refuses_bad_options_and_resumes_an_interrupted_write(setup, file
     assert torch.equal(a.tokens(idx), b.tokens(idx))
     for x, y in zip(a.topk(idx), b.topk(idx)):
         torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-6)
+
+
+def test_cli_one_line_errors(setup, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "megatron_prune.cli", *args], capture_output=True, text=True,
+                              env={**os.environ, "PYTHONWARNINGS": "ignore"})
+
+    out = cli("distill", "--teacher-logits", str(tmp_path / "none"), "--kd-loss", "topk", "--student",
+              str(setup / "student"), "--data", str(setup / "data"), "--out", str(tmp_path / "run"), "--steps", "1")
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert f"--teacher-logits {tmp_path / 'none'} does not exist; write it first" in out.stderr
+    out = cli("teacher-logits", str(setup / "teacher"), "--data", str(setup / "data"), "--out", str(tmp_path / "o"))
+    assert out.returncode == 2 and "exactly one of --samples N or --tokens N" in out.stderr
+    assert not (tmp_path / "run").exists() and not (tmp_path / "o").exists()
