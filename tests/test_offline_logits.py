@@ -250,6 +250,4 @@ def test_cli_one_line_errors(setup, tmp_path):
               str(setup / "student"), "--data", str(setup / "data"), "--out", str(tmp_path / "run"), "--steps", "1")
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert f"--teacher-logits {tmp_path / 'none'} does not exist; write it first" in out.stderr
-    out = cli("teacher-logits", str(setup / "teacher"), "--data", str(setup / "data"), "--out", str(tmp_path / "o"))
-    assert out.returncode == 2 and "exactly one of --samples N or --tokens N" in out.stderr
-    assert not (tmp_path / "run").exists() and not (tmp_path / "o").exists()
+    assert not (tmp_path / "run").exists()
