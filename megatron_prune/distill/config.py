@@ -16,6 +16,7 @@ class TrainConfig:
     data: list  # Megatron blend: prefixes, or WEIGHT PREFIX pairs; or SFT JSONL files (answer-only loss)
     out: str  # run directory: step_XXXXXXX checkpoints, tensorboard/, log
     teacher: Optional[str] = None  # None: plain CE training (also used for teacher correction)
+    teacher_logits: Optional[str] = None  # instead of teacher: its top-K log-probs from `teacher-logits` (offline KD)
     valid_data: Optional[str] = None  # indexed prefix for the periodic validation LM loss
     tp: int = 1
     pp: int = 1
@@ -114,8 +115,17 @@ class TrainConfig:
             raise ValueError(f"optimizer must be adam or sgd, got {self.optimizer!r}")
         if self.kd_loss not in ("forward", "reverse", "topk"):
             raise ValueError(f"kd_loss must be forward, reverse or topk, got {self.kd_loss!r}")
-        if self.kd_loss == "topk" and not self.kd_top_k:
+        if self.kd_loss == "topk" and not self.kd_top_k and not self.teacher_logits:
             raise ValueError("kd_loss=topk needs kd_top_k (--kd-top-k K)")
+        if self.teacher_logits:
+            if self.teacher:
+                raise ValueError("give --teacher (online KD) or --teacher-logits (offline KD from its file), not both")
+            if self.kd_loss != "topk":
+                raise ValueError("--teacher-logits holds the teacher's top-K only: pass --kd-loss topk (and "
+                                 "--kd-top-k K up to the file's K; default: the file's K)")
+            if self.intermediate_layers or self.embedding_loss or self.fp8_teacher or self.teacher_correction_steps:
+                raise ValueError("intermediate/embedding losses, fp8_teacher and teacher correction run the teacher: "
+                                 "use --teacher instead of --teacher-logits")
         if self.intermediate_loss not in ("cosine", "mse"):
             raise ValueError(f"intermediate_loss must be cosine or mse, got {self.intermediate_loss!r}")
         if self.teacher is None and (self.intermediate_layers or self.embedding_loss or self.fp8_teacher):

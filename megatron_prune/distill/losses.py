@@ -286,8 +286,26 @@ def topk_kl(
     """
     _check(student_logits, teacher_logits, tau)
     t_vals, ids = teacher_topk(teacher_logits, k, vocab_size=vocab_size, group=group)
+    return topk_kl_at(student_logits, t_vals, ids, tau, tau_sq_scale=tau_sq_scale, group=group)
+
+
+def topk_kl_at(
+    student_logits: torch.Tensor,
+    teacher_values: torch.Tensor,
+    ids: torch.Tensor,
+    tau: float = 1.0,
+    *,
+    tau_sq_scale: bool = True,
+    group=None,
+) -> torch.Tensor:
+    """The top-K KL of :func:`topk_kl` given the teacher's side: its values ``[..., k]`` at global vocab ids
+    ``ids [..., k]``. The values may be logits or log-probabilities (any per-token shift cancels in the softmax
+    over the k entries), so a file of top-K log-probabilities gives the online loss exactly (distill/offline.py).
+    """
+    if not tau > 0:
+        raise ValueError(f"temperature must be > 0, got {tau}")
     s_vals = gather_vocab_columns(student_logits, ids, group=group).float()
-    log_qt = torch.log_softmax(t_vals / tau, dim=-1)
+    log_qt = torch.log_softmax(teacher_values.float() / tau, dim=-1)
     log_qs = torch.log_softmax(s_vals / tau, dim=-1)
     kl = (log_qt.exp() * (log_qt - log_qs)).sum(-1)
     return kl * (tau * tau) if tau_sq_scale else kl
@@ -437,4 +455,5 @@ __all__ = [
     "reverse_kl",
     "teacher_topk",
     "topk_kl",
+    "topk_kl_at",
 ]

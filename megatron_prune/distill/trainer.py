@@ -92,6 +92,11 @@ class Trainer:
                                   **_fp8_overrides(cfg.fp8_teacher, keep_weights_in_fp8=cfg.fp8_teacher))
             load_into(teacher, cfg.teacher, t_meta.arch)
             self.teacher = teacher
+        self.teacher_file = None  # offline KD: the teacher's top-K log-probs from a file (distill/offline.py)
+        if cfg.teacher_logits:
+            from megatron_prune.distill.offline import open_for_run
+
+            self.teacher_file = open_for_run(cfg, self.arch.vocab_size)
         if (cfg.intermediate_layers or cfg.embedding_loss) and cfg.pp > 1:
             raise ValueError("intermediate-state losses are supported at PP=1 (the paired layers must share a stage)")
 
@@ -139,6 +144,8 @@ class Trainer:
         config.finalize_model_grads_func = lambda _models, *a, **k: finalize_model_grads([self.ddp], *a, **k)
 
         self.dataset = self._build_dataset(tokenizer_dir(cfg.student))
+        if self.teacher_file is not None:
+            self.teacher_file.check_dataset(self.dataset, self.steps * cfg.global_batch_size)
         self.valid_windows = None
         if cfg.valid_data and cfg.eval_every:
             from megatron_prune.data import fixed_length_windows
@@ -165,7 +172,10 @@ class Trainer:
             eod = transformers.AutoTokenizer.from_pretrained(tok_dir).eos_token_id or 0
         from megatron_prune.data.blend import build_train_dataset
 
-        return build_train_dataset(cfg.data, cfg.seq_len, self.steps * cfg.global_batch_size, cfg.seed, eod,
+        num_samples = self.steps * cfg.global_batch_size
+        if self.teacher_file is not None:  # the file's dataset, sample for sample
+            num_samples = self.teacher_file.meta.num_samples
+        return build_train_dataset(cfg.data, cfg.seq_len, num_samples, cfg.seed, eod,
                                    cache_dir=cfg.dataset_cache or (self.out / "dataset_cache"))
 
     # ---------------------------------------------------------------------------------------- state
@@ -199,9 +209,9 @@ class Trainer:
         if self.proj is not None:
             extra["proj"] = {"weights": self.proj.state_dict(), "optimizer": self.proj_opt.state_dict()}
         path = self.out / f"{STEP_PREFIX}{self.step:07d}"
-        provenance = {"parent": str(Path(self.cfg.student).absolute()), "teacher": self.cfg.teacher,
+        provenance = {"parent": str(Path(self.cfg.student).absolute()), "teacher": self.cfg.teacher or self.cfg.teacher_logits,
                       "step": self.step, "tokens": self.step * self.cfg.global_batch_size * self.cfg.seq_len,
-                      "mode": "distill" if self.teacher is not None else ("sft" if self.sft else "train")}
+                      "mode": "distill" if self.cfg.teacher or self.cfg.teacher_logits else ("sft" if self.sft else "train")}
         save_checkpoint(self.student, self.arch, path, tokenizer_src=tokenizer_dir(self.cfg.student),
                         provenance=provenance, extra_state=extra, overwrite=True)
         log0(f"saved step {self.step} to {path}")
@@ -220,21 +230,31 @@ class Trainer:
         start = self.step * cfg.global_batch_size + self.layout.dp_rank * per_dp
         items = [self.dataset[start + i] for i in range(per_dp)]
         device = self.layout.device
-        return [{k: v.to(device) for k, v in collate(items[i: i + cfg.micro_batch_size]).items()}
-                for i in range(0, per_dp, cfg.micro_batch_size)]
+        batches = [{k: v.to(device) for k, v in collate(items[i: i + cfg.micro_batch_size]).items()}
+                   for i in range(0, per_dp, cfg.micro_batch_size)]
+        if self.teacher_file is not None and self.layout.is_last_stage:
+            self.teacher_file.attach(batches, start, cfg.kd_top_k)
+        return batches
 
     def _loss(self, output, batch: dict, hidden: dict):
         from megatron_prune.distill.losses import combine_losses, intermediate_state_loss, kd_logits_loss, masked_token_mean
         from megatron_prune.forward import token_losses
 
         cfg, mask = self.cfg, batch["loss_mask"]
-        if self.teacher is None:
+        if self.teacher is None and self.teacher_file is None:
             lm = masked_token_mean(token_losses(output, batch["labels"], self.arch), mask)
             return lm, {"loss": lm.detach().clone(), "lm": lm.detach().clone()}
-        s_logits, t_logits = output
+        if self.teacher_file is not None:  # the stored top-K stands in for the teacher's logits
+            from megatron_prune.distill.offline import offline_topk_kl
+
+            s_logits = output
+            kd = offline_topk_kl(s_logits, batch["teacher_logprobs"], batch["teacher_ids"], cfg.kd_tau)
+        else:
+            s_logits, t_logits = output
+            kd = kd_logits_loss(s_logits, t_logits, cfg.kd_loss, cfg.kd_tau, top_k=cfg.kd_top_k,
+                                vocab_size=self.arch.vocab_size)
         lm = masked_token_mean(token_losses(s_logits, batch["labels"], self.arch), mask)
-        kd = masked_token_mean(kd_logits_loss(s_logits, t_logits, cfg.kd_loss, cfg.kd_tau, top_k=cfg.kd_top_k,
-                                              vocab_size=self.arch.vocab_size), mask)
+        kd = masked_token_mean(kd, mask)
         is_loss = None
         if self.proj is not None:
             is_loss = intermediate_state_loss(hidden["student"], hidden["teacher"], self.proj, cfg.intermediate_loss, mask)
@@ -330,7 +350,7 @@ class Trainer:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(str(self.out / "tensorboard"))
-        what = f"distilling {cfg.teacher} -> {cfg.student}" if self.teacher is not None else f"{'SFT of' if self.sft else 'training'} {cfg.student}"
+        what = f"distilling {cfg.teacher or cfg.teacher_logits} -> {cfg.student}" if cfg.teacher or cfg.teacher_logits else f"{'SFT of' if self.sft else 'training'} {cfg.student}"
         log0(f"{what}: {self.steps} steps x {cfg.global_batch_size} x {cfg.seq_len} tokens, TP={cfg.tp} PP={cfg.pp} "
              f"DP={self.dp}" + (f", resuming at step {self.step} from {self.resume_from}" if self.resume_from else ""))
         if self.valid_windows is not None and self.step == 0:

@@ -14,8 +14,10 @@ def distill(config: Optional[str] = None, **overrides) -> None:
     from megatron_prune.pipelines.train import check_training
 
     cfg = TrainConfig.from_yaml(config, **overrides)
-    check_output_path(cfg.out, {"student checkpoint": cfg.student, "teacher checkpoint": cfg.teacher})
-    if not cfg.teacher:
-        raise ValueError("`distill` needs --teacher (or teacher: in the YAML); use `train` for LM-loss training")
+    check_output_path(cfg.out, {"student checkpoint": cfg.student, "teacher checkpoint": cfg.teacher,
+                                "teacher logits": cfg.teacher_logits})
+    if not cfg.teacher and not cfg.teacher_logits:
+        raise ValueError("`distill` needs --teacher (or teacher: in the YAML), or --teacher-logits DIR written by "
+                         "`megatron-prune teacher-logits`; use `train` for LM-loss training")
     check_training(cfg)
     train(cfg)

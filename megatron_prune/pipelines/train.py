@@ -40,6 +40,10 @@ def check_training(cfg: TrainConfig) -> None:
     if cfg.valid_data:
         inputs.enough_windows(inputs.indexed_data(cfg.valid_data, "--valid-data"), cfg.seq_len, 1, "--valid-data",
                               "lower --seq-len or use more data")
+    if cfg.teacher_logits:  # offline KD: the file matches the run (vocab, data, seq_len, seed, samples, K)
+        from megatron_prune.distill.offline import open_for_run
+
+        open_for_run(cfg, student.arch.vocab_size)
     inputs.output(cfg.out, "--out", overwrite=None)  # an existing run directory is resumed
 
 
@@ -56,7 +60,7 @@ def train(config: Optional[str] = None, **overrides) -> None:
 
     cfg = TrainConfig.from_yaml(config, **overrides)
     check_output_path(cfg.out, {"student checkpoint": cfg.student, "teacher checkpoint": cfg.teacher})
-    if cfg.teacher:
+    if cfg.teacher or cfg.teacher_logits:
         raise ValueError("`train` trains without a teacher; use `distill` for knowledge distillation")
     check_training(cfg)
     run_trainer(cfg)
