@@ -56,8 +56,30 @@ def build_model(arch: ModelArch, dtype: torch.dtype = torch.float32, use_te: boo
         rope_scaling_factor=arch.rope_scaling_factor or 8.0,
         parallel_output=True,
     )
+    if not config.perform_initialization:
+        mark_tensor_parallel_weights(model)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     return model.to(device=device, dtype=dtype)
+
+
+def mark_tensor_parallel_weights(model: torch.nn.Module) -> None:
+    """Tag the TP-split weights the way megatron does when it initializes them.
+
+    megatron sets ``tensor_model_parallel``/``partition_dim`` on a weight only in its init functions; a model
+    built to be loaded from a checkpoint (``perform_initialization=False``) lacks them, and the gradient norm
+    (hence clipping) then counts every split weight on TP rank 0 only, as if it were replicated.
+    """
+    from megatron.core.tensor_parallel.layers import (ColumnParallelLinear, RowParallelLinear,
+                                                      VocabParallelEmbedding, set_tensor_model_parallel_attributes)
+
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, torch.nn.Parameter) or getattr(weight, "tensor_model_parallel", False):
+            continue
+        if isinstance(module, (ColumnParallelLinear, VocabParallelEmbedding)):
+            set_tensor_model_parallel_attributes(weight, True, 0, 1)
+        elif isinstance(module, RowParallelLinear):
+            set_tensor_model_parallel_attributes(weight, True, 1, 1)
 
 
 def layer_offset(arch: ModelArch) -> int:

@@ -94,6 +94,9 @@ def test_one_step_is_the_same_at_every_layout(setup, tmp_path, kd_loss, layouts)
     for layout, rec in records.items():
         for key in ("loss", "kd", "lm"):
             assert rec[key] == pytest.approx(ref_rec[key], rel=1e-5), (layout, key)
+        # SGD with lr 1 and no clipping: the reported gradient norm is the norm of the whole update
+        update_norm = sum(float((d.double() ** 2).sum()) for d in deltas[layout].values()) ** 0.5
+        assert rec["grad_norm"] == pytest.approx(update_norm, rel=1e-4), layout
         for k, d in deltas[layout].items():  # SGD with lr 1: the update is the gradient itself
             torch.testing.assert_close(d, ref_delta[k], rtol=1e-4, atol=1e-6, msg=f"{layout} {k}")
 
