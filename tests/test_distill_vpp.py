@@ -24,6 +24,8 @@ from distributed_utils import run_ranks
 # (student layer, teacher layer): student 2 (rank 0, chunk 1) with teacher 1 (rank 0, chunk 0), student 0 (rank 0)
 # with teacher 3 (rank 1), student 3 (rank 1, last chunk) with teacher 7; not in layer order on purpose
 PAIRS = [[2, 1], [0, 3], [3, 7]]
+# validation after the step on 3 windows: at PP2 x VPP2 the interleaved schedule needs micro-batches in pairs
+VALID = dict(eval_every=1, eval_samples=3)
 
 
 def _convert(hf_dirs, outs):
@@ -53,6 +55,8 @@ def setup(tmp_path_factory):
 def _cfg(root, out, pp=1, vpp=1, states=False, adam=False, **kw):
     from megatron_prune.distill.config import TrainConfig
 
+    if kw.get("eval_every"):
+        kw["valid_data"] = str(root / "data")
     lr = 1e-2 if adam else 1.0  # SGD with lr 1: the update is the gradient itself
     fields = dict(teacher=str(root / "teacher"), student=str(root / "student"), data=[str(root / "data")],
                   out=str(out), pp=pp, vpp=vpp, seq_len=16, micro_batch_size=1, global_batch_size=4, steps=1,
@@ -131,7 +135,7 @@ def _naive_state_loss(root, batches) -> float:
 def _one_rank_before(root, tmp):
     """The PP1 references (one SGD step with and without state losses; an uninterrupted 2-step Adam run with
     state losses), and the first step of a run that is continued at PP2 x VPP2."""
-    results = {"pp1_plain": _train(_cfg(root, tmp / "pp1_plain")),
+    results = {"pp1_plain": _train(_cfg(root, tmp / "pp1_plain", **VALID)),
                "pp1_states": _train(_cfg(root, tmp / "pp1_states", states=True), keep_batches=True),
                "pp1_full": _train(_cfg(root, tmp / "pp1_full", states=True, adam=True, steps=2))}
     results["naive_is"] = _naive_state_loss(root, results["pp1_states"].pop("batches"))
@@ -140,7 +144,7 @@ def _one_rank_before(root, tmp):
 
 
 def _two_ranks(root, tmp):
-    results = {"vpp_plain": _train(_cfg(root, tmp / "vpp_plain", pp=2, vpp=2)),
+    results = {"vpp_plain": _train(_cfg(root, tmp / "vpp_plain", pp=2, vpp=2, **VALID)),
                "pp2_states": _train(_cfg(root, tmp / "pp2_states", pp=2, states=True)),
                "vpp_states": _train(_cfg(root, tmp / "vpp_states", pp=2, vpp=2, states=True)),
                # resumed from the PP1 step 1
@@ -198,6 +202,7 @@ def _same_step(runs, ref, other):
 def test_one_step_at_pp2_vpp2_equals_pp1(runs):
     assert runs["pp1_plain"]["kd"] > 0 and runs["pp1_plain"]["lm"] > 0
     _same_step(runs, "pp1_plain", "vpp_plain")
+    assert runs["vpp_plain"]["valid_lm"] == pytest.approx(runs["pp1_plain"]["valid_lm"], rel=1e-5)
     for rank_results in runs["vpp_ranks"]:  # the loss reaches every rank
         assert rank_results["vpp_plain"]["loss"] == pytest.approx(runs["pp1_plain"]["loss"], rel=1e-5)
 
