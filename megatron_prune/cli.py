@@ -32,6 +32,11 @@ def _add_layout(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (default 1)")
 
 
+def _add_vpp(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--vpp", type=int, default=None, help="virtual pipeline stages per rank: megatron's interleaved "
+                   "schedule, needs --pp >= 2 and layers divisible by PP x VPP (default 1)")
+
+
 # distill/train flags whose argparse default is None (so that --config values stand) and whose real default is
 # TrainConfig's: --help shows that one
 _TRAIN_FLAGS = (
@@ -201,6 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--fp8-student", action="store_true", default=None,
                            help="student training in FP8 (TE; default off)")
         _add_layout(p)
+        _add_vpp(p)
 
     p = sub.add_parser("search", help="every shape within a parameter/memory budget, ranked zero-shot, then after distillation",
                        description="Architecture search (Minitron): enumerate the shapes of a search space within the "
@@ -332,6 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one example per sample (right-padded) instead of packing examples into --seq-len windows "
                    "(default: packed)")
     _add_layout(p)
+    _add_vpp(p)
 
     p = sub.add_parser("selfdistill", help="the teacher rewrites an SFT JSONL set in its own words (self-data distillation)",
                        description="For each example the teacher sees the instruction and the original answer as a "
@@ -468,7 +475,7 @@ def run(args: argparse.Namespace) -> None:
                   "eval_every", "eval_samples", "save_every", "keep_last", "kd_loss", "kd_tau", "kd_top_k",
                   "ce_weight", "teacher_correction_steps", "teacher_correction_lr", "fp8_teacher", "fp8_student")
         overrides = {f: getattr(args, f) for f in fields if getattr(args, f, None) is not None}
-        overrides.update(tp=args.tp if args.tp != 1 else None, pp=args.pp if args.pp != 1 else None)
+        overrides.update(tp=args.tp if args.tp != 1 else None, pp=args.pp if args.pp != 1 else None, vpp=args.vpp)
         (distill if args.command == "distill" else train)(args.config, **overrides)
     elif args.command == "search":
         from megatron_prune.pipelines.search import DistillSettings, search
@@ -539,7 +546,8 @@ def run(args: argparse.Namespace) -> None:
                   "global_batch_size", "lr", "min_lr", "warmup_steps", "weight_decay", "clip_grad", "seed",
                   "eval_every", "eval_samples", "save_every", "keep_last", "sft_pack")
         overrides = {f: getattr(args, f) for f in fields if getattr(args, f) is not None}
-        sft(args.config, **overrides, tp=args.tp if args.tp != 1 else None, pp=args.pp if args.pp != 1 else None)
+        sft(args.config, **overrides, tp=args.tp if args.tp != 1 else None, pp=args.pp if args.pp != 1 else None,
+            vpp=args.vpp)
     elif args.command == "selfdistill":
         from megatron_prune.pipelines.selfdistill import selfdistill
 

@@ -31,7 +31,8 @@ def lm_loss(model: torch.nn.Module, arch: ModelArch, windows: torch.Tensor, micr
             desc: Optional[str] = "eval") -> EvalResult:
     """Mean next-token loss of ``model`` over ``windows`` [n, seq_len + 1] (every rank passes the same windows).
 
-    Data-parallel ranks split the windows; the result is the same on every rank.
+    Data-parallel ranks split the windows; the result is the same on every rank. ``model`` may be a list of
+    model chunks (virtual pipeline stages).
     """
     from megatron.core import parallel_state as ps
 
@@ -39,13 +40,17 @@ def lm_loss(model: torch.nn.Module, arch: ModelArch, windows: torch.Tensor, micr
     from megatron_prune.runtime.progress import progress
 
     start = time.time()
-    was_training = model.training
-    model.eval()
+    chunks = model if isinstance(model, list) else [model]
+    was_training = chunks[0].training
+    for c in chunks:
+        c.eval()
+    # the interleaved schedule runs micro-batches in groups of PP: calls are padded with repeats (not counted)
+    group = ps.get_pipeline_model_parallel_world_size() if len(chunks) > 1 else 1
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     mine = windows[dp_rank::dp]
     batches = [{"tokens": w[:, :-1].contiguous(), "labels": w[:, 1:].contiguous()} for w in mine.split(micro_batch_size)]
     seq_len = windows.shape[1] - 1
-    device = next(model.parameters()).device
+    device = next(chunks[0].parameters()).device
     total = torch.zeros(2, dtype=torch.float64)
     chunk = 4 * ps.get_pipeline_model_parallel_world_size()  # micro-batches per schedule call
     # megatron's schedule wants equal micro-batches: a short last one gets a call of its own
@@ -54,11 +59,14 @@ def lm_loss(model: torch.nn.Module, arch: ModelArch, windows: torch.Tensor, micr
     bar = progress(len(windows), desc, unit="seq") if desc else None
 
     def on_output(logits, batch):
+        if batch.get("repeat"):
+            return 0.0, 0
         losses = token_losses(logits, batch["labels"].to(device), arch)
         return losses.sum().item(), losses.numel()
 
     for part in calls:
         part = [{k: v.to(device) for k, v in b.items()} for b in part]
+        part += [dict(part[-1], repeat=True)] * (-len(part) % group)
         mbs = len(part[0]["tokens"])
         results = broadcast_from_last_stage(run_forward(model, part, len(part), seq_len, mbs, on_output))
         for s, n in results:
@@ -69,7 +77,8 @@ def lm_loss(model: torch.nn.Module, arch: ModelArch, windows: torch.Tensor, micr
         bar.close()
     if dist.is_initialized() and dp > 1:
         dist.all_reduce(total, group=ps.get_data_parallel_group())
-    model.train(was_training)
+    for c in chunks:
+        c.train(was_training)
     if total[1] == 0:
         raise ValueError(f"no evaluation data: {len(windows)} windows < micro batch {micro_batch_size} x DP {dp}")
     loss = (total[0] / total[1]).item()

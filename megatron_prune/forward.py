@@ -77,6 +77,9 @@ def run_forward(
 ) -> list:
     """Run ``model`` forward over ``num_batches`` micro-batches (dicts with ``tokens`` [b, s]).
 
+    ``model`` may be a list of model chunks (virtual pipeline stages: the interleaved schedule, which wants
+    ``num_batches`` to be a multiple of the pipeline size).
+
     ``on_output(logits_shard, batch)`` runs on the last pipeline stage for every micro-batch and its return
     values are collected in order; other stages return an empty list.
     """
@@ -96,11 +99,12 @@ def run_forward(
         return out, loss_func
 
     forward_backward = get_forward_backward_func()
+    chunks = model if isinstance(model, list) else [model]
     with torch.no_grad():
         forward_backward(
             forward_step_func=forward_step,
-            data_iterator=iter(batches),
-            model=[model],
+            data_iterator=[iter(batches) for _ in chunks] if len(chunks) > 1 else iter(batches),
+            model=chunks,
             num_microbatches=num_batches,
             seq_length=seq_len,
             micro_batch_size=micro_batch_size,

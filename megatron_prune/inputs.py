@@ -38,12 +38,21 @@ def checkpoint(path, name: str = "CKPT"):
         raise InputError(f"{name}: {e}") from e
 
 
-def checkpoint_fits(meta, tp: int, pp: int, name: str = "CKPT") -> None:
-    """The model can be sharded at ``tp`` x ``pp`` (heads, groups, layers divide)."""
+def checkpoint_fits(meta, tp: int, pp: int, name: str = "CKPT", vpp: int = 1) -> None:
+    """The model can be sharded at ``tp`` x ``pp`` (heads, groups, layers divide), with ``vpp`` virtual stages."""
+    arch_fits(meta.arch, tp, pp, name, vpp)
+
+
+def arch_fits(arch, tp: int, pp: int, name: str = "CKPT", vpp: int = 1) -> None:
     try:
-        meta.arch.check_parallel(tp, pp)
+        arch.check_parallel(tp, pp)
     except ValueError as e:
         raise InputError(f"{name} cannot be loaded at --tp {tp} --pp {pp}: {e}") from e
+    if vpp > 1 and arch.num_layers % (pp * vpp):
+        fits = [v for v in range(2, arch.num_layers // pp + 1) if arch.num_layers % (pp * v) == 0]
+        raise InputError(f"{name} has {arch.num_layers} layers, not divisible by PP x VPP = {pp} x {vpp}: every "
+                         f"virtual stage holds the same number of layers; choose --vpp from {fits or 'none (drop --vpp)'}"
+                         f" or another --pp")
 
 
 def indexed_data(prefix, name: str = "--data") -> str:

@@ -28,11 +28,13 @@ def layer_spec(arch: ModelArch, use_te: bool):
     return get_gpt_layer_local_spec(normalization=arch.normalization)
 
 
-def build_model(arch: ModelArch, dtype: torch.dtype = torch.float32, use_te: bool | None = None, **config_overrides):
+def build_model(arch: ModelArch, dtype: torch.dtype = torch.float32, use_te: bool | None = None,
+                vp_stage: int | None = None, **config_overrides):
     """The GPTModel shard of this rank (megatron's parallel_state must be initialized).
 
     ``use_te=None`` picks the Transformer Engine spec when TE and a GPU are present, the local spec otherwise;
-    both write the same checkpoint keys, so a checkpoint moves freely between them.
+    both write the same checkpoint keys, so a checkpoint moves freely between them. ``vp_stage``: which of this
+    rank's virtual pipeline stages (model chunks) to build, when parallel_state has a virtual pipeline size.
     """
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
@@ -41,20 +43,27 @@ def build_model(arch: ModelArch, dtype: torch.dtype = torch.float32, use_te: boo
     pp = ps.get_pipeline_model_parallel_world_size()
     if use_te is None:
         use_te = transformer_engine_available()
+    if vp_stage is not None:
+        config_overrides["virtual_pipeline_model_parallel_size"] = ps.get_virtual_pipeline_model_parallel_world_size()
+        # the interleaved schedule's steady state sends an activation and a gradient to the same peer at PP=2;
+        # batched p2p pairs them by posting order and swaps the two (Megatron-LM issues #750, #1450). The
+        # unbatched path puts the two directions on different groups.
+        config_overrides.setdefault("batch_p2p_comm", False)
     config = arch.to_transformer_config(tp=tp, pp=pp, dtype=dtype, **config_overrides)
     model = GPTModel(
         config=config,
         transformer_layer_spec=layer_spec(arch, use_te),
         vocab_size=arch.padded_vocab_size,
         max_sequence_length=arch.max_position_embeddings,
-        pre_process=ps.is_pipeline_first_stage(),
-        post_process=ps.is_pipeline_last_stage(),
+        pre_process=ps.is_pipeline_first_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage),
+        post_process=ps.is_pipeline_last_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage),
         share_embeddings_and_output_weights=arch.tie_embeddings,
         position_embedding_type="rope",
         rotary_base=int(arch.rope_base),
         rope_scaling=arch.rope_scaling_factor is not None,
         rope_scaling_factor=arch.rope_scaling_factor or 8.0,
         parallel_output=True,
+        vp_stage=vp_stage,
     )
     if not config.perform_initialization:
         mark_tensor_parallel_weights(model)
@@ -80,6 +89,19 @@ def mark_tensor_parallel_weights(model: torch.nn.Module) -> None:
             set_tensor_model_parallel_attributes(weight, True, 0, 1)
         elif isinstance(module, RowParallelLinear):
             set_tensor_model_parallel_attributes(weight, True, 1, 1)
+
+
+def build_chunks(arch: ModelArch, dtype: torch.dtype = torch.float32, use_te: bool | None = None,
+                 **config_overrides) -> list:
+    """This rank's model chunks: one per virtual pipeline stage (megatron's interleaved schedule), in order;
+    a single model when there are no virtual stages. Chunk ``i`` holds global layers
+    ``(i * pp + pp_rank) * L / (pp * vpp)`` onwards, and each chunk's sharded_state_dict carries those offsets."""
+    from megatron.core import parallel_state as ps
+
+    vpp = ps.get_virtual_pipeline_model_parallel_world_size()
+    if vpp is None:
+        return [build_model(arch, dtype, use_te, **config_overrides)]
+    return [build_model(arch, dtype, use_te, vp_stage=i, **config_overrides) for i in range(vpp)]
 
 
 def layer_offset(arch: ModelArch) -> int:

@@ -103,6 +103,23 @@ def tokenizer_dir(ckpt_dir: str | os.PathLike) -> Optional[Path]:
     return p if has_tokenizer(p) else None
 
 
+def model_chunks(model) -> list:
+    """A model, or a list of model chunks (virtual pipeline stages, model.build_chunks), as a list."""
+    return list(model) if isinstance(model, (list, tuple)) else [model]
+
+
+def sharded_model_state(model) -> dict:
+    """megatron's sharded state of a model or of this rank's model chunks.
+
+    Each chunk's tensors carry their global keys and layer offsets, so the files are the same at any TP/PP/VPP;
+    chunks are nested under ``model{i}`` (megatron's own convention) only to keep their local names apart.
+    """
+    chunks = model_chunks(model)
+    if len(chunks) == 1:
+        return chunks[0].sharded_state_dict()
+    return {f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(chunks)}
+
+
 def _tmp_dir_for(out: Path) -> Path:
     return out.parent / f".{out.name}.tmp"
 
@@ -118,7 +135,8 @@ def save_checkpoint(
     extra_state: Optional[dict] = None,
     extra_files: Optional[dict[str, str]] = None,
 ) -> Path:
-    """Save ``model`` (this rank's shard) as a distributed checkpoint; collective over all ranks.
+    """Save ``model`` (this rank's shard, or its list of model chunks) as a distributed checkpoint; collective
+    over all ranks.
 
     ``tokenizer_src``: a directory holding tokenizer files (HF or sentencepiece; copied into ``tokenizer/``).
     ``extra_state``: more megatron sharded state (e.g. optimizer state), saved with the model.
@@ -139,7 +157,7 @@ def save_checkpoint(
         except OSError as e:
             failure = explain_write_error(e, out)
     _agree_or_raise(failure, out)
-    state = model.sharded_state_dict()
+    state = sharded_model_state(model)
     if extra_state:
         state.update(extra_state)
     try:
@@ -177,7 +195,7 @@ def _finish(model, arch, tmp: Path, out: Path, tokenizer_src, provenance, extra_
         has_tok = has_tokenizer(tmp / TOKENIZER_DIR)
     prov = dict(provenance or {})
     prov.setdefault("created", datetime.datetime.now().isoformat(timespec="seconds"))
-    dtype = str(next(model.parameters()).dtype).replace("torch.", "")
+    dtype = str(next(model_chunks(model)[0].parameters()).dtype).replace("torch.", "")
     meta = CheckpointMeta(arch=arch, dtype=dtype, provenance=prov, has_tokenizer=has_tok)
     for name, text in (extra_files or {}).items():
         (tmp / name).write_text(text)
@@ -195,7 +213,8 @@ def _finish(model, arch, tmp: Path, out: Path, tokenizer_src, provenance, extra_
 
 def load_into(model: torch.nn.Module, ckpt_dir: str | os.PathLike, arch: Optional[ModelArch] = None,
               extra_state: Optional[dict] = None) -> dict:
-    """Load a checkpoint into this rank's shard of ``model``, whatever layout it was saved at.
+    """Load a checkpoint into this rank's shard of ``model`` (or its list of model chunks), whatever layout it
+    was saved at.
 
     When ``arch`` is given it must equal the checkpoint's; returns the loaded ``extra_state`` entries.
     """
@@ -207,13 +226,17 @@ def load_into(model: torch.nn.Module, ckpt_dir: str | os.PathLike, arch: Optiona
             f"checkpoint {ckpt_dir} has a different architecture (checkpoint vs expected: "
             f"{meta.arch.differences(arch)}); build the model from the checkpoint's metadata (load_model) instead"
         )
-    state = model.sharded_state_dict()
+    state = sharded_model_state(model)
+    chunks = model_chunks(model)
+    wanted = [state] if len(chunks) == 1 else [state[f"model{i}"] for i in range(len(chunks))]
     if extra_state:
         state.update(extra_state)
     loaded = read_sharded(state, Path(ckpt_dir))
     extras = {k: loaded.pop(k) for k in list(extra_state or {})}
+    parts = [loaded] if len(chunks) == 1 else [loaded[f"model{i}"] for i in range(len(chunks))]
     # megatron merges the checkpoint's whole common state (e.g. a trainer's) into the result: keep what we asked for
-    model.load_state_dict({k: v for k, v in loaded.items() if k in state}, strict=True)
+    for chunk, part, want in zip(chunks, parts, wanted):
+        chunk.load_state_dict({k: v for k, v in part.items() if k in want}, strict=True)
     return extras
 
 

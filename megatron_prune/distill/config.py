@@ -20,6 +20,7 @@ class TrainConfig:
     valid_data: Optional[str] = None  # indexed prefix for the periodic validation LM loss
     tp: int = 1
     pp: int = 1
+    vpp: int = 1  # virtual pipeline stages per rank (megatron's interleaved 1F1B schedule; needs pp > 1)
     # batch and schedule
     seq_len: int = 512
     micro_batch_size: int = 1
@@ -92,7 +93,7 @@ class TrainConfig:
         """Check every field before anything is loaded; messages name the field and its flag."""
         if (self.steps is None) == (self.tokens is None):
             raise ValueError("give exactly one of steps or tokens (--steps / --tokens, or steps: / tokens: in the YAML)")
-        at_least = {"steps": 1, "tokens": 1, "tp": 1, "pp": 1, "seq_len": 1, "micro_batch_size": 1,
+        at_least = {"steps": 1, "tokens": 1, "tp": 1, "pp": 1, "vpp": 1, "seq_len": 1, "micro_batch_size": 1,
                     "global_batch_size": 1, "log_every": 1, "eval_samples": 1, "keep_last": 1, "warmup_steps": 0,
                     "eval_every": 0, "save_every": 0, "teacher_correction_steps": 0, "lr": 0, "min_lr": 0,
                     "weight_decay": 0, "clip_grad": 0, "ce_weight": 0, "teacher_correction_lr": 0}
@@ -101,6 +102,9 @@ class TrainConfig:
             if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool) or value < low):
                 hint = " (YAML reads 1e-4 as text: write 1.0e-4)" if isinstance(value, str) else ""
                 raise ValueError(f"{name} (--{name.replace('_', '-')}) must be a number >= {low}, got {value!r}{hint}")
+        if self.vpp > 1 and self.pp < 2:
+            raise ValueError(f"vpp (--vpp) {self.vpp} needs pp (--pp) >= 2: virtual stages interleave a pipeline of "
+                             f"several ranks; set --pp 2 or more, or drop --vpp")
         if self.min_lr > self.lr:
             raise ValueError(f"min_lr (--min-lr) {self.min_lr} is above lr (--lr) {self.lr}; the schedule decays "
                              f"from lr to min_lr")

@@ -48,6 +48,26 @@ def _fp8_overrides(enabled: bool, keep_weights_in_fp8: bool = False) -> dict:
     return {"fp8": "hybrid", "fp8_recipe": "delayed", "fp8_param": keep_weights_in_fp8}
 
 
+def _check_layout(cfg: TrainConfig, student, teacher) -> None:
+    """Student and teacher split over TP x PP (x VPP), and the paired layers exist: before any weight is read."""
+    from megatron_prune import inputs
+
+    for name, arch in (("--student", student), ("--teacher", teacher)):
+        if arch is not None:
+            inputs.arch_fits(arch, cfg.tp, cfg.pp, name, vpp=cfg.vpp)
+    if teacher is not None and teacher.vocab_size != student.vocab_size:
+        raise ValueError(f"teacher vocab {teacher.vocab_size} != student vocab {student.vocab_size}")
+    for pair in cfg.intermediate_layers:
+        if (not isinstance(pair, (list, tuple)) or len(pair) != 2
+                or not all(isinstance(i, int) and not isinstance(i, bool) for i in pair)):
+            raise ValueError(f"intermediate_layers entries are [student_layer, teacher_layer] pairs of layer "
+                             f"indices, got {pair!r}")
+        s_layer, t_layer = pair
+        if not (0 <= s_layer < student.num_layers and 0 <= t_layer < teacher.num_layers):
+            raise ValueError(f"intermediate_layers pair {list(pair)}: the student has layers 0..{student.num_layers - 1}"
+                             f" and the teacher 0..{teacher.num_layers - 1}; use indices in range")
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig):
         from megatron.core import parallel_state as ps
@@ -56,13 +76,13 @@ class Trainer:
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
         from megatron_prune.checkpoint import load_into, read_meta, tokenizer_dir
-        from megatron_prune.model import build_model
+        from megatron_prune.model import build_chunks
         from megatron_prune.runtime import init_distributed
 
         cfg.validate()
         _check_fp8(cfg)
         self.cfg = cfg
-        self.layout = init_distributed(cfg.tp, cfg.pp, seed=cfg.seed)
+        self.layout = init_distributed(cfg.tp, cfg.pp, seed=cfg.seed, vpp=cfg.vpp)
         self.out = Path(cfg.out)
         on_gpu = torch.cuda.is_available()
         self.bf16 = cfg.bf16 if cfg.bf16 is not None else on_gpu
@@ -74,38 +94,38 @@ class Trainer:
             raise ValueError(f"global_batch_size {cfg.global_batch_size} must be a multiple of micro_batch_size "
                              f"{cfg.micro_batch_size} x data-parallel size {self.dp}")
         self.num_microbatches = per_dp // cfg.micro_batch_size
+        if cfg.vpp > 1 and self.num_microbatches % cfg.pp:
+            raise ValueError(
+                f"the interleaved schedule (--vpp {cfg.vpp}) needs the micro-batches per step and data-parallel rank "
+                f"(global_batch_size / (micro_batch_size x DP) = {cfg.global_batch_size} / ({cfg.micro_batch_size} x "
+                f"{self.dp}) = {self.num_microbatches}) to be a multiple of PP={cfg.pp}; set --global-batch-size to a "
+                f"multiple of {cfg.micro_batch_size * self.dp * cfg.pp}")
 
         self.student_meta = read_meta(cfg.student)
         self.arch = self.student_meta.arch
+        t_meta = read_meta(cfg.teacher) if cfg.teacher else None
+        _check_layout(cfg, self.arch, t_meta.arch if t_meta else None)  # before any weight is loaded
         self.resume_from = latest_step_dir(self.out)
-        student = build_model(self.arch, dtype=dtype, perform_initialization=False,
-                              **_fp8_overrides(cfg.fp8_student))
-        load_into(student, self.resume_from or cfg.student, self.arch)
-        self.student = student
+        # lists of model chunks: one per virtual pipeline stage (one without --vpp)
+        self.student = build_chunks(self.arch, dtype=dtype, perform_initialization=False,
+                                    **_fp8_overrides(cfg.fp8_student))
+        load_into(self.student, self.resume_from or cfg.student, self.arch)
         self.teacher = None
         if cfg.teacher:
-            t_meta = read_meta(cfg.teacher)
-            if t_meta.arch.vocab_size != self.arch.vocab_size:
-                raise ValueError(f"teacher vocab {t_meta.arch.vocab_size} != student vocab {self.arch.vocab_size}")
             self.teacher_arch = t_meta.arch
-            teacher = build_model(t_meta.arch, dtype=dtype, perform_initialization=False,
-                                  **_fp8_overrides(cfg.fp8_teacher, keep_weights_in_fp8=cfg.fp8_teacher))
-            load_into(teacher, cfg.teacher, t_meta.arch)
-            self.teacher = teacher
+            self.teacher = build_chunks(t_meta.arch, dtype=dtype, perform_initialization=False,
+                                        **_fp8_overrides(cfg.fp8_teacher, keep_weights_in_fp8=cfg.fp8_teacher))
+            load_into(self.teacher, cfg.teacher, t_meta.arch)
         self.teacher_file = None  # offline KD: the teacher's top-K log-probs from a file (distill/offline.py)
         if cfg.teacher_logits:
             from megatron_prune.distill.offline import open_for_run
 
             self.teacher_file = open_for_run(cfg, self.arch.vocab_size)
-        if (cfg.intermediate_layers or cfg.embedding_loss) and cfg.pp > 1:
-            raise ValueError("intermediate-state losses are supported at PP=1 (the paired layers must share a stage)")
 
-        self.ddp = DistributedDataParallel(
-            student.config,
-            DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
-                                          use_distributed_optimizer=distributed_optimizer),
-            student,
-        )
+        ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+                                                   use_distributed_optimizer=distributed_optimizer)
+        self.ddp = [DistributedDataParallel(chunk.config, ddp_config, chunk, disable_bucketing=i > 0)  # megatron's way
+                    for i, chunk in enumerate(self.student)]
         self.proj = None
         if cfg.intermediate_layers or cfg.embedding_loss:
             from megatron_prune.distill.losses import hidden_projection
@@ -117,7 +137,7 @@ class Trainer:
             OptimizerConfig(optimizer=cfg.optimizer, lr=cfg.lr, min_lr=cfg.min_lr, weight_decay=cfg.weight_decay,
                             adam_beta1=cfg.adam_beta1, adam_beta2=cfg.adam_beta2, clip_grad=cfg.clip_grad,
                             bf16=self.bf16, params_dtype=dtype, use_distributed_optimizer=distributed_optimizer),
-            [self.ddp],
+            self.ddp,
         )
         self.steps = cfg.train_steps()
         self.scheduler = OptimizerParamScheduler(
@@ -131,17 +151,19 @@ class Trainer:
             self._load_training_state(self.resume_from)
 
         if self.teacher is not None:
-            from megatron_prune.distill.pair import DistillationPair
+            from megatron_prune.distill.pair import EMBEDDING, DistillationPair
 
-            self.model = DistillationPair(self.ddp, self.teacher, self.arch.hidden_size, self.teacher_arch.hidden_size)
+            pairs = ([(EMBEDDING, EMBEDDING)] if cfg.embedding_loss else []) + [tuple(p) for p in cfg.intermediate_layers]
+            self.model = [DistillationPair(s, t, self.arch.hidden_size, self.teacher_arch.hidden_size, pairs)
+                          for s, t in zip(self.ddp, self.teacher)]
         else:
-            self.model = self.ddp
-        config = self.model.config
-        config.no_sync_func = self.ddp.no_sync
+            self.model = list(self.ddp)
+        config = self.model[0].config  # the one the schedules read
+        config.no_sync_func = self.ddp[0].no_sync if len(self.ddp) == 1 else [d.no_sync for d in self.ddp]
         config.grad_scale_func = self.optimizer.scale_loss
         from megatron.core.distributed import finalize_model_grads
 
-        config.finalize_model_grads_func = lambda _models, *a, **k: finalize_model_grads([self.ddp], *a, **k)
+        config.finalize_model_grads_func = lambda _models, *a, **k: finalize_model_grads(self.ddp, *a, **k)
 
         self.dataset = self._build_dataset(tokenizer_dir(cfg.student))
         if self.teacher_file is not None:
@@ -186,9 +208,10 @@ class Trainer:
     def _load_training_state(self, ckpt: Path) -> None:
         from megatron.core import dist_checkpointing
 
+        from megatron_prune.checkpoint.megatron import sharded_model_state
         from megatron_prune.checkpoint.writer import read_sharded
 
-        state = {"optimizer": self.optimizer.sharded_state_dict(self.student.sharded_state_dict(), is_loading=True)}
+        state = {"optimizer": self.optimizer.sharded_state_dict(sharded_model_state(self.student), is_loading=True)}
         loaded = read_sharded(state, ckpt)
         self.optimizer.load_state_dict(loaded["optimizer"])
         common = dist_checkpointing.load_common_state_dict(str(ckpt))
@@ -202,9 +225,10 @@ class Trainer:
 
     def save(self) -> Path:
         from megatron_prune.checkpoint import save_checkpoint, tokenizer_dir
+        from megatron_prune.checkpoint.megatron import sharded_model_state
         from megatron_prune.runtime import is_rank0, log0
 
-        extra = {"optimizer": self.optimizer.sharded_state_dict(self.student.sharded_state_dict()),
+        extra = {"optimizer": self.optimizer.sharded_state_dict(sharded_model_state(self.student)),
                  "trainer": self._trainer_state()}
         if self.proj is not None:
             extra["proj"] = {"weights": self.proj.state_dict(), "optimizer": self.proj_opt.state_dict()}
@@ -265,53 +289,42 @@ class Trainer:
             logs["is"], logs["alpha"] = is_loss.detach().clone(), alpha.detach().clone()
         return total, logs
 
-    def _hidden_hooks(self, hidden: dict) -> list:
-        """Capture the paired layer outputs (and embedding outputs) of student and teacher, PP=1 only."""
-        handles = []
-
-        def keep(side):
-            def hook(_module, _inputs, output):
-                hidden[side].append(output[0] if isinstance(output, tuple) else output)
-            return hook
-
-        for side, model in (("student", self.student), ("teacher", self.teacher)):
-            if self.cfg.embedding_loss:
-                handles.append(model.embedding.register_forward_hook(keep(side)))
-            for s_layer, t_layer in self.cfg.intermediate_layers:
-                layer = s_layer if side == "student" else t_layer
-                handles.append(model.decoder.layers[layer].register_forward_hook(keep(side)))
-        return handles
-
     def train_step(self) -> dict:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         from megatron_prune.forward import broadcast_from_last_stage, position_ids_like
 
         cfg = self.cfg
-        self.model.train()
-        self.ddp.zero_grad_buffer()
+        for chunk, ddp in zip(self.model, self.ddp):
+            chunk.train()
+            ddp.zero_grad_buffer()
         self.optimizer.zero_grad()
         if self.proj is not None:
             self.proj_opt.zero_grad()
 
         def forward_step(data_iterator, model):
             batch = next(data_iterator)
-            hidden = {"student": [], "teacher": []}
-            handles = self._hidden_hooks(hidden) if self.proj is not None else []
-            try:
-                out = model(batch["tokens"], position_ids_like(batch["tokens"]), None)
-            finally:
-                for h in handles:
-                    h.remove()
+            hidden = {"student": [], "teacher": []}  # the paired states, filled by DistillationPair (last stage)
+            kwargs = {"hidden": hidden} if self.proj is not None else {}
+            out = model(batch["tokens"], position_ids_like(batch["tokens"]), None, **kwargs)
             return out, lambda output: self._loss(output, batch, hidden)
 
+        microbatches = self._microbatches()
+        # the interleaved schedule takes one iterator per model chunk; each chunk sees every micro-batch
+        data = iter(microbatches) if len(self.model) == 1 else [iter(microbatches) for _ in self.model]
         logs = get_forward_backward_func()(
-            forward_step_func=forward_step, data_iterator=iter(self._microbatches()), model=[self.model],
+            forward_step_func=forward_step, data_iterator=data, model=self.model,
             num_microbatches=self.num_microbatches, seq_length=cfg.seq_len, micro_batch_size=cfg.micro_batch_size,
             forward_only=False)
-        if self.proj is not None:  # the projection is replicated: average its gradient over data parallelism
+        if self.proj is not None:
+            # the projection is replicated on every rank and used on the last stage only: sum its gradient over
+            # the pipeline (other stages add zeros), average it over data parallelism; every copy stays equal
             for p in self.proj.parameters():
-                if p.grad is not None and self.dp > 1:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                if self.layout.pp > 1:
+                    dist.all_reduce(p.grad, group=self._ps.get_pipeline_model_parallel_group())
+                if self.dp > 1:
                     dist.all_reduce(p.grad, group=self._ps.get_data_parallel_group())
                     p.grad /= self.dp
         ok, grad_norm, _ = self.optimizer.step()
@@ -352,7 +365,7 @@ class Trainer:
             self.writer = SummaryWriter(str(self.out / "tensorboard"))
         what = f"distilling {cfg.teacher or cfg.teacher_logits} -> {cfg.student}" if cfg.teacher or cfg.teacher_logits else f"{'SFT of' if self.sft else 'training'} {cfg.student}"
         log0(f"{what}: {self.steps} steps x {cfg.global_batch_size} x {cfg.seq_len} tokens, TP={cfg.tp} PP={cfg.pp} "
-             f"DP={self.dp}" + (f", resuming at step {self.step} from {self.resume_from}" if self.resume_from else ""))
+             + (f"VPP={cfg.vpp} " if cfg.vpp > 1 else "") + f"DP={self.dp}" + (f", resuming at step {self.step} from {self.resume_from}" if self.resume_from else ""))
         if self.valid_windows is not None and self.step == 0:
             self._log({"step": 0, "valid_lm": self.validate()})
         bar = progress(self.steps, "train", unit="step")

@@ -32,6 +32,7 @@ class ParallelLayout:
     pp_rank: int
     dp_rank: int
     device: torch.device
+    vpp: int = 1  # virtual pipeline stages (model chunks) per rank: megatron's interleaved schedule when > 1
 
     @property
     def is_first_stage(self) -> bool:
@@ -92,11 +93,16 @@ def detect_launch_env(environ=None) -> LaunchEnv:
     return LaunchEnv(0, 1, 0, "127.0.0.1", int(env.get("MASTER_PORT", 0)), "single")
 
 
-def init_distributed(tp: int = 1, pp: int = 1, seed: int = 1234) -> ParallelLayout:
+def init_distributed(tp: int = 1, pp: int = 1, seed: int = 1234, vpp: int = 1) -> ParallelLayout:
     """Start torch.distributed and megatron's model-parallel groups for ``tp`` x ``pp``.
 
-    Safe to call again with the same layout; a different layout re-creates megatron's groups.
+    ``vpp`` > 1 splits each pipeline rank's layers into that many virtual stages (model chunks, see
+    model.build_chunks) run by megatron's interleaved 1F1B schedule. Safe to call again with the same
+    layout; a different layout re-creates megatron's groups.
     """
+    if vpp < 1 or (vpp > 1 and pp < 2):
+        raise ValueError(f"--vpp {vpp} needs --pp >= 2 (virtual stages interleave a pipeline of several ranks); "
+                         f"set --pp 2 or more, or drop --vpp")
     from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
 
@@ -133,10 +139,12 @@ def init_distributed(tp: int = 1, pp: int = 1, seed: int = 1234) -> ParallelLayo
         if (
             ps.get_tensor_model_parallel_world_size() != tp
             or ps.get_pipeline_model_parallel_world_size() != pp
+            or (ps.get_virtual_pipeline_model_parallel_world_size() or 1) != vpp
         ):
             ps.destroy_model_parallel()
     if not ps.model_parallel_is_initialized():
-        ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+        ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                     virtual_pipeline_model_parallel_size=vpp if vpp > 1 else None)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
     torch.manual_seed(seed)
     device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
@@ -150,6 +158,7 @@ def init_distributed(tp: int = 1, pp: int = 1, seed: int = 1234) -> ParallelLayo
         pp_rank=ps.get_pipeline_model_parallel_rank(),
         dp_rank=ps.get_data_parallel_rank(),
         device=device,
+        vpp=vpp,
     )
 
 
