@@ -39,3 +39,38 @@ def test_every_shipped_recipe_loads():
     for path in recipes:
         if "stages" in path.read_text():
             assert load_recipe(path).stages, path
+
+
+LLAMA31_70B = dict(num_layers=80, hidden_size=8192, ffn_hidden_size=28672, num_attention_heads=64, num_query_groups=8,
+                   vocab_size=128256, kv_channels=128)
+
+
+def test_70b_family_shapes_and_layouts_fit():
+    """70B -> 34B -> 8B: the 8B has Llama-3.1-8B's published size (8.03B), and every distillation stage's layout
+    (with the data parallelism of the node counts in the recipe's header) fits an 80 GiB H100 by the planner."""
+    from megatron_prune.arch import ModelArch
+    from megatron_prune.pipelines.plan import plan
+    from megatron_prune.prune import PruneTarget, target_arch
+    from megatron_prune.recipe import load_recipe
+
+    r = load_recipe(REPO / "examples" / "llama31_70b_family.yaml")
+    teacher = ModelArch(**LLAMA31_70B)
+    mid = target_arch(teacher, PruneTarget.parse(r.stage("pruned-34b").options["target"]))
+    small = target_arch(mid, PruneTarget.parse(r.stage("pruned-8b").options["target"]))
+    assert abs(mid.param_count() / 34.3e9 - 1) < 0.01, mid.param_count()
+    assert abs(small.param_count() / 8.03e9 - 1) < 0.005, small.param_count()
+
+    def shape(a):
+        return (f"layers={a.num_layers},hidden={a.hidden_size},ffn={a.ffn_hidden_size},heads={a.num_attention_heads},"
+                f"groups={a.num_query_groups},vocab={a.vocab_size}")
+
+    for stage, student, nodes in (("distill-34b", mid, 16), ("distill-8b", small, 16)):
+        s = r.stage(stage)
+        o = s.options
+        result = plan(shape(student), teacher=shape(teacher), tp=s.tp, pp=s.pp, vpp=o["vpp"],
+                      dp=nodes * 8 // (s.tp * s.pp), micro_batch_size=o["micro_batch_size"],
+                      global_batch_size=o["global_batch_size"], seq_len=o["seq_len"], recompute="selective")
+        layout, estimate = result["asked"]
+        assert estimate.total <= 80 * 1024 ** 3, (stage, estimate)
+        student.check_parallel(s.tp, s.pp)
+        assert student.num_layers % (s.pp * o["vpp"]) == 0 and teacher.num_layers % (s.pp * o["vpp"]) == 0
