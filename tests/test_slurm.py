@@ -76,7 +76,8 @@ def _sinfo_ok() -> tuple[bool, str]:
         p = subprocess.run(["sinfo", "-h", "-o", "%P %a %T"], capture_output=True, text=True, timeout=120)
     except subprocess.TimeoutExpired:
         return False, "sinfo timed out"
-    ok = p.returncode == 0 and re.search(r"\bup\b.*\b(idle|mixed)", p.stdout) is not None
+    # a node busy with another job (another copy of the suite, say) is up too: only down/drained ones are not
+    ok = p.returncode == 0 and re.search(r"\bup\b.*\b(idle|mixed|allocated|completing)", p.stdout) is not None
     return ok, (p.stdout + p.stderr).strip()
 
 
