@@ -82,3 +82,16 @@ def median(xs):
 
 def gb(n: float) -> str:
     return f"{n / 2**30:.2f}"
+
+
+def write_token_dataset(prefix, num_docs: int, doc_len: int, vocab: int, rng=None):
+    """A Megatron indexed dataset (``prefix``.bin/.idx) of ``num_docs`` random-token documents."""
+    import numpy as np
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    rng = np.random.default_rng(0) if rng is None else rng
+    builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=np.int32)
+    for _ in range(num_docs):
+        builder.add_document(torch.from_numpy(rng.integers(0, vocab, size=doc_len, dtype=np.int32)), [doc_len])
+    builder.finalize(f"{prefix}.idx")
+    return prefix

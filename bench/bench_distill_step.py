@@ -20,14 +20,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import run_ranks  # noqa: E402
+from _common import run_ranks, write_token_dataset  # noqa: E402
 
 
 def _make_checkpoints(root: str, quick: bool) -> None:
-    import numpy as np
-    import torch
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-
     from megatron_prune.arch import ModelArch
     from megatron_prune.checkpoint import save_checkpoint
     from megatron_prune.model import build_model
@@ -44,11 +40,7 @@ def _make_checkpoints(root: str, quick: bool) -> None:
                               ffn_hidden_size=teacher.ffn_hidden_size // 2)
     for name, arch in (("teacher", teacher), ("student", student)):
         save_checkpoint(build_model(arch), arch, Path(root) / name)
-    builder = IndexedDatasetBuilder(str(Path(root) / "data.bin"), dtype=np.int32)
-    rng = np.random.default_rng(0)
-    for _ in range(200):
-        builder.add_document(torch.from_numpy(rng.integers(0, teacher.vocab_size, size=1000, dtype=np.int32)), [1000])
-    builder.finalize(str(Path(root) / "data.idx"))
+    write_token_dataset(Path(root) / "data", num_docs=200, doc_len=1000, vocab=teacher.vocab_size)
     print(f"teacher: {teacher.describe()}\nstudent: {student.describe()}")
 
 

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import run_ranks  # noqa: E402
+from _common import run_ranks, write_token_dataset  # noqa: E402
 
 KS = (8, 32, 128)
 
@@ -40,10 +40,6 @@ def _archs(quick: bool):
 
 
 def _make(root: str, quick: bool) -> None:
-    import numpy as np
-    import torch
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-
     from megatron_prune.checkpoint import save_checkpoint
     from megatron_prune.model import build_model
     from megatron_prune.runtime import init_distributed
@@ -52,11 +48,7 @@ def _make(root: str, quick: bool) -> None:
     teacher, student = _archs(quick)
     for name, arch in (("teacher", teacher), ("student", student)):
         save_checkpoint(build_model(arch), arch, Path(root) / name)
-    builder = IndexedDatasetBuilder(str(Path(root) / "data.bin"), dtype=np.int32)
-    rng = np.random.default_rng(0)
-    for _ in range(100):
-        builder.add_document(torch.from_numpy(rng.integers(0, teacher.vocab_size, size=1000, dtype=np.int32)), [1000])
-    builder.finalize(str(Path(root) / "data.idx"))
+    write_token_dataset(Path(root) / "data", num_docs=100, doc_len=1000, vocab=teacher.vocab_size)
     print(f"teacher: {teacher.describe()}\nstudent: {student.describe()}")
 
 

@@ -9,10 +9,10 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 import torch
 
+from conftest import write_token_dataset
 from distributed_utils import run_ranks
 from test_prune import random_plan_json
 
@@ -34,17 +34,11 @@ def _prune(src, plan_file, out):
 
 def build_distill_setup(tiny_llama_dir, root):
     """Teacher = the tiny Llama; student = a pruned copy (hidden 48, FFN 64, 2 layers); random-token data."""
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-
     run_ranks(_convert, 1, tiny_llama_dir, root / "teacher")
     arch = json.loads((root / "teacher" / "megatron_prune.json").read_text())["arch"]
     (root / "plan.json").write_text(json.dumps(random_plan_json(arch)))
     run_ranks(_prune, 1, root / "teacher", root / "plan.json", root / "student")
-    builder = IndexedDatasetBuilder(str(root / "data.bin"), dtype=np.int32)
-    rng = np.random.default_rng(0)
-    for _ in range(30):
-        builder.add_document(torch.from_numpy(rng.integers(0, 1000, size=50, dtype=np.int32)), [50])
-    builder.finalize(str(root / "data.idx"))
+    write_token_dataset(root / "data", num_docs=30, doc_len=50, vocab=1000)
     return root
 
 

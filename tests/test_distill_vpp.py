@@ -14,11 +14,10 @@ from __future__ import annotations
 import dataclasses
 import json
 
-import numpy as np
 import pytest
 import torch
 
-from conftest import make_hf_model
+from conftest import make_hf_model, write_token_dataset
 from distributed_utils import run_ranks
 
 # (student layer, teacher layer): student 2 (rank 0, chunk 1) with teacher 1 (rank 0, chunk 0), student 0 (rank 0)
@@ -37,18 +36,12 @@ def _convert(hf_dirs, outs):
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-
     root = tmp_path_factory.mktemp("vpp")
     teacher = make_hf_model(root / "hf_teacher", num_hidden_layers=8)
     student = make_hf_model(root / "hf_student", num_hidden_layers=4, hidden_size=48, intermediate_size=64,
                             num_attention_heads=4, num_key_value_heads=2)
     run_ranks(_convert, 1, [teacher, student], [root / "teacher", root / "student"])
-    builder = IndexedDatasetBuilder(str(root / "data.bin"), dtype=np.int32)
-    rng = np.random.default_rng(0)
-    for _ in range(30):
-        builder.add_document(torch.from_numpy(rng.integers(0, 1000, size=50, dtype=np.int32)), [50])
-    builder.finalize(str(root / "data.idx"))
+    write_token_dataset(root / "data", num_docs=30, doc_len=50, vocab=1000)
     return root
 
 

@@ -111,18 +111,14 @@ def test_selfdistill_pipeline_as_a_recipe(tiny_chat_ckpt, tmp_path):
     """The self-data distillation path as recipe stages: rewrite, SFT on both sets, SLERP merge, task eval,
     speculative decoding; a second run skips every stage."""
     import yaml
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
+    from conftest import write_token_dataset
     from megatron_prune.data.sft import arithmetic_problems, write_jsonl
 
     problems = arithmetic_problems(12, seed=3)
     write_jsonl(problems[:8], tmp_path / "train.jsonl")
     write_jsonl(problems[8:], tmp_path / "heldout.jsonl")
-    builder = IndexedDatasetBuilder(str(tmp_path / "valid.bin"), dtype=np.int32)
-    rng = np.random.default_rng(0)
-    for _ in range(6):
-        builder.add_document(torch.from_numpy(rng.integers(0, 49152, size=40, dtype=np.int32)), [40])
-    builder.finalize(str(tmp_path / "valid.idx"))
+    write_token_dataset(tmp_path / "valid", num_docs=6, doc_len=40, vocab=49152)
     sft = dict(steps=2, seq_len=256, micro_batch_size=2, global_batch_size=2, lr=1.0e-3, log_every=1)
     stages = {
         "rewrites": {"verb": "selfdistill", "teacher": str(tiny_chat_ckpt), "data": str(tmp_path / "train.jsonl"),
