@@ -36,7 +36,9 @@ def recipe_setup(tiny_llama_dir, tmp_path_factory):
         "mid-scores": {"verb": "importance", "ckpt": "mid", "data": str(root / "train"), "out": "mid.scores",
                        "samples": 8, "seq_len": 16, "micro_batch_size": 4},
         "small-pruned": {"verb": "prune", "ckpt": "mid", "scores": "mid-scores", "target": "hidden=48,ffn=64,layers=3,depth_metric=angular"},
-        "small": {"verb": "distill", "teacher": "teacher", "student": "small-pruned", "data": [str(root / "train")], **train},
+        # longer than the first distillation so a kill after its first checkpoint lands mid-stage on a fast machine
+        "small": {"verb": "distill", "teacher": "teacher", "student": "small-pruned", "data": [str(root / "train")],
+                  **{**train, "steps": SMALL_STEPS}},
         "eval": {"verb": "eval", "models": ["teacher", "mid", "small"], "data": str(root / "valid"), "seq_len": 16,
                  "micro_batch_size": 4, "max_sequences": 8},
     }
@@ -44,6 +46,9 @@ def recipe_setup(tiny_llama_dir, tmp_path_factory):
 
     (root / "family.yaml").write_text(yaml.safe_dump({"workdir": str(root / "unused"), "stages": stages}, sort_keys=False))
     return root
+
+
+SMALL_STEPS = 32
 
 
 def _run(recipe, workdir, *extra):
@@ -61,7 +66,7 @@ def test_family_build_resumes_after_a_kill(recipe_setup, tmp_path):
     assert full.returncode == 0, full.stderr[-3000:]
     want = json.loads((tmp_path / "full" / "eval.json").read_text())["rows"]
     assert [r["model"] for r in want] == ["teacher", "mid", "small"]
-    assert want[0]["params"] > want[1]["params"] > want[2]["params"] and want[2]["train_tokens"] == 2 * 4 * 4 * 16
+    assert want[0]["params"] > want[1]["params"] > want[2]["params"] and want[2]["train_tokens"] == (4 + SMALL_STEPS) * 4 * 16
     assert (tmp_path / "full" / "report.md").is_file() and (tmp_path / "full" / "report.png").is_file()
 
     dry = subprocess.run(_run(recipe, tmp_path / "full", "--dry-run"), capture_output=True, text=True, env=env)
