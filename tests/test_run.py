@@ -80,7 +80,7 @@ def test_family_build_resumes_after_a_kill(recipe_setup, tmp_path):
         if (work / "small-run").is_dir() and any((work / "small-run").glob("step_*")):
             proc.send_signal(signal.SIGKILL)
             break
-        time.sleep(0.2)
+        time.sleep(0.05)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the build finished before it could be killed"
     done_before = [e["stage"] for e in _log(work) if e["event"] == "done"]
