@@ -36,6 +36,7 @@ from megatron_prune.arch import ArchError, ModelArch
 GiB = 1024 ** 3
 RECOMPUTE = ("none", "selective", "full")
 PRECISIONS = ("bf16", "fp32")
+KL_CHUNK_ELEMENTS = 1 << 22  # rows x vocab-shard elements per chunk of the KL loss (distill/losses.py)
 
 
 @dataclass(frozen=True)
@@ -91,13 +92,17 @@ class MemoryEstimate:
     teacher_weights: int
     teacher_activations: int
     overhead: int
+    stage: int = 0  # the pipeline stage of that rank (not a byte count)
+
+    def _parts(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if k != "stage"}
 
     @property
     def total(self) -> int:
-        return sum(asdict(self).values())
+        return sum(self._parts().values())
 
     def rows(self) -> list[tuple[str, float]]:
-        return [(k.replace("_", " "), v / GiB) for k, v in asdict(self).items()] + [("total", self.total / GiB)]
+        return [(k.replace("_", " "), v / GiB) for k, v in self._parts().items()] + [("total", self.total / GiB)]
 
 
 def _layers_per_stage(arch: ModelArch, pp: int) -> int:
@@ -134,14 +139,32 @@ def layer_activation_bytes(arch: ModelArch, layout: Layout, act_bytes: int) -> i
 
 def estimate_memory(student: ModelArch, layout: Layout, teacher: Optional[ModelArch] = None,
                     precision: str = "bf16", fp8_teacher: bool = False, overhead_gib: float = 0.0) -> MemoryEstimate:
-    """Peak bytes on the most loaded rank of a training (``teacher`` None) or distillation step."""
+    """Peak bytes on the most loaded rank of a training (``teacher`` None) or distillation step: the larger of
+    pipeline stage 0 (embedding, the most micro-batches in flight) and the last stage (output layer, logits)."""
     if precision not in PRECISIONS:
         raise ArchError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     layout.check(student)
     if teacher is not None:
         layout.check(teacher)
+    stages = {0, layout.pp - 1}
+    return max((_stage_memory(student, layout, teacher, precision, fp8_teacher, overhead_gib, st) for st in stages),
+               key=lambda m: m.total)
+
+
+def _in_flight(layout: Layout, stage: int) -> float:
+    """Micro-batches whose activations a pipeline stage holds at its peak. 1F1B: min(m, PP - stage). The
+    interleaved schedule (Narayanan et al. 2021), in whole-stage units: PP (1 + (PP-1)/(PP VPP)) on stage 0,
+    ((VPP-1) PP + 1) / VPP on the last."""
+    pp, vpp = layout.pp, layout.vpp
+    if vpp > 1:
+        return pp * (1 + (pp - 1) / (pp * vpp)) if stage == 0 else ((vpp - 1) * pp + 1) / vpp
+    return min(layout.num_microbatches, pp - stage)
+
+
+def _stage_memory(student: ModelArch, layout: Layout, teacher: Optional[ModelArch], precision: str,
+                  fp8_teacher: bool, overhead_gib: float, stage: int) -> MemoryEstimate:
     e = 2 if precision == "bf16" else 4
-    stage_params = max(stage_param_count(student, layout.tp, layout.pp, s) for s in {0, layout.pp - 1})
+    stage_params = stage_param_count(student, layout.tp, layout.pp, stage)
     if precision == "bf16":
         weights, grads, opt = 2 * stage_params, 4 * stage_params, 12 * stage_params
     else:
@@ -149,12 +172,7 @@ def estimate_memory(student: ModelArch, layout: Layout, teacher: Optional[ModelA
     if layout.distributed_optimizer:  # sharded over the data-parallel x context-parallel group
         opt = math.ceil(opt / (layout.dp * layout.cp))
 
-    # activations of stage 0: 1F1B keeps min(m, pp) micro-batches in flight, the interleaved schedule
-    # (1 + (pp - 1) / (pp * vpp)) times that (Narayanan et al. 2021)
     L = _layers_per_stage(student, layout.pp)
-    in_flight = min(layout.num_microbatches, layout.pp)
-    if layout.vpp > 1:
-        in_flight = layout.pp * (1 + (layout.pp - 1) / (layout.pp * layout.vpp))
     t_sp = layout.tp if layout.sp else 1
     s, b = layout.seq_len // layout.cp, layout.micro_batch_size
     layer = layer_activation_bytes(student, layout, e)
@@ -165,21 +183,34 @@ def estimate_memory(student: ModelArch, layout: Layout, teacher: Optional[ModelA
         per_mb = L * layer
         transient = 0
     stage_input = s * b * (student.hidden_size + (teacher.hidden_size if teacher else 0)) * e // t_sp
-    activations = int(in_flight * (per_mb + stage_input) + transient)
+    activations = int(_in_flight(layout, stage) * (per_mb + stage_input) + transient)
 
-    # logits on the last stage: fp32 vocab-parallel logits and their gradient (plus the teacher's, for KD)
-    v = student.padded_vocab_size // layout.tp
-    logits = s * b * v * 4 * (3 if teacher is not None else 2)
+    # logits on the last stage (one micro-batch at a time; measured on the CPU, see docs/plan.md). Training:
+    # the logits and the cross entropy's saved fp32 softmax. Distillation (distill/losses.py): student and
+    # teacher logits, the KL's two fp32 working copies, and its chunked exp/difference temporaries (four
+    # buffers of at most KL_CHUNK_ELEMENTS each).
+    logits = 0
+    if stage == layout.pp - 1:
+        n = s * b * student.padded_vocab_size // layout.tp
+        if teacher is None:
+            logits = n * (e + 4)
+        else:
+            logits = 2 * n * e + 2 * n * 4 + 4 * min(n, KL_CHUNK_ELEMENTS) * 4
 
     t_weights = t_acts = 0
     if teacher is not None:
-        t_params = max(stage_param_count(teacher, layout.tp, layout.pp, st) for st in {0, layout.pp - 1})
-        t_weights = t_params * (1 if fp8_teacher else e)
-        # forward only, no grad: one layer's activations at a time
-        t_acts = layer_activation_bytes(teacher, Layout(**{**asdict(layout), "recompute": "none"}), e)
+        t_weights = stage_param_count(teacher, layout.tp, layout.pp, stage) * (1 if fp8_teacher else e)
+        # forward only, no grad: a layer's input and output plus its transient working set, about two
+        # layers' worth of saved activations at most (measured on the CPU)
+        t_acts = 2 * layer_activation_bytes(teacher, Layout(**{**asdict(layout), "recompute": "none"}), e)
+        # The teacher's forward of a micro-batch runs before the student's, so its working set and the
+        # student's activations plus logits of that micro-batch are never alive together: count only what
+        # the teacher phase adds beyond the student phase.
+        per_mb_student = activations / max(_in_flight(layout, stage), 1) + logits
+        t_acts = max(0, int(t_acts - per_mb_student))
     return MemoryEstimate(student_weights=weights, student_grads=grads, optimizer=opt, activations=activations,
                           logits=logits, teacher_weights=t_weights, teacher_activations=t_acts,
-                          overhead=int(overhead_gib * GiB))
+                          overhead=int(overhead_gib * GiB), stage=stage)
 
 
 def candidate_layouts(student: ModelArch, num_gpus: int, gpus_per_node: int = 8, teacher: Optional[ModelArch] = None,

@@ -39,11 +39,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from megatron_prune.memory import KL_CHUNK_ELEMENTS
+
 # A finite "minus infinity" for padding columns: exp(x - max) underflows to exactly 0 and differences of two
 # filled entries are exactly 0 (so no inf - inf = nan).
 _NEG = -1e30
 # Row chunk size for the reductions, in elements of the shard: bounds the temporaries to ~16 MiB each.
-_CHUNK_ELEMS = 1 << 22
+_CHUNK_ELEMS = KL_CHUNK_ELEMENTS  # 1 << 22; memory.py counts the temporaries with it
 
 
 # --------------------------------------------------------------------------------------------------------

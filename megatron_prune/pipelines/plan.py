@@ -115,7 +115,7 @@ def plan(student: str, teacher: Optional[str] = None, tp: int = 1, pp: int = 1, 
     log0(f"{what}\nseq {seq_len}, micro batch {micro_batch_size}, global batch {gbs}, {precision}"
          + (", FP8 teacher weights" if fp8_teacher else "") + (", distributed optimizer" if distributed_optimizer else "")
          + f", {overhead_gib:g} GiB fixed overhead per GPU (CUDA context, NCCL, allocator)\n\n"
-         f"{describe(asked)} on {asked.world_size} GPUs, most loaded rank:\n{format_estimate(est, gpu_memory_gib)}\n")
+         f"{describe(asked)} on {asked.world_size} GPUs, most loaded rank (pipeline stage {est.stage}):\n{format_estimate(est, gpu_memory_gib)}\n")
     log0(f"layouts of {asked.world_size} GPUs that fit {gpu_memory_gib:g} GiB (least model parallelism first):")
     for lay, e in fitting[:top]:
         log0(f"  {describe(lay):<40} {e.total / GiB:8.2f} GiB")
