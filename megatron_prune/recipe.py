@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import yaml
 
@@ -31,7 +31,7 @@ TRAINING_VERBS = ("distill", "train", "sft")  # their `out` is a run directory; 
 OUTPUT_KEY = {verb: "out" for verb in VERBS}
 DEFAULT_OUT = {**{verb: "{name}-run" for verb in TRAINING_VERBS}, "convert": "{name}", "prune": "{name}",
                "merge": "{name}", "eval": "{name}.json", "specdec": "{name}.json", "selfdistill": "{name}.jsonl",
-               "generate": "{name}.jsonl"}
+               "generate": "{name}.jsonl", "search": "{name}"}
 
 
 class RecipeError(ValueError):
@@ -60,7 +60,29 @@ class Recipe:
         raise KeyError(name)
 
 
-def load_recipe(path: str | Path, workdir: str | Path | None = None) -> Recipe:
+def apply_overrides(doc: dict, overrides: list[str], path: Path) -> None:
+    """``STAGE.KEY=VALUE`` (VALUE read as YAML; ``STAGE.KEY.SUB=VALUE`` for nested options) or ``KEY=VALUE`` for
+    a top-level key: the recipe as written, changed from the command line (``run --set``)."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise RecipeError(f"--set {item!r}: use STAGE.KEY=VALUE (e.g. mid.steps=10) or KEY=VALUE (e.g. tp=2)")
+        value = yaml.safe_load(raw) if raw else ""
+        parts = key.split(".")
+        if len(parts) == 1:
+            doc[key] = value
+            continue
+        if parts[0] not in doc["stages"]:
+            raise RecipeError(f"--set {item!r}: {path} has no stage {parts[0]!r}; stages: {', '.join(doc['stages'])}")
+        node = doc["stages"][parts[0]]
+        for part in parts[1:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise RecipeError(f"--set {item!r}: {part!r} of stage {parts[0]!r} is not a mapping")
+        node[parts[-1]] = value
+
+
+def load_recipe(path: str | Path, workdir: str | Path | None = None, overrides: Optional[list[str]] = None) -> Recipe:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"recipe {path} not found (see examples/*.yaml)")
@@ -70,6 +92,7 @@ def load_recipe(path: str | Path, workdir: str | Path | None = None) -> Recipe:
         raise RecipeError(f"{path} is not valid YAML: {e}") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("stages"), dict) or not doc["stages"]:
         raise RecipeError(f"{path}: a recipe is a mapping with `stages:` (name -> {{verb: ..., options}})")
+    apply_overrides(doc, overrides or [], path)
     unknown = sorted(set(doc) - {"workdir", "tp", "pp", "stages", "description"})
     if unknown:
         raise RecipeError(f"{path}: unknown top-level key(s) {unknown}; use workdir, tp, pp, stages, description")

@@ -47,20 +47,35 @@ def test_tp_that_does_not_divide_the_heads(tiny_llama_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_demo_end_to_end(tmp_path):
+def test_demo_is_the_family_recipe_end_to_end(tmp_path):
+    """`demo` runs examples/smollm2_family.yaml on the real SmolLM2-135M, here with small settings through `--set`:
+    search (zero-shot rank of every 104M shape, two distilled), the winner distilled, pruned to 84M and distilled
+    from the original, all evaluated; a second run skips every stage."""
     work = tmp_path / "demo"
-    args = ["demo", "--workdir", str(work), "--seq-len", "128", "--eval-sequences", "8", "--calib-samples", "8",
-            "--distill-steps", "3"]
+    small = ["scores.samples=8", "scores.seq_len=64", "search.top_k=2", "search.eval_windows=2",
+             "search.eval_seq_len=64", "search.distill.steps=2", "search.distill.seq_len=32",
+             "search.distill.micro_batch_size=2", "search.distill.global_batch_size=2", "mid.steps=2",
+             "mid.seq_len=32", "mid.micro_batch_size=2", "mid.global_batch_size=2", "mid-scores.samples=8",
+             "mid-scores.seq_len=64", "small.steps=2", "small.seq_len=32", "small.micro_batch_size=2",
+             "small.global_batch_size=2", "eval.seq_len=128", "eval.max_sequences=8"]
+    args = ["demo", "--workdir", str(work)] + [a for kv in small for a in ("--set", kv)]
     out = cli(*args, timeout=3600)  # a hang guard only
     assert out.returncode == 0, out.stderr[-3000:]
-    report = json.loads((work / "report.json").read_text())
-    base, width, depth, distilled = (r["lm_loss"] for r in report["rows"])
-    # SmolLM2-135M on Shakespeare: far better than uniform guessing over 49152 tokens (ln = 10.8);
-    # pruning without retraining costs loss, but the pruned models still predict text
-    assert 2.0 < base < 6.0
-    assert base < width < 10.8 and base < depth < 10.8
-    assert distilled < width  # three distillation steps already recover some of the loss
-    assert "| SmolLM2-135M-Instruct" in (work / "report.md").read_text()
-    assert (work / "report.png").stat().st_size > 1000
-    again = cli(*args, timeout=3600)  # a hang guard only
-    assert again.returncode == 0 and again.stdout.count("(done before, skipping)") == 5
+    rows = {r["model"]: r for r in json.loads((work / "eval.json").read_text())["rows"]}
+    assert list(rows) == ["teacher", "search", "mid", "small-pruned", "small"]
+    # SmolLM2-135M on Shakespeare: far better than uniform guessing over 49152 tokens (ln = 10.8)
+    assert 2.0 < rows["teacher"]["lm_loss"] < 6.0
+    assert all(rows["teacher"]["lm_loss"] < r["lm_loss"] < 10.8 for name, r in rows.items() if name != "teacher")
+    assert rows["teacher"]["params"] > rows["search"]["params"] == rows["mid"]["params"] > rows["small"]["params"]
+    assert abs(rows["search"]["params"] - 104e6) <= 0.05 * 104e6  # the search budget
+    import csv
+
+    with open(work / "search" / "report.csv") as f:
+        cands = list(csv.DictReader(f))
+    assert len(cands) >= 6 and all(c["zero_shot_loss"] for c in cands)  # every shape within the budget
+    distilled = [c for c in cands if c["distilled_loss"]]
+    assert sorted(int(c["zero_shot_rank"]) for c in distilled) == [1, 2]  # the zero-shot top 2
+    assert (work / "report.md").is_file() and (work / "report.png").stat().st_size > 1000
+    assert (work / "search" / "report.md").is_file()
+    again = cli(*args, timeout=3600)
+    assert again.returncode == 0 and again.stdout.count("(complete, skipping)") == 9, again.stdout

@@ -151,9 +151,10 @@ def _cases(r: Path):
         (["distill", *tr, "--steps", "1", "--teacher", ck, "--tp", "3"], ["--student", "not divisible by TP=3"]),
         # demo
         (["demo", "--workdir", str(r / "a_file")], ["--workdir", "is a file"]),
-        (["demo", "--workdir", out, "--seq-len", "0"], ["--seq-len", "positive"]),
-        (["demo", "--workdir", out, "--distill-steps", "-1"], ["--distill-steps", ">= 0"]),
-        (["demo", "--workdir", out, "--pp", "0"], ["--pp", "positive"]),
+        (["demo", "--workdir", out, "--set", "search.top_k"], ["--set", "STAGE.KEY=VALUE"]),
+        (["demo", "--workdir", out, "--set", "nostage.steps=3"], ["--set", "no stage 'nostage'"]),
+        (["demo", "--workdir", out, "--stages", "teacher,bogus"], ["unknown stage", "bogus"]),
+        (["run", nope, "--workdir", out], ["recipe", "not found"]),
     ]
 
 

@@ -112,6 +112,23 @@ def test_recipe_errors(tmp_path):
         load_recipe(tmp_path / "missing.yaml")
 
 
+def test_set_overrides_change_the_recipe_as_written(tmp_path):
+    from megatron_prune.recipe import RecipeError, load_recipe
+
+    f = tmp_path / "r.yaml"
+    f.write_text("tp: 1\nstages:\n  t: {verb: convert, src: x}\n"
+                 "  s: {verb: search, ckpt: t, scores: sc, params: 90M, valid_data: v, distill: {data: [d], steps: 20}}\n")
+    r = load_recipe(f, overrides=["s.distill.steps=2", "s.top_k=6", "s.params=1.5B", "tp=2", "t.src=other dir"])
+    t, s = r.stages
+    assert s.options["distill"] == {"data": ["d"], "steps": 2} and s.options["top_k"] == 6
+    assert s.options["params"] == "1.5B" and t.options["src"] == "other dir" and (t.tp, s.tp) == (2, 2)
+    assert s.options["out"] == "s"  # a search stage writes into a directory named after it by default
+    for bad, message in (("s.top_k", "STAGE.KEY=VALUE"), ("=3", "STAGE.KEY=VALUE"), ("x.steps=1", "no stage 'x'"),
+                         ("s.params.deeper=1", "'params' of stage 's' is not a mapping")):
+        with pytest.raises(RecipeError, match=message):
+            load_recipe(f, overrides=[bad])
+
+
 def test_selfdistill_pipeline_as_a_recipe(tiny_chat_ckpt, tmp_path):
     """The self-data distillation path as recipe stages: rewrite, SFT on both sets, SLERP merge, task eval,
     speculative decoding; a second run skips every stage."""

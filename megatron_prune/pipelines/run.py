@@ -27,6 +27,9 @@ def _steps(stage: Stage) -> int:
     return cfg.train_steps()
 
 
+DEMO_RECIPE = Path(__file__).parents[1] / "recipes" / "smollm2_family.yaml"  # examples/ links to it
+
+
 def output_path(recipe: Recipe, stage: Stage) -> Path:
     return recipe.workdir / stage.options[OUTPUT_KEY[stage.verb]]
 
@@ -41,8 +44,11 @@ def product(recipe: Recipe, stage: Stage) -> Path:
     if stage.verb == "search":
         from megatron_prune.pipelines.search import collect
 
+        from megatron_prune.distill.trainer import latest_step_dir
+
         winner = collect(out)["winner"] if (out / "search.json").is_file() else None
-        return out / "candidates" / (winner or "WINNER") / "distill"
+        run_dir = out / "candidates" / (winner or "WINNER") / "distill"
+        return (latest_step_dir(run_dir) if run_dir.is_dir() else None) or run_dir / "step_N"  # its distilled checkpoint
     return out
 
 
@@ -282,11 +288,14 @@ def _log_event(workdir: Path, **event) -> None:
 
 
 def run(recipe_path: str | Path, workdir: Optional[str] = None, dry_run: bool = False,
-        only: Optional[list[str]] = None) -> list[tuple[str, str]]:
-    """Run (or with ``dry_run`` describe) the recipe's stages; returns [(stage, "done"|"skipped"|"would run")]."""
+        only: Optional[list[str]] = None, overrides: Optional[list[str]] = None) -> list[tuple[str, str]]:
+    """Run (or with ``dry_run`` describe) the recipe's stages; returns [(stage, "done"|"skipped"|"would run")].
+    ``overrides``: ``STAGE.KEY=VALUE`` changes to the recipe (``--set``)."""
     from megatron_prune.runtime import log0
 
-    recipe = load_recipe(recipe_path, workdir)
+    recipe = load_recipe(recipe_path, workdir, overrides)
+    if recipe.workdir.is_file():
+        raise RecipeError(f"--workdir {recipe.workdir} is a file; give a directory (an existing one is resumed)")
     names = [s.name for s in recipe.stages]
     unknown = sorted(set(only or []) - set(names))
     if unknown:
