@@ -219,7 +219,8 @@ def _run_eval(recipe: Recipe, stage: Stage, o: dict, out: str, tp: int, pp: int)
 
 
 def _lineage(recipe: Recipe, name: str) -> dict:
-    """Parameters, training tokens (summed over the chain of stages that produced the model) and build time."""
+    """Parameters, training tokens (summed over the chain of stages that produced the model; a search counts
+    the short distillation of each of its top K candidates) and build time."""
     from megatron_prune.checkpoint import read_meta
 
     names = [s.name for s in recipe.stages]
@@ -235,6 +236,11 @@ def _lineage(recipe: Recipe, name: str) -> dict:
         seconds += sum(e.get("seconds", 0) for e in log if e["stage"] == s.name and e["event"] == "done")
         if s.verb in TRAINING_VERBS:
             tokens += _steps(s) * s.options.get("global_batch_size", 8) * s.options.get("seq_len", 512)
+        elif s.verb == "search" and s.options.get("distill"):  # every distilled candidate: the cost of the choice
+            from megatron_prune.pipelines.search import DistillSettings
+
+            d = DistillSettings(**s.options["distill"])
+            tokens += s.options.get("top_k", 3) * d.steps * d.global_batch_size * d.seq_len
         inputs = {k: v for k, v in s.options.items() if k != OUTPUT_KEY[s.verb] and k != "teacher"}
         todo += references(inputs, names)
     params = read_meta(product(recipe, recipe.stage(name))).arch.param_count()
