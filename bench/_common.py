@@ -84,6 +84,17 @@ def gb(n: float) -> str:
     return f"{n / 2**30:.2f}"
 
 
+def save_random_models(root, archs: dict) -> None:
+    """Randomly initialised checkpoints ``root/NAME`` for ``{NAME: ModelArch}`` (run on one rank)."""
+    from megatron_prune.checkpoint import save_checkpoint
+    from megatron_prune.model import build_model
+    from megatron_prune.runtime import init_distributed
+
+    init_distributed(1, 1)
+    for name, arch in archs.items():
+        save_checkpoint(build_model(arch), arch, Path(root) / name)
+
+
 def write_token_dataset(prefix, num_docs: int, doc_len: int, vocab: int, rng=None):
     """A Megatron indexed dataset (``prefix``.bin/.idx) of ``num_docs`` random-token documents."""
     import numpy as np

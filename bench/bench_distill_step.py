@@ -20,16 +20,12 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import run_ranks, write_token_dataset  # noqa: E402
+from _common import run_ranks, save_random_models, write_token_dataset  # noqa: E402
 
 
 def _make_checkpoints(root: str, quick: bool) -> None:
     from megatron_prune.arch import ModelArch
-    from megatron_prune.checkpoint import save_checkpoint
-    from megatron_prune.model import build_model
-    from megatron_prune.runtime import init_distributed
 
-    init_distributed(1, 1)
     if quick:
         teacher = ModelArch(num_layers=4, hidden_size=256, ffn_hidden_size=704, num_attention_heads=8,
                             num_query_groups=4, vocab_size=8192)
@@ -38,8 +34,7 @@ def _make_checkpoints(root: str, quick: bool) -> None:
                             num_query_groups=4, vocab_size=32000)
     student = teacher.replace(num_layers=teacher.num_layers * 3 // 4, hidden_size=teacher.hidden_size * 3 // 4,
                               ffn_hidden_size=teacher.ffn_hidden_size // 2)
-    for name, arch in (("teacher", teacher), ("student", student)):
-        save_checkpoint(build_model(arch), arch, Path(root) / name)
+    save_random_models(root, {"teacher": teacher, "student": student})
     write_token_dataset(Path(root) / "data", num_docs=200, doc_len=1000, vocab=teacher.vocab_size)
     print(f"teacher: {teacher.describe()}\nstudent: {student.describe()}")
 

@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import peak_rss_bytes, reset_peak_rss, rss_bytes, run_ranks  # noqa: E402
+from _common import peak_rss_bytes, reset_peak_rss, rss_bytes, run_ranks, save_random_models  # noqa: E402
 from plan_vs_measured import _follow_live_tensors  # noqa: E402
 
 MiB = 2**20
@@ -46,13 +46,7 @@ def shapes(quick: bool) -> dict:
 
 
 def _save(root: str, quick: bool) -> None:
-    from megatron_prune.checkpoint import save_checkpoint
-    from megatron_prune.model import build_model
-    from megatron_prune.runtime import init_distributed
-
-    init_distributed(1, 1)
-    for i, arch in enumerate(shapes(quick).values()):
-        save_checkpoint(build_model(arch), arch, Path(root) / f"m{i}")
+    save_random_models(root, {f"m{i}": arch for i, arch in enumerate(shapes(quick).values())})
 
 
 def _fill_cache(ckpt: str, seq_len: int, batch: int) -> int:

@@ -22,7 +22,8 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import peak_rss_bytes, reset_peak_rss, rss_bytes, run_ranks, write_token_dataset  # noqa: E402
+from _common import (peak_rss_bytes, reset_peak_rss, rss_bytes, run_ranks, save_random_models,  # noqa: E402
+                     write_token_dataset)
 
 MiB = 2**20
 
@@ -45,14 +46,8 @@ def shapes(quick, minimal: bool = False):
 
 
 def _make_checkpoints(root: str, quick: bool, minimal: bool = False) -> None:
-    from megatron_prune.checkpoint import save_checkpoint
-    from megatron_prune.model import build_model
-    from megatron_prune.runtime import init_distributed
-
-    init_distributed(1, 1)
     teacher, student = shapes(quick, minimal)
-    for name, arch in (("teacher", teacher), ("student", student)):
-        save_checkpoint(build_model(arch), arch, Path(root) / name)
+    save_random_models(root, {"teacher": teacher, "student": student})
     write_token_dataset(Path(root) / "data", num_docs=100, doc_len=600, vocab=teacher.vocab_size)
 
 

@@ -41,17 +41,9 @@ def make_hf_model(out: Path, model_type: str = "llama", **overrides) -> Path:
     return out
 
 
-def write_token_dataset(prefix, num_docs: int, doc_len: int, vocab: int, rng=None):
-    """A Megatron indexed dataset (``prefix``.bin/.idx) of ``num_docs`` random-token documents."""
-    import numpy as np
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-
-    rng = np.random.default_rng(0) if rng is None else rng
-    builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=np.int32)
-    for _ in range(num_docs):
-        builder.add_document(torch.from_numpy(rng.integers(0, vocab, size=doc_len, dtype=np.int32)), [doc_len])
-    builder.finalize(f"{prefix}.idx")
-    return prefix
+# one random-token indexed dataset writer for tests and benchmarks (bench/_common.py)
+sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))
+from _common import write_token_dataset  # noqa: E402,F401
 
 
 @pytest.fixture(scope="session")
