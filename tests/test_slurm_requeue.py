@@ -90,9 +90,14 @@ def test_importance_prune_distill_chain_with_a_requeue(slurm, requeue_setup, tmp
         time.sleep(0.05)
     # what Slurm sends before a time limit (--signal=USR1@120) and what preemption looks like to the tasks
     subprocess.run(["scancel", "--signal=USR1", job], check=True)
+    pending_since = None
     while (state := _job_state(job)) not in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "GONE"):
         assert time.time() < deadline, log.read_bytes().decode(errors="replace")
-        if state == "PENDING":  # Slurm holds a requeued job for about two minutes; the test need not wait
+        # Slurm holds a requeued job for about two minutes; the test need not wait that long. But not less than
+        # a few seconds either: slurmd revokes the first allocation's credential with a 1 s resolution, and an
+        # allocation in the same second is killed ("Job credential revoked"; seen once).
+        pending_since = (pending_since or time.time()) if state == "PENDING" else None
+        if pending_since and time.time() - pending_since >= 3:
             subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], capture_output=True)
         time.sleep(1)
     text = log.read_bytes().decode(errors="replace")
