@@ -117,6 +117,49 @@ def test_stop_token(layouts):
     assert len(r["stopped"][0]) <= 3
 
 
+# ---- the real SmolLM2 against transformers --------------------------------------------------------------------
+SMOL_NEW = 24
+SMOL_QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.",
+                  "Give me three tips for learning Python, briefly."]
+
+
+def _smol_prompts(hf_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(hf_dir)
+    texts = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False)
+             for q in SMOL_QUESTIONS]
+    return [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+
+
+def _smol_generate(ckpt, prompts):
+    """Greedy, KV-cached: TP1 replicas splitting a left-padded batch (DP2), then PP2 (15 layers per stage)."""
+    from megatron_prune.checkpoint import load_model
+    from megatron_prune.generation import SamplingParams, generate
+    from megatron_prune.runtime import init_distributed
+
+    out = {}
+    for tp, pp in [(1, 1), (1, 2)]:
+        init_distributed(tp, pp)
+        model, meta = load_model(ckpt, use_te=False)
+        out[(tp, pp)] = generate(model, meta.arch, prompts, SamplingParams(max_new_tokens=SMOL_NEW), batch_size=3,
+                                 desc=None)
+        del model
+    return out
+
+
+def test_smollm2_greedy_equals_transformers_generate(smol_hf_dir, smol_ckpt):
+    """The converted SmolLM2-135M-Instruct, greedy through its chat template, equals transformers' generate token
+    for token at TP1 (left-padded batch, DP2) and at PP2. No stop token, so every sequence runs SMOL_NEW tokens."""
+    prompts = _smol_prompts(smol_hf_dir)
+    assert len({len(p) for p in prompts}) == len(prompts)  # different lengths: the batch is left-padded
+    ranks = run_ranks(_smol_generate, 2, smol_ckpt, prompts)
+    assert ranks[0] == ranks[1]
+    ref = _hf_greedy(smol_hf_dir, prompts, new=SMOL_NEW)
+    assert ranks[0][(1, 1)] == ref
+    assert ranks[0][(1, 2)] == ref
+
+
 # ---- sampling math against naive code -----------------------------------------------------------------------
 def _naive_filter(logits, temperature, top_k, top_p):
     out = []
