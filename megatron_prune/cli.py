@@ -322,6 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--t", default="0.5", help="SLERP factor (0 = first input, 1 = second), or a comma list over layers")
     p.add_argument("--weights", help="comma-separated weights for --method linear (default: equal)")
     p.add_argument("--base", help="base checkpoint for task arithmetic (--method linear)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    _add_layout(p)
     p = sub.add_parser("sft", help="supervised fine-tuning on SFT JSONL (loss on the answer tokens only)",
                        description="Fine-tune a checkpoint on SFT JSONL ({'instruction', 'input'?, 'output'} or chat "
                        "{'messages'}) rendered with the checkpoint's chat template; only the answer tokens carry "
