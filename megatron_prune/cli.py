@@ -574,11 +574,26 @@ def run(args: argparse.Namespace) -> None:
                    only=[s for s in args.stages.split(",") if s] if args.stages else None)
 
 
+# megatron-core's own warnings, each matched by its text (docs/distillation.md, "Quiet output"). None is about
+# anything the user did or can change: megatron warns at import about every optional accelerator library that is
+# absent (we use its torch fallbacks on purpose), about its own default cuda_graph_scope, and its torch_dist
+# checkpoint format calls torch's deprecated ShardedTensor and load_state_dict. Everything else still shows.
+MEGATRON_NOISE = (
+    (UserWarning, r"megatron\.core", r"(Transformer Engine and Apex are|Apex is) not installed"),
+    (UserWarning, r"megatron\.core", r"full scope is deprecated\. Use empty cuda_graph_scope"),
+    (FutureWarning, r"megatron\.core", r"`load_state_dict` is deprecated and will be removed"),
+    (FutureWarning, r"", r"Please use DTensor instead and we are deprecating ShardedTensor"),
+)
+
+
+def quiet_megatron() -> None:
+    for category, module, message in MEGATRON_NOISE:
+        warnings.filterwarnings("ignore", message=message, category=category, module=module)
+
+
 def main(argv=None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # megatron-core warns at import about every optional accelerator library that is absent
-    warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine|apex|deprecat).*")
-    warnings.filterwarnings("ignore", category=FutureWarning)
+    quiet_megatron()
     args = build_parser().parse_args(argv)
     from megatron_prune.arch import ArchError
     from megatron_prune.checkpoint import CheckpointError

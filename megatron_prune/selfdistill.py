@@ -84,6 +84,57 @@ def _fingerprint(records: list[dict], settings: dict) -> str:
     return h.hexdigest()
 
 
+def _rewrite_chunk(model, arch, tokenizer, records: list[dict], start: int, chunk_size: int, params, stop_ids,
+                   pad: int, batch_size: int, on_reject: str, parts: Path) -> None:
+    """Generate the rewrites of the chunk starting at example ``start`` (every rank); rank 0 writes it atomically."""
+    import dataclasses
+
+    from megatron_prune.generation import generate
+    from megatron_prune.runtime import is_rank0
+
+    chunk = records[start: start + chunk_size]
+    prompts = [prompt_ids(tokenizer, rewrite_messages(r)) for r in chunk]
+    fits = [i for i, p in enumerate(prompts) if len(p) + params.max_new_tokens <= arch.max_position_embeddings]
+    gen = {}
+    if fits:
+        outs = generate(model, arch, [prompts[i] for i in fits], dataclasses.replace(params, seed=params.seed + start),
+                        stop_token_ids=stop_ids, pad_token_id=pad, batch_size=batch_size, desc=None)
+        gen = dict(zip(fits, outs))
+    if is_rank0():
+        lines = []
+        for i, rec in enumerate(chunk):
+            kept, rule = decide(rec, gen.get(i), tokenizer, stop_ids, on_reject)
+            lines.append({"index": start + i, "rule": rule, "record": kept})
+        write_jsonl(lines, parts / f"chunk_{start:09d}.jsonl")
+
+
+def _assemble(records: list[dict], starts: list[int], parts: Path, out: Path, stats_path: Path,
+              on_reject: str) -> dict:
+    """Rank 0: the finished chunks, in example order, into ``out`` and ``stats_path``; then remove ``parts``."""
+    from megatron_prune.runtime import log0
+
+    rules: Counter = Counter()
+    written = []
+    for s in starts:
+        for line in (parts / f"chunk_{s:09d}.jsonl").read_text().splitlines():
+            item = json.loads(line)
+            rules[item["rule"]] += 1
+            if item["record"] is not None:
+                written.append(item["record"])
+    rejected = len(records) - rules["rewritten"]
+    stats = {"examples": len(records), "written": len(written), "rewritten": rules["rewritten"],
+             "original": rejected if on_reject == "original" else 0,
+             "dropped": rejected if on_reject == "drop" else 0,
+             "by_rule": {r: rules[r] for r in RULES}}
+    write_jsonl(written, out)
+    tmp = stats_path.with_name(f".{stats_path.name}.tmp")
+    tmp.write_text(json.dumps(stats, indent=2) + "\n")
+    os.replace(tmp, stats_path)
+    shutil.rmtree(parts)
+    log0(f"wrote {out}: {json.dumps(stats)}")
+    return stats
+
+
 def self_distill(model, arch, tokenizer, records: list[dict], out: str | os.PathLike, params,
                  chunk_size: int = 64, batch_size: int = 8, on_reject: str = "original", settings: Optional[dict] = None,
                  overwrite: bool = False) -> dict:
@@ -91,13 +142,20 @@ def self_distill(model, arch, tokenizer, records: list[dict], out: str | os.Path
 
     Returns the statistics: examples, written, rewritten (rewrite kept), original (original answer kept),
     dropped, and the count per rule.
+
+    On SIGTERM/SIGINT/SIGUSR1 the chunk in flight is finished and written, then every rank raises
+    StopRequested (exit code 75): finishing loses nothing, while abandoning it would throw away up to a whole
+    chunk of generation for no gain, since a grace period that runs out (SIGKILL) loses exactly that chunk
+    anyway and its atomic write never leaves half of it. A second signal is not caught (stops at once). The
+    ranks agree after every chunk (one all-reduce), so they stop after the same chunk; a signal during the last
+    chunk lets the run finish.
     """
     import torch.distributed as dist
 
     from megatron_prune.data.sft import end_of_turn_ids
-    from megatron_prune.generation import generate
     from megatron_prune.runtime import barrier, is_rank0, log0
     from megatron_prune.runtime.progress import progress
+    from megatron_prune.runtime.stop import StopRequested, stop_on_signals
 
     if on_reject not in ("original", "drop"):
         raise ValueError(f"on_reject must be 'original' or 'drop', got {on_reject!r}")
@@ -125,48 +183,21 @@ def self_distill(model, arch, tokenizer, records: list[dict], out: str | os.Path
     log0(f"self-distillation: {len(records)} examples in {len(starts)} chunks, {len(starts) - len(todo)} done already")
     bar = progress(len(starts), "selfdistill", unit="chunk")
     bar.update(len(starts) - len(todo))
-    for s in todo:
-        chunk = records[s: s + chunk_size]
-        prompts = [prompt_ids(tokenizer, rewrite_messages(r)) for r in chunk]
-        fits = [i for i, p in enumerate(prompts) if len(p) + params.max_new_tokens <= arch.max_position_embeddings]
-        gen = {}
-        if fits:
-            import dataclasses
-
-            outs = generate(model, arch, [prompts[i] for i in fits], dataclasses.replace(params, seed=params.seed + s),
-                            stop_token_ids=stop_ids, pad_token_id=pad, batch_size=batch_size, desc=None)
-            gen = dict(zip(fits, outs))
-        if is_rank0():
-            lines = []
-            for i, rec in enumerate(chunk):
-                kept, rule = decide(rec, gen.get(i), tokenizer, stop_ids, on_reject)
-                lines.append({"index": s + i, "rule": rule, "record": kept})
-            write_jsonl(lines, parts / f"chunk_{s:09d}.jsonl")
-        bar.update(1)
-    bar.close()
-    barrier()
-
-    stats: dict = {}
-    if is_rank0():
-        rules: Counter = Counter()
-        written = []
-        for s in starts:
-            for line in (parts / f"chunk_{s:09d}.jsonl").read_text().splitlines():
-                item = json.loads(line)
-                rules[item["rule"]] += 1
-                if item["record"] is not None:
-                    written.append(item["record"])
-        rejected = len(records) - rules["rewritten"]
-        stats = {"examples": len(records), "written": len(written), "rewritten": rules["rewritten"],
-                 "original": rejected if on_reject == "original" else 0,
-                 "dropped": rejected if on_reject == "drop" else 0,
-                 "by_rule": {r: rules[r] for r in RULES}}
-        write_jsonl(written, out)
-        tmp = stats_path.with_name(f".{stats_path.name}.tmp")
-        tmp.write_text(json.dumps(stats, indent=2) + "\n")
-        os.replace(tmp, stats_path)
-        shutil.rmtree(parts)
-        log0(f"wrote {out}: {json.dumps(stats)}")
+    with stop_on_signals() as stop:  # also over the assembly below: a signal then is too late to stop anything
+        for s in todo:
+            _rewrite_chunk(model, arch, tokenizer, records, s, chunk_size, params, stop_ids, pad, batch_size,
+                           on_reject, parts)
+            bar.update(1)
+            signal_name = stop.agreed() if s != todo[-1] else None  # every rank, every chunk: they stop together
+            if signal_name is not None:
+                bar.close()
+                kept = starts[:starts.index(s) + 1]  # chunks run in order: the finished ones are a prefix
+                examples = sum(len(records[c: c + chunk_size]) for c in kept)
+                raise StopRequested(signal_name, saved=parts, at=f"after {len(kept)} of {len(starts)} chunks "
+                                                                 f"({examples} of {len(records)} examples)")
+        bar.close()
+        barrier()
+        stats = _assemble(records, starts, parts, out, stats_path, on_reject) if is_rank0() else {}
     barrier()
     if dist.is_initialized():
         box = [stats]

@@ -281,3 +281,21 @@ def test_yaml_recipe_and_bad_options(tmp_path):
         TrainConfig.from_yaml(recipe, tokens=1000)
     with pytest.raises(ValueError, match="kd_loss=topk needs kd_top_k"):
         TrainConfig.from_yaml(recipe, kd_loss="topk")
+
+
+NOISE = ("pad token id", "DeprecationWarning", "FutureWarning", "UserWarning", "Warning:", "Apex is not installed",
+         "apex", "Transformer Engine", "TransformerEngine", "Traceback")
+
+
+def test_a_real_run_is_quiet(setup, tmp_path):
+    """Issue 7, item 12: a plain `distill` with the user's own warning settings (no PYTHONWARNINGS) prints our log
+    lines, the progress bar and the final model, and none of the library noise a user finds alarming."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
+    env["OMP_NUM_THREADS"] = "1"
+    proc = subprocess.run(_cli_distill(setup, tmp_path / "run", 2, save_every=None), capture_output=True, text=True,
+                          env=env, timeout=600)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 0, text[-3000:]
+    assert f"final model (step 2): {tmp_path / 'run' / 'step_0000002'}" in text
+    noisy = [line for line in text.splitlines() if any(n.lower() in line.lower() for n in NOISE)]
+    assert noisy == [], "\n".join(noisy)

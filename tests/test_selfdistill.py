@@ -10,6 +10,7 @@ import sys
 import time
 
 import pytest
+from stop_utils import CliRun
 
 ARITH = {"instruction": "Ava has 3 apples and gets 4 more. How many?", "output": "3 + 4 = 7\n#### 7", "answer": 7}
 CHAT = {"messages": [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue."}]}
@@ -65,17 +66,28 @@ def _cmd(ckpt, data, out):
             str(data), "--out", str(out), "--max-new-tokens", "6", "--chunk-size", "1", "--batch-size", "4"]
 
 
-def test_killed_run_resumes_to_the_same_file(tiny_chat_ckpt, tmp_path):
-    from megatron_prune.data.sft import arithmetic_problems, read_sft_jsonl, write_jsonl
+ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
 
+
+@pytest.fixture(scope="module")
+def full_run(tiny_chat_ckpt, tmp_path_factory):
+    """31 examples (one too long for the model) in chunks of 1, rewritten by an uninterrupted run."""
+    from megatron_prune.data.sft import arithmetic_problems, write_jsonl
+
+    root = tmp_path_factory.mktemp("selfdistill")
     records = arithmetic_problems(30, seed=2)
     records.insert(5, {"instruction": "word " * 400, "output": "long"})  # prompt longer than the model: kept as is
-    data = write_jsonl(records, tmp_path / "data.jsonl")
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
-
-    full = subprocess.run(_cmd(tiny_chat_ckpt, data, tmp_path / "full.jsonl"), capture_output=True, text=True, env=env)
+    data = write_jsonl(records, root / "data.jsonl")
+    full = subprocess.run(_cmd(tiny_chat_ckpt, data, root / "full.jsonl"), capture_output=True, text=True, env=ENV)
     assert full.returncode == 0, full.stderr[-3000:]
+    return records, data, root / "full.jsonl"
 
+
+def test_killed_run_resumes_to_the_same_file(tiny_chat_ckpt, full_run, tmp_path):
+    from megatron_prune.data.sft import read_sft_jsonl
+
+    records, data, full = full_run
+    env = ENV
     out = tmp_path / "killed.jsonl"
     parts = tmp_path / "killed.jsonl.parts"
     proc = subprocess.Popen(_cmd(tiny_chat_ckpt, data, out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
@@ -90,9 +102,9 @@ def test_killed_run_resumes_to_the_same_file(tiny_chat_ckpt, tmp_path):
     resumed = subprocess.run(_cmd(tiny_chat_ckpt, data, out), capture_output=True, text=True, env=env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"{done} done already" in resumed.stdout
-    assert out.read_bytes() == (tmp_path / "full.jsonl").read_bytes()
+    assert out.read_bytes() == full.read_bytes()
     stats = json.loads((tmp_path / "killed.stats.json").read_text())
-    assert stats == json.loads((tmp_path / "full.stats.json").read_text())
+    assert stats == json.loads(full.with_name("full.stats.json").read_text())
     assert stats["examples"] == stats["written"] == len(records) and stats["by_rule"]["too_long"] == 1
     assert sum(stats["by_rule"].values()) == len(records)
     assert stats["rewritten"] + stats["original"] == len(records)
@@ -103,3 +115,33 @@ def test_killed_run_resumes_to_the_same_file(tiny_chat_ckpt, tmp_path):
 
     again = subprocess.run(_cmd(tiny_chat_ckpt, data, out), capture_output=True, text=True, env=env)
     assert again.returncode == 2 and "already exists" in again.stderr
+
+
+def test_sigterm_keeps_the_finished_chunks_and_the_rerun_completes_the_same_file(tiny_chat_ckpt, full_run, tmp_path):
+    """Issue 7, item 6: SIGTERM mid-run finishes the chunk in flight, keeps every finished chunk, says how to
+    continue and exits 75; the rerun does the rest and writes the uninterrupted run's file byte for byte."""
+    from megatron_prune.runtime.stop import EXIT_STOPPED
+
+    records, data, full = full_run
+    out, parts = tmp_path / "stopped.jsonl", tmp_path / "stopped.jsonl.parts"
+    chunks = lambda: sorted(parts.glob("chunk_*.jsonl"))  # noqa: E731
+    run = CliRun(_cmd(tiny_chat_ckpt, data, out), tmp_path / "logs", ENV)
+    run.wait_for(lambda: len(chunks()) >= 2, "second chunk")
+    code, _, stderr = run.stop(signal.SIGTERM)
+    assert code == EXIT_STOPPED, stderr[-3000:]
+    done = len(chunks())
+    assert 2 <= done < len(records)  # stopped early, after the chunk in flight
+    assert [p.name for p in chunks()] == [f"chunk_{i:09d}.jsonl" for i in range(done)]  # a prefix, none half-written
+    assert f"megatron-prune selfdistill: stopped by SIGTERM after {done} of {len(records)} chunks ({done} of " \
+           f"{len(records)} examples); saved to {parts}; run the same command again to continue from there" in stderr
+    assert "Traceback" not in stderr
+    assert not out.exists() and not (tmp_path / "stopped.stats.json").exists()
+    assert sorted(p.name for p in parts.iterdir()) == sorted(["fingerprint"] + [p.name for p in chunks()])  # no temp
+    for i, chunk in enumerate(chunks()):  # each kept chunk is the uninterrupted run's example
+        assert json.loads(chunk.read_text())["record"] == json.loads(full.read_text().splitlines()[i])
+
+    resumed = subprocess.run(_cmd(tiny_chat_ckpt, data, out), capture_output=True, text=True, env=ENV)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"{done} done already" in resumed.stdout
+    assert out.read_bytes() == full.read_bytes()
+    assert not parts.exists()

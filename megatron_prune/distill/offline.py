@@ -186,11 +186,16 @@ def write_chunk(directory: Path, c: int, first_sample: int, logprobs: torch.Tens
 
     path = directory / chunk_name(c)
     tmp = directory / f".{chunk_name(c)}.tmp"
-    with open(tmp, "wb") as f:
-        np.savez_compressed(f, logprobs=encode_values(logprobs, meta.dtype), ids=pack_ids(ids.numpy(), meta.index_dtype),
-                            tokens=pack_ids(tokens.numpy(), meta.index_dtype), first_sample=np.int64(first_sample))
-    follow_umask(tmp)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            np.savez_compressed(f, logprobs=encode_values(logprobs, meta.dtype),
+                                ids=pack_ids(ids.numpy(), meta.index_dtype),
+                                tokens=pack_ids(tokens.numpy(), meta.index_dtype), first_sample=np.int64(first_sample))
+        follow_umask(tmp)
+        os.replace(tmp, path)
+    except BaseException:  # also a stop signal (StopRequested) in the middle: no temporary file stays behind
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 

@@ -78,9 +78,13 @@ class ImportanceScores:
                 "base_lm_loss": self.base_lm_loss, "extra": self.extra}
         tmp = path.with_name(f".{path.name}.tmp")
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(tmp), metadata={"megatron_prune_importance": json.dumps(meta)})
-        follow_umask(tmp)  # safetensors creates files 0600
-        os.replace(tmp, path)
+        try:
+            save_file(tensors, str(tmp), metadata={"megatron_prune_importance": json.dumps(meta)})
+            follow_umask(tmp)  # safetensors creates files 0600
+            os.replace(tmp, path)
+        except BaseException:  # also a stop signal (StopRequested) in the middle: no temporary file stays behind
+            tmp.unlink(missing_ok=True)
+            raise
         return path
 
     @classmethod

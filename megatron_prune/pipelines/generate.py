@@ -7,6 +7,8 @@ import os
 from pathlib import Path
 from typing import Optional
 
+from megatron_prune.runtime.stop import stop_on_signals
+
 
 def load_tokenizer(ckpt):
     from transformers import AutoTokenizer
@@ -30,11 +32,16 @@ def write_jsonl_atomic(rows: list[dict], out: str | os.PathLike) -> Path:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    tmp.rename(out)
+    try:
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        tmp.rename(out)
+    except BaseException:  # also a stop signal (StopRequested) in the middle: no temporary file stays behind
+        tmp.unlink(missing_ok=True)
+        raise
     return out
 
 
+@stop_on_signals(immediate=True)  # nothing worth resuming: a stop signal ends it, the output is never half-written
 def generate_file(ckpt, prompts_file, out, params, tp: int = 1, pp: int = 1, batch_size: int = 8,
                   use_cache: bool = True, chat: bool = True, stop: Optional[list[int]] = None) -> dict:
     from megatron_prune.checkpoint import load_model

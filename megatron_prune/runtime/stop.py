@@ -5,7 +5,8 @@ every rank stops at the same step even when the signal reached only some of them
 :class:`StopRequested`; the command line turns that into exit code :data:`EXIT_STOPPED`. A second signal
 acts as if no handler were installed (Ctrl-C twice kills at once).
 
-For work with no resumable state (``importance``), ``immediate=True`` raises StopRequested from the handler
+``selfdistill`` asks the same question after every chunk it writes. For work with no resumable state
+(``importance``, ``generate``), ``immediate=True`` raises StopRequested from the handler
 itself: the pass ends at once and nothing is written.
 """
 
@@ -22,11 +23,13 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
 
 class StopRequested(Exception):
-    """The run stopped on a signal; ``saved`` is the checkpoint to continue from (None: nothing was saved)."""
+    """The run stopped on a signal; ``saved`` is the checkpoint to continue from (None: nothing was saved);
+    ``at`` says where the run was (default: "at step N")."""
 
-    def __init__(self, reason: str, saved: Optional[Path] = None, step: Optional[int] = None):
+    def __init__(self, reason: str, saved: Optional[Path] = None, step: Optional[int] = None,
+                 at: Optional[str] = None):
         self.reason, self.saved, self.step = reason, saved, step
-        at = f" at step {step}" if step is not None else ""
+        at = f" {at}" if at else f" at step {step}" if step is not None else ""
         then = (f"; saved to {saved}; run the same command again to continue from there" if saved is not None
                 else "; nothing was written; run the same command again to start over")
         super().__init__(f"stopped by {reason}{at}{then}")

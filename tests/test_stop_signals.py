@@ -1,0 +1,100 @@
+"""Issue 7, item 6: the one-pass verbs (`importance`, `generate`, `teacher-logits`) stop cleanly on a stop
+signal: exit code 75, one line saying what was (not) kept, no partial output, no temporary file; the
+`teacher-logits` rerun finishes the write. Each test starts the real CLI and signals it once it is working.
+(`distill`/`train`: tests/test_distill.py; `selfdistill`: tests/test_selfdistill.py.)"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+
+import pytest
+
+from conftest import write_token_dataset
+from distributed_utils import run_ranks
+from stop_utils import CliRun
+
+ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+
+
+def _convert(hf_dir, out):
+    from megatron_prune.pipelines.convert import hf_to_megatron
+
+    hf_to_megatron(hf_dir, out)
+
+
+@pytest.fixture(scope="module")
+def root(tiny_llama_dir, tmp_path_factory):
+    """The tiny Llama (vocab 1000, 256 positions) as a checkpoint, and 150k random tokens."""
+    root = tmp_path_factory.mktemp("stop")
+    run_ranks(_convert, 1, tiny_llama_dir, root / "ckpt")
+    write_token_dataset(root / "data", num_docs=600, doc_len=250, vocab=1000)
+    return root
+
+
+def _cli(*args):
+    return [sys.executable, "-u", "-m", "megatron_prune.cli", *map(str, args)]
+
+
+def _stop_when_logged(cmd, logdir, line: str, sig) -> tuple[int, str]:
+    run = CliRun(cmd, logdir, ENV)
+    run.wait_for(lambda: line in run.out_path.read_text(), repr(line))
+    code, _, stderr = run.stop(sig)
+    assert "Traceback" not in stderr, stderr[-3000:]
+    return code, stderr
+
+
+def _left_in(directory):
+    return sorted(p.name for p in directory.iterdir() if p.name not in ("logs",))
+
+
+def test_importance_stops_on_sigterm_and_writes_nothing(root, tmp_path):
+    from megatron_prune.runtime.stop import EXIT_STOPPED
+
+    out = tmp_path / "scores.safetensors"
+    cmd = _cli("importance", root / "ckpt", "--data", root / "data", "--out", out, "--samples", 2000, "--seq-len", 64,
+               "--micro-batch-size", 1, "--lm-loss-drop", 1)
+    code, stderr = _stop_when_logged(cmd, tmp_path / "logs", "importance of", signal.SIGTERM)
+    assert code == EXIT_STOPPED, stderr[-3000:]
+    assert ("megatron-prune importance: stopped by SIGTERM; nothing was written; run the same command again to "
+            "start over") in stderr
+    assert _left_in(tmp_path) == []  # no score file, no hidden temporary file
+
+
+def test_generate_stops_on_sigint_and_writes_nothing(root, tmp_path):
+    from megatron_prune.runtime.stop import EXIT_STOPPED
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"tokens": [5 + i, 17, 300 + i]}) + "\n" for i in range(64)))
+    out = tmp_path / "completions.jsonl"
+    cmd = _cli("generate", root / "ckpt", "--prompts", prompts, "--out", out, "--max-new-tokens", 240,
+               "--batch-size", 1, "--no-chat")
+    code, stderr = _stop_when_logged(cmd, tmp_path / "logs", "generating for 64 prompts", signal.SIGINT)
+    assert code == EXIT_STOPPED, stderr[-3000:]
+    assert ("megatron-prune generate: stopped by SIGINT; nothing was written; run the same command again to "
+            "start over") in stderr
+    assert _left_in(tmp_path) == ["prompts.jsonl"]  # no output, no hidden temporary file
+
+
+def test_teacher_logits_stops_on_sigusr1_and_the_rerun_finishes(root, tmp_path):
+    from megatron_prune.distill.offline import TeacherLogitsFile
+    from megatron_prune.runtime.stop import EXIT_STOPPED
+
+    out = tmp_path / "logits"
+    partial = tmp_path / ".logits.partial"
+    samples = 600
+    cmd = _cli("teacher-logits", root / "ckpt", "--data", root / "data", "--out", out, "--samples", samples,
+               "--seq-len", 64, "--top-k", 4, "--micro-batch-size", 1)
+    code, stderr = _stop_when_logged(cmd, tmp_path / "logs", "teacher-logits: top-4", signal.SIGUSR1)
+    assert code == EXIT_STOPPED, stderr[-3000:]
+    assert (f"megatron-prune teacher-logits: stopped by SIGUSR1; saved to {partial}; run the same command again "
+            "to continue from there") in stderr
+    assert _left_in(tmp_path) == [".logits.partial"]  # the output does not exist
+    assert not [p.name for p in partial.iterdir() if p.name.endswith(".tmp")]  # no half-written chunk
+
+    rerun = CliRun(cmd, tmp_path / "logs2", ENV)
+    assert rerun.proc.wait(timeout=600) == 0, rerun.output()[-3000:]
+    assert not partial.exists()
+    assert TeacherLogitsFile(out).meta.num_samples == samples
