@@ -23,6 +23,10 @@ class _Loaded(Exception):
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
+    return make_inputs(tmp_path_factory.mktemp("bad_inputs"))
+
+
+def make_inputs(root: Path) -> Path:
     """A checkpoint directory with valid metadata (no weights: nothing may load them), a tiny indexed dataset,
     a tokenizer-less directory, a Hugging Face config directory, a score file that is not one, a broken plan."""
     from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
@@ -30,21 +34,27 @@ def inputs(tmp_path_factory):
     from megatron_prune.arch import ModelArch
     from megatron_prune.checkpoint.megatron import FORMAT_VERSION, METADATA_FILE
 
-    root = tmp_path_factory.mktemp("bad_inputs")
     hf_config = dict(model_type="llama", vocab_size=1000, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
                      num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=256, rms_norm_eps=1e-5)
     arch = ModelArch.from_hf_config(hf_config)
-    ckpt = root / "ckpt"
-    ckpt.mkdir()
-    (ckpt / METADATA_FILE).write_text(json.dumps({"format_version": FORMAT_VERSION, "arch": arch.to_dict()}))
-    (ckpt / "metadata.json").write_text("{}")
-    (ckpt / ".metadata").write_text("")
-    mha = root / "mha"  # multi-head attention: 8 heads in 8 groups
-    mha.mkdir()
-    (mha / METADATA_FILE).write_text(json.dumps({"format_version": FORMAT_VERSION,
-                                                  "arch": arch.replace(num_query_groups=8).to_dict()}))
-    (mha / "metadata.json").write_text("{}")
-    (mha / ".metadata").write_text("")
+    for name, a in (("ckpt", arch), ("mha", arch.replace(num_query_groups=8)),  # mha: 8 heads in 8 groups
+                    ("ckpt_chat", arch), ("vocab2k", arch.replace(vocab_size=2000))):
+        (root / name).mkdir()
+        (root / name / METADATA_FILE).write_text(json.dumps({"format_version": FORMAT_VERSION, "arch": a.to_dict()}))
+        (root / name / "metadata.json").write_text("{}")
+        (root / name / ".metadata").write_text("")
+    (root / "ckpt_chat" / "tokenizer").mkdir()  # a tokenizer with a chat template (files only: never loaded)
+    (root / "ckpt_chat" / "tokenizer" / "tokenizer.json").write_text("{}")
+    (root / "ckpt_chat" / "tokenizer" / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ x }}"}))
+    (root / "empty.jsonl").write_text("\n")
+    (root / "prompts.jsonl").write_text('{"tokens": [1, 2, 3]}\n\n{"tokens": [4, 5]}\n')
+    (root / "text_prompts.txt").write_text("Once upon a time\n")
+    (root / "broken.jsonl").write_text('{"tokens": [1, 2]}\n\n{"tokens": [3,\n')  # line 3 is cut off
+    (root / "nokeys.jsonl").write_text('{"text": "hi"}\n')
+    (root / "big_token.jsonl").write_text('{"tokens": [1, 2]}\n{"tokens": [5, 1000]}\n')  # vocab is 1000
+    (root / "sft.jsonl").write_text(json.dumps({"instruction": "2+2?", "output": "4"}) + "\n")
+    (root / "bad_sft.jsonl").write_text(json.dumps({"instruction": "2+2?", "output": "4"}) + "\n" +
+                                        json.dumps({"instruction": "no answer"}) + "\n")
     hf = root / "hf"
     hf.mkdir()
     (hf / "config.json").write_text(json.dumps(hf_config))
@@ -158,30 +168,41 @@ def _cases(r: Path):
     ]
 
 
+def run_in_process(argv) -> tuple[int, str]:
+    """``cli.main(argv)`` with process groups, model and tokenizer loads forbidden; (exit code, stderr)."""
+    import contextlib
+    import io
+    from unittest import mock
+
+    import torch.distributed as dist
+    import transformers
+
+    import megatron_prune.checkpoint as ckpt_pkg
+
+    def loaded(*a, **k):
+        raise _Loaded("a bad input reached a process group or a model/tokenizer load")
+
+    err = io.StringIO()
+    with mock.patch.object(dist, "init_process_group", loaded), mock.patch.object(ckpt_pkg, "load_model", loaded), \
+            mock.patch.object(transformers.AutoTokenizer, "from_pretrained", loaded), contextlib.redirect_stderr(err):
+        try:
+            code = cli.main(argv)
+        except SystemExit as e:  # argparse's own errors (wrong type, missing required argument)
+            code = e.code
+    return code, err.getvalue()
+
+
 def _case_ids():
     return [f"{i:02d}-{' '.join(a[:1] + [x for x in a[1:] if x.startswith('--')])}"
             for i, (a, _) in enumerate(_cases(Path("r")))]
 
 
 @pytest.mark.parametrize("index", range(len(_case_ids())), ids=_case_ids())
-def test_bad_input_is_one_line_naming_it(index, inputs, monkeypatch, capsys):
+def test_bad_input_is_one_line_naming_it(index, inputs):
     """In-process (cheap): exit code 2, the fragments in the message, no traceback, and no process group or
     model load was reached."""
-    import torch.distributed as dist
-
-    import megatron_prune.checkpoint as ckpt_pkg
-
-    def loaded(*a, **k):
-        raise _Loaded("a bad input reached a process group or a model load")
-
-    monkeypatch.setattr(dist, "init_process_group", loaded)
-    monkeypatch.setattr(ckpt_pkg, "load_model", loaded)
     argv, fragments = _cases(inputs)[index]
-    try:
-        code = cli.main(argv)
-    except SystemExit as e:  # argparse's own errors (wrong type, missing required argument)
-        code = e.code
-    err = capsys.readouterr().err
+    code, err = run_in_process(argv)
     assert code == 2, (argv, err)
     assert "Traceback" not in err
     lines = err.strip().splitlines()  # one line; argparse's own errors come after the usage block
@@ -246,3 +267,27 @@ def test_every_option_has_help_and_shows_its_default():
                     assert f"default {default}" in help_line, (verb, name, help_line)
             elif action.default not in (None, False, [], argparse.SUPPRESS):
                 assert "default" in help_line and str(action.default) in help_line, (verb, name, help_line)
+
+
+def markdown_table(root: Path) -> str:
+    """One row per case of ``_cases``: verb | input | the error line printed (paths relative to the fixture)."""
+    rows = ["| verb | input | message printed |", "|---|---|---|"]
+    for argv, _ in _cases(root):
+        code, err = run_in_process(argv)
+        lines = [ln for ln in err.splitlines() if ln.strip()]
+        line = next((ln for ln in lines if ln.startswith(f"megatron-prune {argv[0]}: ")), lines[-1] if lines else "")
+        cell = lambda text: text.replace(f"{root}/", "").replace(f"{Path.cwd()}/", "").replace(str(root), ".").replace("|", "\\|")  # noqa: E731
+        rows.append(f"| {argv[0]} | `{cell(' '.join(argv[1:]))}` | {cell(line)}" + ("" if code == 2 else
+                                                                                 f" (exit {code})") + " |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":  # python tests/test_cli_errors.py --table: the table of docs/errors.md
+    import tempfile
+    import warnings
+
+    warnings.filterwarnings("ignore")  # megatron-core's import-time notes; the CLI silences them the same way
+    if sys.argv[1:] != ["--table"]:
+        sys.exit("usage: python tests/test_cli_errors.py --table")
+    with tempfile.TemporaryDirectory() as tmp:
+        print(markdown_table(make_inputs(Path(tmp))))
