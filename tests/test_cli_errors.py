@@ -82,6 +82,9 @@ def _cases(r: Path):
     ck, data, hf, nope = str(r / "ckpt"), str(r / "tokens"), str(r / "hf"), str(r / "nope")
     out = str(r / "new_out")
     tr = ["--student", ck, "--data", data, "--out", out]
+    pr, gen, chat, sd = str(r / "prompts.jsonl"), str(r / "gen.jsonl"), str(r / "ckpt_chat"), str(r / "sd.jsonl")
+    sft = ["--student", ck, "--data", str(r / "sft.jsonl")]
+    se = ["--scores", str(r / "not_scores.safetensors"), "--out", out, "--valid-data", data, "--stage", "zero-shot"]
     return [
         # convert
         (["convert", nope, out], ["SRC", "does not exist"]),
@@ -159,6 +162,142 @@ def _cases(r: Path):
         (["distill", *tr, "--steps", "1", "--teacher", ck, "--kd-loss", "topk"], ["kd_top_k", "--kd-top-k"]),
         (["distill", *tr, "--steps", "1", "--teacher", ck, "--kd-tau", "0"], ["kd_tau (--kd-tau)", "> 0"]),
         (["distill", *tr, "--steps", "1", "--teacher", ck, "--tp", "3"], ["--student", "not divisible by TP=3"]),
+        # generate
+        (["generate", ck, "--prompts", pr, "--out", gen, "--temperature", "-1"], ["--temperature", ">= 0"]),
+        (["generate", ck, "--prompts", pr, "--out", gen, "--top-p", "0"], ["--top-p", "(0, 1]"]),
+        (["generate", ck, "--prompts", pr, "--out", gen, "--top-p", "1.5"], ["--top-p", "(0, 1]"]),
+        (["generate", ck, "--prompts", pr, "--out", gen, "--top-k", "-1"], ["--top-k", ">= 0"]),
+        (["generate", ck, "--prompts", pr, "--out", gen, "--max-new-tokens", "0"], ["--max-new-tokens", ">= 1"]),
+        (["generate", ck, "--prompts", pr, "--out", gen, "--batch-size", "0"], ["--batch-size", "positive"]),
+        (["generate", ck, "--prompts", pr, "--out", gen, "--tp", "3"], ["CKPT", "not divisible by TP=3"]),
+        (["generate", hf, "--prompts", pr, "--out", gen], ["CKPT", "Hugging Face model", "megatron-prune convert"]),
+        (["generate", str(r / "empty_dir"), "--prompts", pr, "--out", gen], ["CKPT", "megatron_prune.json is missing"]),
+        (["generate", ck, "--prompts", nope, "--out", gen], ["--prompts", "does not exist"]),
+        (["generate", ck, "--prompts", str(r / "empty.jsonl"), "--out", gen], ["--prompts", "holds no prompts"]),
+        (["generate", ck, "--prompts", str(r / "broken.jsonl"), "--out", gen], ["--prompts", "broken.jsonl:3:",
+                                                                               "not valid JSON"]),
+        (["generate", ck, "--prompts", str(r / "nokeys.jsonl"), "--out", gen], ["nokeys.jsonl:1:", "none of the keys"]),
+        (["generate", ck, "--prompts", str(r / "big_token.jsonl"), "--out", gen],
+         ["big_token.jsonl:2:", "token id 1000", "vocabulary of 1000"]),
+        (["generate", ck, "--prompts", str(r / "text_prompts.txt"), "--out", gen],
+         ["--prompts", "carries no tokenizer", '{"tokens": [...]}']),
+        (["generate", ck, "--prompts", pr, "--out", str(r / "a_file")], ["--out", "already exists"]),
+        (["generate", ck, "--prompts", pr, "--out", pr], ["--out", "is the prompts file"]),
+        (["generate", ck, "--prompts", pr, "--out", str(r / "no_dir" / "g.jsonl")], ["--out", "does not exist"]),
+        # specdec
+        (["specdec", "--target", ck, "--draft", str(r / "vocab2k"), "--prompts", pr],
+         ["--draft", "vocabulary of 2000", "1000", "same tokenizer"]),
+        (["specdec", "--target", ck, "--draft", ck, "--prompts", pr, "--k", "0,2"], ["--k 0,2", ">= 1"]),
+        (["specdec", "--target", ck, "--draft", ck, "--prompts", pr, "--k", "a"], ["--k 'a'", "comma-separated"]),
+        (["specdec", "--target", ck, "--draft", ck, "--prompts", pr, "--limit", "0"], ["--limit", "positive"]),
+        (["specdec", "--target", ck, "--draft", nope, "--prompts", pr], ["--draft", "does not exist"]),
+        (["specdec", "--target", hf, "--draft", ck, "--prompts", pr], ["--target", "Hugging Face model"]),
+        (["specdec", "--target", ck, "--draft", ck, "--prompts", pr, "--temperature", "-0.5"], ["--temperature"]),
+        (["specdec", "--target", ck, "--draft", ck, "--prompts", pr, "--tp", "3"], ["--target", "TP=3"]),
+        (["specdec", "--target", ck, "--draft", ck, "--prompts", str(r / "broken.jsonl")], ["broken.jsonl:3:"]),
+        (["specdec", "--target", ck, "--draft", ck, "--prompts", pr, "--out", ck], ["--out", "is the target checkpoint"]),
+        # merge
+        (["merge", ck, "--out", out], ["slerp", "exactly two"]),
+        (["merge", ck, "--out", out, "--method", "linear"], ["at least two checkpoints", "--base"]),
+        (["merge", ck, str(r / "vocab2k"), "--out", out], ["CKPT 2", "another shape", "vocab_size: 1000 != 2000"]),
+        (["merge", ck, ck, "--out", out, "--t", "1.5"], ["--t 1.5", "[0, 1]"]),
+        (["merge", ck, ck, "--out", out, "--t", "x"], ["--t 'x'", "comma-separated numbers"]),
+        (["merge", ck, ck, ck, "--out", out], ["slerp", "exactly two", "--method linear"]),
+        (["merge", ck, ck, ck, "--out", out, "--method", "linear", "--weights", "0.5,0.5"],
+         ["--weights has 2 values for 3 checkpoints"]),
+        (["merge", ck, ck, "--out", out, "--weights", "0.5,0.5"], ["slerp", "--weights", "--method linear"]),
+        (["merge", ck, hf, "--out", out], ["CKPT 2", "Hugging Face model"]),
+        (["merge", ck, ck, "--out", out, "--method", "linear", "--base", nope], ["--base", "does not exist"]),
+        (["merge", ck, ck, "--out", out, "--tp", "3"], ["CKPT", "not divisible by TP=3"]),
+        (["merge", ck, ck, "--out", str(r / "empty_dir")], ["--out", "already exists", "--overwrite"]),
+        (["merge", ck, str(r / "mha"), "--out", ck, "--overwrite"], ["--out", "is the input checkpoint 1"]),
+        (["merge", str(r / "mha"), ck, "--out", str(r / "ckpt" / "merged")], ["--out", "is inside the input checkpoint 2"]),
+        (["merge", ck, ck, "--out", out, "--method", "linear", "--base", str(r / "ckpt" / ".."), "--overwrite"],
+         ["--out", "is inside the base checkpoint"]),
+        # sft
+        (["sft", *sft, "--out", ck, "--steps", "1"], ["--out", "is the student checkpoint"]),
+        (["sft", *sft, "--out", str(r / "sft.jsonl"), "--steps", "1"], ["--out", "is the SFT data"]),
+        (["sft", "--student", chat, "--data", str(r / "sft.jsonl"), "--out", str(r), "--steps", "1"],
+         ["--out", "contains the student checkpoint"]),
+        (["sft", *sft, "--out", out, "--steps", "0"], ["steps (--steps)", ">= 1"]),
+        (["sft", "--student", chat, "--data", data, "--out", out, "--steps", "1"], ["--data", "SFT JSONL", "`train`"]),
+        (["sft", "--student", chat, "--data", str(r / "nope.jsonl"), "--out", out, "--steps", "1"],
+         ["--data", "does not exist"]),
+        (["sft", "--student", chat, "--data", str(r / "bad_sft.jsonl"), "--out", out, "--steps", "1"],
+         ["--data", "bad_sft.jsonl:2:", "'instruction' and 'output'"]),
+        (["sft", "--student", chat, "--data", str(r / "empty.jsonl"), "--out", out, "--steps", "1"],
+         ["--data", "no SFT records"]),
+        (["sft", *sft, "--out", out, "--steps", "1"], ["--student", "carries no tokenizer"]),
+        (["sft", "--student", hf, "--data", str(r / "sft.jsonl"), "--out", out, "--steps", "1"],
+         ["--student", "Hugging Face model"]),
+        (["sft", "--student", chat, "--data", str(r / "sft.jsonl"), "--out", out, "--steps", "1", "--tp", "3"],
+         ["--student", "TP=3"]),
+        (["sft", "--student", chat, "--data", str(r / "sft.jsonl"), "--out", out, "--steps", "1", "--valid-data",
+          nope], ["--valid-data", "no indexed dataset"]),
+        (["sft", "--student", chat, "--data", str(r / "sft.jsonl"), "--out", str(r / "a_file"), "--steps", "1"],
+         ["--out", "is a file"]),
+        # selfdistill
+        (["selfdistill", "--teacher", chat, "--data", str(r / "sft.jsonl"), "--out", str(r / "sft.jsonl"),
+          "--overwrite"], ["--out", "is the SFT data"]),
+        (["selfdistill", "--teacher", chat, "--data", str(r / "sft.jsonl"), "--out", str(r / "ckpt_chat" / "x.jsonl")],
+         ["--out", "is inside the teacher checkpoint"]),
+        (["selfdistill", "--teacher", chat, "--data", str(r / "sft.parts" / "a.jsonl"), "--out", str(r / "sft")],
+         ["--out (its chunk directory)", "contains the SFT data"]),
+        (["selfdistill", "--teacher", ck, "--data", str(r / "sft.jsonl"), "--out", sd], ["--teacher",
+                                                                                         "carries no tokenizer"]),
+        (["selfdistill", "--teacher", chat, "--data", str(r / "bad_sft.jsonl"), "--out", sd], ["bad_sft.jsonl:2:"]),
+        (["selfdistill", "--teacher", chat, "--data", nope, "--out", sd], ["--data", "does not exist"]),
+        (["selfdistill", "--teacher", chat, "--data", str(r / "sft.jsonl"), "--out", sd, "--batch-size", "0"],
+         ["--batch-size", "positive"]),
+        (["selfdistill", "--teacher", chat, "--data", str(r / "sft.jsonl"), "--out", sd, "--chunk-size", "0"],
+         ["--chunk-size", "positive"]),
+        (["selfdistill", "--teacher", chat, "--data", str(r / "sft.jsonl"), "--out", sd, "--top-p", "2"],
+         ["--top-p", "(0, 1]"]),
+        (["selfdistill", "--teacher", chat, "--data", str(r / "sft.jsonl"), "--out", sd, "--max-new-tokens", "0"],
+         ["--max-new-tokens"]),
+        (["selfdistill", "--teacher", chat, "--data", str(r / "sft.jsonl"), "--out", str(r / "a_file")],
+         ["--out", "already exists", "--overwrite"]),
+        (["selfdistill", "--teacher", hf, "--data", str(r / "sft.jsonl"), "--out", sd], ["--teacher", "Hugging Face"]),
+        # search
+        (["search", ck, *se, "--params", "1M"], ["--params 1,000,000", "shapes have", "within 5%"]),
+        (["search", ck, *se, "--params", "lots"], ["'lots'", "--params", "90M"]),
+        (["search", ck, *se, "--params=-5M"], ["--params must be positive"]),
+        (["search", ck, *se, "--params", "100K"], ["--params 100,000", "210,496 to 251,456 parameters"]),
+        (["search", ck, *se, "--memory-gib", "0"], ["--memory-gib", "positive"]),
+        (["search", ck, *se, "--params", "230K", "--tolerance", "0"], ["--tolerance", "(0, 1)"]),
+        (["search", ck, *se], ["at least one constraint", "--params"]),
+        (["search", ck, *se, "--params", "230K", "--hidden", "64,abc"], ["--hidden", "comma-separated integers"]),
+        (["search", ck, *se, "--params", "230K", "--top-k", "0"], ["--top-k", "positive"]),
+        (["search", ck, *se, "--params", "230K", "--depth-metric", "cosine"], ["--depth-metric 'cosine'", "angular"]),
+        (["search", ck, *se, "--params", "230K", "--stage", "all"], ["needs --data", "--stage zero-shot"]),
+        (["search", ck, *se, "--params", "230K", "--stage", "distill", "--data", data, "--candidate", "5"],
+         ["--candidate", "0..2"]),
+        (["search", ck, *se, "--params", "230K", "--data", data, "--global-batch-size", "3", "--micro-batch-size", "2"],
+         ["--global-batch-size 3", "multiple"]),
+        (["search", ck, *se, "--params", "230K", "--data", nope], ["--data", "no indexed dataset"]),
+        (["search", hf, *se, "--params", "230K"], ["CKPT", "Hugging Face model"]),
+        (["search", ck, "--scores", nope, "--out", out, "--valid-data", data, "--params", "230K", "--stage", "zero-shot"],
+         ["--scores", "does not exist", "megatron-prune importance"]),
+        (["search", ck, "--scores", str(r / "not_scores.safetensors"), "--out", out, "--valid-data", data, "--params",
+          "230K", "--stage", "zero-shot"], ["--scores", "not a megatron-prune score file"]),
+        (["search", ck, *se, "--params", "230K", "--valid-data", nope], ["--valid-data", "no indexed dataset"]),
+        (["search", ck, "--scores", nope, "--out", ck, "--valid-data", data, "--params", "230K"],
+         ["--out", "is the source checkpoint"]),
+        (["search", ck, *se, "--params", "230K", "--tp", "3"], ["CKPT", "TP=3"]),
+        # plan
+        (["plan", nope], ["not found", "layers=32"]),
+        (["plan", str(r / "empty_dir")], ["neither a megatron-prune checkpoint nor a Hugging Face directory"]),
+        (["plan", "layers=2,hidden=64"], ["lacks", "ffn"]),
+        (["plan", "layers=2,hidden=x,ffn=96,heads=8,vocab=100"], ["'hidden'", "integer"]),
+        (["plan", "layers=2,layers=3,hidden=64,ffn=96,heads=8,vocab=100"], ["'layers'", "twice"]),
+        (["plan", ck, "--teacher", str(r / "vocab2k")], ["vocab", "same tokenizer"]),
+        (["plan", ck, "--tp", "0"], ["--tp", ">= 1"]),
+        (["plan", ck, "--tp", "3"], ["STUDENT", "TP=3"]),
+        (["plan", ck, "--pp", "3"], ["STUDENT", "PP=3"]),
+        (["plan", ck, "--micro-batch-size", "2", "--global-batch-size", "3"], ["--global-batch-size 3", "multiple"]),
+        (["plan", ck, "--gpu-memory-gib", "0"], ["--gpu-memory-gib", "positive"]),
+        (["plan", ck, "--gpus-per-node", "0"], ["--gpus-per-node", ">= 1"]),
+        (["plan", ck, "--global-batch-size", "0"], ["--global-batch-size", ">= 1"]),
         # demo
         (["demo", "--workdir", str(r / "a_file")], ["--workdir", "is a file"]),
         (["demo", "--workdir", out, "--set", "search.top_k"], ["--set", "STAGE.KEY=VALUE"]),
@@ -210,7 +349,8 @@ def test_bad_input_is_one_line_naming_it(index, inputs):
     assert len(lines) == 1 or lines[0].startswith("usage:"), err
     for fragment in fragments:
         assert fragment in err, (argv, fragment, err)
-    assert not (inputs / "new_out").exists()  # nothing was written
+    for written in ("new_out", "gen.jsonl", "sd.jsonl", "sd.parts", "sft.parts"):  # nothing was written
+        assert not (inputs / written).exists(), written
 
 
 def test_messages_from_real_processes(inputs):
@@ -273,7 +413,10 @@ def markdown_table(root: Path) -> str:
     """One row per case of ``_cases``: verb | input | the error line printed (paths relative to the fixture)."""
     rows = ["| verb | input | message printed |", "|---|---|---|"]
     for argv, _ in _cases(root):
-        code, err = run_in_process(argv)
+        try:
+            code, err = run_in_process(argv)
+        except Exception as e:  # noqa: BLE001 - the table shows a case that is not validated yet
+            code, err = 1, f"NOT CHECKED: {type(e).__name__}: {e}"
         lines = [ln for ln in err.splitlines() if ln.strip()]
         line = next((ln for ln in lines if ln.startswith(f"megatron-prune {argv[0]}: ")), lines[-1] if lines else "")
         cell = lambda text: text.replace(f"{root}/", "").replace(f"{Path.cwd()}/", "").replace(str(root), ".").replace("|", "\\|")  # noqa: E731
