@@ -358,10 +358,12 @@ def test_messages_from_real_processes(inputs):
     firsts = {}
     for argv, fragments in _cases(inputs):
         firsts.setdefault(argv[0], (argv, fragments))
-    assert len(firsts) == 9
+    assert len(firsts) == 16
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
     procs = {}
     for verb, (argv, fragments) in firsts.items():
+        if len(procs) >= 4:  # at most 4 at once on a small machine
+            next(p for p, _ in procs.values() if p.returncode is None).wait(timeout=900)
         procs[verb] = (subprocess.Popen([sys.executable, "-m", "megatron_prune.cli", *argv], stdout=subprocess.PIPE,
                                         stderr=subprocess.PIPE, text=True, env=env), fragments)
     for verb, (p, fragments) in procs.items():
