@@ -421,7 +421,8 @@ def markdown_table(root: Path) -> str:
             code, err = 1, f"NOT CHECKED: {type(e).__name__}: {e}"
         lines = [ln for ln in err.splitlines() if ln.strip()]
         line = next((ln for ln in lines if ln.startswith(f"megatron-prune {argv[0]}: ")), lines[-1] if lines else "")
-        cell = lambda text: text.replace(f"{root}/", "").replace(f"{Path.cwd()}/", "").replace(str(root), ".").replace("|", "\\|")  # noqa: E731
+        cell = lambda text: (text.replace(f"{root}/", "").replace(f"{Path.cwd()}/", "")  # noqa: E731
+                             .replace(str(root), ".").replace("|", "\\|"))
         rows.append(f"| {argv[0]} | `{cell(' '.join(argv[1:]))}` | {cell(line)}" + ("" if code == 2 else
                                                                                  f" (exit {code})") + " |")
     return "\n".join(rows)
