@@ -322,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--t", default="0.5", help="SLERP factor (0 = first input, 1 = second), or a comma list over layers")
     p.add_argument("--weights", help="comma-separated weights for --method linear (default: equal)")
     p.add_argument("--base", help="base checkpoint for task arithmetic (--method linear)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out (never an input)")
     _add_layout(p)
     p = sub.add_parser("sft", help="supervised fine-tuning on SFT JSONL (loss on the answer tokens only)",
                        description="Fine-tune a checkpoint on SFT JSONL ({'instruction', 'input'?, 'output'} or chat "
@@ -487,17 +487,19 @@ def run(args: argparse.Namespace) -> None:
         from megatron_prune.pipelines.search import DistillSettings, search
         from megatron_prune.search import Budget, SearchSpace, parse_count, parse_values
 
-        budget = Budget(params=parse_count(args.params) if args.params else None,
-                        non_embedding_params=parse_count(args.non_embedding_params) if args.non_embedding_params else None,
-                        memory_bytes=args.memory_gib * 1024 ** 3 if args.memory_gib else None, tolerance=args.tolerance,
+        budget = Budget(params=parse_count(args.params, "--params") if args.params else None,
+                        non_embedding_params=parse_count(args.non_embedding_params, "--non-embedding-params")
+                        if args.non_embedding_params else None,
+                        memory_bytes=args.memory_gib * 1024 ** 3 if args.memory_gib is not None else None,
+                        tolerance=args.tolerance,
                         memory_seq_len=args.memory_seq_len, memory_batch=args.memory_batch, memory_dtype=args.memory_dtype)
         axes = {k: getattr(args, k) for k in ("layers", "hidden", "ffn", "heads", "query_groups")}
         space = None
         if any(axes.values()):
-            from megatron_prune.checkpoint import read_meta
+            from megatron_prune.inputs import checkpoint
             from megatron_prune.search import default_space
 
-            base = default_space(read_meta(args.ckpt).arch, args.tp, args.pp)
+            base = default_space(checkpoint(args.ckpt).arch, args.tp, args.pp)
             space = SearchSpace(**{k: parse_values(v, k.replace("_", "-")) if v else getattr(base, k)
                                    for k, v in axes.items()})
         distill = DistillSettings(data=args.data, steps=args.distill_steps, seq_len=args.seq_len,
@@ -534,14 +536,18 @@ def run(args: argparse.Namespace) -> None:
         else:
             from megatron_prune.pipelines.specdec import specdec
 
-            ks = [int(k) for k in args.k.split(",")]
+            from megatron_prune.inputs import numbers
+
+            ks = numbers(args.k, "--k", int)
             _print_json(specdec(args.target, args.draft, args.prompts, ks, params, tp=args.tp, pp=args.pp,
                                 chat=not args.no_chat, out=args.out, limit=args.limit))
     elif args.command == "merge":
         from megatron_prune.pipelines.merge import merge
 
-        t = [float(x) for x in args.t.split(",")]
-        weights = [float(x) for x in args.weights.split(",")] if args.weights else None
+        from megatron_prune.inputs import numbers
+
+        t = numbers(args.t, "--t")
+        weights = numbers(args.weights, "--weights") if args.weights else None
         out = merge(args.ckpts, args.out, method=args.method, t=t[0] if len(t) == 1 else t, weights=weights,
                     base=args.base, tp=args.tp, pp=args.pp, overwrite=args.overwrite)
         _print_json({"written": str(out)})

@@ -130,3 +130,74 @@ def tokenizer_source(path, name: str = "--tokenizer") -> Path:
         raise InputError(f"{name} {p} holds no tokenizer files ({', '.join(TOKENIZER_MODEL_FILES)}); pass a "
                          f"megatron-prune checkpoint or a directory written by a tokenizer's save_pretrained()")
     return p
+
+
+def numbers(text: str, name: str, kind=float) -> list:
+    """A comma-separated list of numbers (``--k 1,2,4``, ``--t 0.3,0.7``)."""
+    try:
+        values = [kind(v) for v in str(text).replace(" ", "").split(",") if v]
+    except ValueError:
+        values = []
+    if not values:
+        what = "whole numbers" if kind is int else "numbers"
+        raise InputError(f"{name} {text!r}: give comma-separated {what}, e.g. {name} {'1,2,4' if kind is int else '0.5'}")
+    return values
+
+
+def has_chat_template(tok_dir) -> bool:
+    """The tokenizer directory carries a chat template (read from its files; the tokenizer is not loaded)."""
+    import json
+
+    p = Path(tok_dir)
+    if (p / "chat_template.jinja").is_file() or (p / "chat_template.json").is_file():
+        return True
+    try:
+        return bool(json.loads((p / "tokenizer_config.json").read_text()).get("chat_template"))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def chat_tokenizer(ckpt, name: str) -> Path:
+    """The checkpoint's tokenizer directory, which must hold a chat template (SFT data is rendered through it)."""
+    from megatron_prune.checkpoint import tokenizer_dir
+
+    found = tokenizer_dir(ckpt)
+    if found is None:
+        raise InputError(f"{name} {ckpt} carries no tokenizer (needed for its chat template); convert the "
+                         f"instruction-tuned Hugging Face model with `megatron-prune convert HF_DIR CKPT_DIR`, which "
+                         f"copies its tokenizer")
+    if not has_chat_template(found):
+        raise InputError(f"{name} {ckpt}: its tokenizer ({found}) has no chat template; use an instruction-tuned "
+                         f"checkpoint, or add chat_template to {found}/tokenizer_config.json")
+    return found
+
+
+def prompts(path, name: str, vocab_size: int, tok_dir, chat: bool = True) -> int:
+    """A prompts file that `generate`/`specdec` can encode with this checkpoint; returns the number of prompts."""
+    from megatron_prune.generation.prompts import read_prompt_records
+
+    existing_file(path, name, 'give a .jsonl file of {"prompt"} / {"messages"} / {"tokens"} records, or a text '
+                  'file with one prompt per line')
+    try:
+        records = read_prompt_records(path, vocab_size=vocab_size)
+    except ValueError as e:
+        raise InputError(f"{name} {e}") from e
+    if tok_dir is None and any("tokens" not in r for r in records):
+        raise InputError(f"{name} {path}: the checkpoint carries no tokenizer, so text prompts cannot be encoded; "
+                         'give prompts as {"tokens": [...]} records, or convert the model again with its tokenizer')
+    if any("messages" in r for r in records) and not (tok_dir is not None and has_chat_template(tok_dir)):
+        raise InputError(f"{name} {path}: {{'messages'}} prompts need a chat template and the checkpoint's tokenizer "
+                         f"has none; give {{'prompt'}} text (with --no-chat) instead")
+    return len(records)
+
+
+def score_file(path, name: str = "--scores"):
+    """A megatron-prune score file (read: it is small); returns the ImportanceScores."""
+    from megatron_prune.importance import ImportanceScores
+
+    existing_file(path, name, "compute it with `megatron-prune importance` on this checkpoint (--data PREFIX --out FILE)")
+    try:
+        return ImportanceScores.load(path)
+    except Exception as e:  # safetensors raises its own error types for a file that is not safetensors
+        raise InputError(f"{name} {path} is not a megatron-prune score file ({e}); compute it with "
+                         f"`megatron-prune importance`") from e

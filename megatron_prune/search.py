@@ -34,7 +34,12 @@ class Budget:
         if self.params is None and self.non_embedding_params is None and self.memory_bytes is None:
             raise ArchError("give at least one constraint: --params, --non-embedding-params or --memory-gib")
         if not 0 < self.tolerance < 1:
-            raise ArchError(f"tolerance must be in (0, 1), got {self.tolerance}")
+            raise ArchError(f"tolerance (--tolerance) must be in (0, 1), got {self.tolerance}; 0.05 is +-5%")
+        if self.memory_bytes is not None and not self.memory_bytes > 0:
+            raise ArchError(f"memory budget (--memory-gib) must be positive, got {self.memory_bytes / 1024 ** 3:g} GiB")
+        if self.memory_seq_len < 1 or self.memory_batch < 1:
+            raise ArchError(f"--memory-seq-len and --memory-batch must be >= 1, got {self.memory_seq_len} and "
+                            f"{self.memory_batch}")
         if self.memory_dtype not in DTYPE_BYTES:
             raise ArchError(f"memory dtype must be one of {', '.join(DTYPE_BYTES)}, got {self.memory_dtype!r}")
 
@@ -98,6 +103,12 @@ def default_space(source: ModelArch, tp: int = 1, pp: int = 1, min_fraction: flo
 def candidates(source: ModelArch, space: SearchSpace, budget: Budget, tp: int = 1, pp: int = 1) -> list[ModelArch]:
     """Every shape of ``space`` reachable by pruning ``source`` that fits ``budget`` and shards at tp x pp,
     sorted by parameter count (largest first)."""
+    found = [a for a in reachable(source, space, tp, pp) if budget.accepts(a)]
+    return sorted(found, key=lambda a: (-a.param_count(), a.num_layers, a.hidden_size, a.ffn_hidden_size))
+
+
+def reachable(source: ModelArch, space: SearchSpace, tp: int = 1, pp: int = 1) -> list[ModelArch]:
+    """Every shape of ``space`` that pruning ``source`` can reach and that shards at tp x pp."""
     axes = [space.layers or [source.num_layers], space.hidden or [source.hidden_size],
             space.ffn or [source.ffn_hidden_size], space.heads or [source.num_attention_heads],
             space.query_groups or [source.num_query_groups]]
@@ -114,9 +125,8 @@ def candidates(source: ModelArch, space: SearchSpace, budget: Budget, tp: int = 
             arch.check_parallel(tp, pp)
         except ArchError:
             continue
-        if budget.accepts(arch):
-            out.append(arch)
-    return sorted(out, key=lambda a: (-a.param_count(), a.num_layers, a.hidden_size, a.ffn_hidden_size))
+        out.append(arch)
+    return out
 
 
 def target_spec(source: ModelArch, arch: ModelArch, depth_metric: str = "angular") -> str:
@@ -136,14 +146,17 @@ def candidate_name(arch: ModelArch) -> str:
             f"-g{arch.num_query_groups}")
 
 
-def parse_count(text: str) -> float:
-    """``90M``, ``4.5B``, ``8.27e9`` or ``1200000`` -> a number."""
+def parse_count(text: str, what: str = "a count") -> float:
+    """``90M``, ``4.5B``, ``8.27e9`` or ``1200000`` -> a positive number (``what``: the flag, for errors)."""
     units = {"K": 1e3, "M": 1e6, "B": 1e9, "G": 1e9, "T": 1e12}
     t = str(text).strip().upper()
     try:
-        return float(t[:-1]) * units[t[-1]] if t and t[-1] in units else float(t)
+        value = float(t[:-1]) * units[t[-1]] if t and t[-1] in units else float(t)
     except ValueError:
-        raise ArchError(f"cannot read {text!r} as a count; write e.g. 90M, 4.5B or 8270000000") from None
+        raise ArchError(f"cannot read {text!r} as {what}; write e.g. 90M, 4.5B or 8270000000") from None
+    if not value > 0:
+        raise ArchError(f"{what} must be positive, got {text!r}")
+    return value
 
 
 def parse_values(text: str, what: str) -> list[int]:

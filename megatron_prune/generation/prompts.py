@@ -5,34 +5,46 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Optional
 
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "</s>", "<|endoftext|>")
 
 
-def read_prompt_records(path: str | os.PathLike) -> list[dict]:
+def read_prompt_records(path: str | os.PathLike, vocab_size: Optional[int] = None) -> list[dict]:
     """JSONL of {"prompt"}, {"messages"} or {"tokens"} records, or plain text (one prompt per line).
 
     SFT records are prompts too, so a held-out SFT file can be generated from as it is: {"instruction",
     "input"?} becomes the user turn, and a {"messages"} conversation that ends with the assistant's answer is
-    cut before it."""
+    cut before it. Errors name FILE:LINE; ``vocab_size``: token ids must lie below it."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"prompts file {path} does not exist")
-    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
     records = []
-    for i, ln in enumerate(lines):
+    fix = 'one JSON object per line: {"prompt": TEXT}, {"messages": [...]}, {"tokens": [IDS]} or {"instruction": TEXT}'
+    for n, ln in enumerate(path.read_text().splitlines(), 1):
+        if not ln.strip():
+            continue
         if path.suffix in (".jsonl", ".json") or ln.lstrip().startswith("{"):
             try:
                 rec = json.loads(ln)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path} line {i + 1} is not valid JSON ({e})") from e
-            if not any(k in rec for k in ("prompt", "messages", "tokens", "instruction")):
-                raise ValueError(f"{path} line {i + 1} has none of the keys prompt / messages / tokens / instruction")
+                raise ValueError(f"{path}:{n}: not valid JSON ({e}); write {fix}") from e
+            if not isinstance(rec, dict) or not any(k in rec for k in ("prompt", "messages", "tokens", "instruction")):
+                raise ValueError(f"{path}:{n}: has none of the keys prompt / messages / tokens / instruction; write {fix}")
+            if "tokens" in rec:
+                tokens = rec["tokens"]
+                if not isinstance(tokens, list) or not tokens or not all(type(t) is int and t >= 0 for t in tokens):
+                    raise ValueError(f"{path}:{n}: 'tokens' must be a non-empty list of token ids (integers >= 0)")
+                if vocab_size is not None and max(tokens) >= vocab_size:
+                    raise ValueError(f"{path}:{n}: token id {max(tokens)} is outside the model's vocabulary of "
+                                     f"{vocab_size}; encode the prompt with this model's tokenizer")
+            elif "prompt" in rec and not (isinstance(rec["prompt"], str) and rec["prompt"]):
+                raise ValueError(f"{path}:{n}: 'prompt' must be a non-empty string")
             records.append(_as_prompt(rec))
         else:
             records.append({"prompt": ln})
     if not records:
-        raise ValueError(f"{path} holds no prompts")
+        raise ValueError(f"{path} holds no prompts; write one prompt per line (text), or {fix}")
     return records
 
 

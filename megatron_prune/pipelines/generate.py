@@ -7,6 +7,8 @@ import os
 from pathlib import Path
 from typing import Optional
 
+from megatron_prune import inputs
+from megatron_prune.checkpoint.outputs import check_output_path
 from megatron_prune.runtime.stop import stop_on_signals
 
 
@@ -41,6 +43,19 @@ def write_jsonl_atomic(rows: list[dict], out: str | os.PathLike) -> Path:
     return out
 
 
+def check_generate(ckpt, prompts_file, out, tp: int, pp: int, batch_size: int, chat: bool = True) -> None:
+    """Every input of `generate`, before any process group, tokenizer or weight."""
+    from megatron_prune.checkpoint import tokenizer_dir
+
+    inputs.layout(tp, pp)
+    inputs.positive("--batch-size", batch_size)
+    meta = inputs.checkpoint(ckpt)
+    inputs.checkpoint_fits(meta, tp, pp)
+    inputs.prompts(prompts_file, "--prompts", meta.arch.vocab_size, tokenizer_dir(ckpt), chat)
+    check_output_path(out, {"checkpoint": ckpt, "prompts file": prompts_file})
+    inputs.output(out, "--out", overwrite=False, kind="file")
+
+
 @stop_on_signals(immediate=True)  # nothing worth resuming: a stop signal ends it, the output is never half-written
 def generate_file(ckpt, prompts_file, out, params, tp: int = 1, pp: int = 1, batch_size: int = 8,
                   use_cache: bool = True, chat: bool = True, stop: Optional[list[int]] = None) -> dict:
@@ -50,8 +65,7 @@ def generate_file(ckpt, prompts_file, out, params, tp: int = 1, pp: int = 1, bat
     from megatron_prune.runtime import init_distributed, is_rank0, log0
     import time
 
-    if Path(out).exists():
-        raise FileExistsError(f"output {out} already exists; choose another path")
+    check_generate(ckpt, prompts_file, out, tp, pp, batch_size, chat)
     tokenizer = load_tokenizer(ckpt)
     records, prompts = encode_file(prompts_file, tokenizer, chat)
     stops = stop if stop is not None else stop_token_ids(tokenizer)

@@ -90,8 +90,19 @@ def plan(student: str, teacher: Optional[str] = None, tp: int = 1, pp: int = 1, 
                         ("--micro-batch-size", micro_batch_size), ("--seq-len", seq_len)):
         if value < 1:
             raise ArchError(f"{name} must be >= 1, got {value}")
+    if global_batch_size is not None and global_batch_size < 1:
+        raise ArchError(f"--global-batch-size must be >= 1, got {global_batch_size}")
+    if gpus_per_node < 1:
+        raise ArchError(f"--gpus-per-node must be >= 1, got {gpus_per_node}")
     if gpu_memory_gib <= 0:
         raise ArchError(f"--gpu-memory-gib must be positive, got {gpu_memory_gib}")
+    if overhead_gib < 0:
+        raise ArchError(f"--overhead-gib must be >= 0, got {overhead_gib}")
+    from megatron_prune import inputs
+
+    inputs.arch_fits(s_arch, tp, pp, "STUDENT", vpp)
+    if t_arch is not None:
+        inputs.arch_fits(t_arch, tp, pp, "--teacher", vpp)
     gbs = global_batch_size or micro_batch_size * dp
     if gbs % (micro_batch_size * dp):
         raise ArchError(f"--global-batch-size {gbs} is not a multiple of micro batch {micro_batch_size} x DP {dp}")

@@ -14,17 +14,10 @@ from megatron_prune.prune.checkpoint import prune_checkpoint
 
 def plan_from_scores(ckpt: str | Path, scores_file: str | Path, target: str | PruneTarget) -> PrunePlan:
     from megatron_prune.checkpoint import read_meta
-    from megatron_prune.importance import ImportanceScores
 
     if isinstance(target, str):
         target = PruneTarget.parse(target)
-    inputs.existing_file(scores_file, "--scores",
-                         "compute it with `megatron-prune importance` on this checkpoint (--data PREFIX --out FILE)")
-    try:
-        scores = ImportanceScores.load(scores_file)
-    except Exception as e:  # safetensors raises its own error types for a file that is not safetensors
-        raise inputs.InputError(f"--scores {scores_file} is not a megatron-prune score file ({e}); compute it with "
-                                f"`megatron-prune importance`") from e
+    scores = inputs.score_file(scores_file)
     return make_plan(scores, read_meta(ckpt).arch, target, scores_file=str(scores_file))
 
 

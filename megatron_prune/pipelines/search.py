@@ -24,8 +24,10 @@ import os
 from pathlib import Path
 from typing import Optional
 
+from megatron_prune import inputs
 from megatron_prune.checkpoint.outputs import check_output_path, write_json_atomic
-from megatron_prune.search import Budget, SearchSpace, candidate_name, candidates, default_space, target_spec
+from megatron_prune.search import (Budget, SearchSpace, candidate_name, candidates, default_space, reachable,
+                                   target_spec)
 
 STAGES = ("all", "zero-shot", "distill", "report")
 
@@ -49,33 +51,98 @@ def _read_json(path: Path):
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+_MEASURES = (("params", "--params", "parameters"), ("non_embedding_params", "--non-embedding-params",
+                                                      "non-embedding parameters"),
+             ("memory_bytes", "--memory-gib", "GiB of weights and KV cache"))
+
+
+def _no_fit_message(source, space: SearchSpace, budget: Budget, tp: int, pp: int) -> str:
+    """Why no shape fits: the range each constraint spans over the reachable shapes of the space."""
+    shapes = reachable(source, space, tp, pp)
+    if not shapes:
+        return (f"no shape of the search space can be pruned from the source ({source.describe()}) and sharded at "
+                f"TP={tp} PP={pp}; give --hidden/--ffn/--heads/--query-groups/--layers values at most the source's "
+                f"that divide by TP and PP")
+    parts = []
+    for key, flag, unit in _MEASURES:
+        target = getattr(budget, key)
+        if target is not None:
+            values = [budget.measures(a)[key] for a in shapes]
+            show = (lambda v: f"{v / 1024 ** 3:.3g}") if key == "memory_bytes" else (lambda v: f"{v:,.0f}")  # noqa: E731
+            parts.append(f"{flag} {show(target)} (the {len(shapes)} shapes have {show(min(values))} to "
+                         f"{show(max(values))} {unit}; the source {show(budget.measures(source)[key])})")
+    return (f"no shape of the search space fits the budget within {budget.tolerance:.0%}: {'; '.join(parts)}. "
+            f"Choose a budget inside that range, widen the space (--hidden/--ffn/--heads/--layers) or raise --tolerance")
+
+
+def check_search(ckpt, scores, out, budget: Budget, valid_data, distill: Optional[DistillSettings],
+                 space: Optional[SearchSpace], top_k: int, depth_metric: str, tp: int, pp: int, eval_seq_len: int,
+                 eval_windows: int, micro_batch_size: int, stage: str, candidate: Optional[int], max_candidates: int):
+    """Every input of `search`, before any process group or weight; returns (source arch, space, candidates)."""
+    from megatron_prune.prune.plan import DEPTH_METRICS
+
+    check_output_path(out, {"source checkpoint": ckpt, "score file": scores,
+                            "validation data": f"{valid_data}.bin" if valid_data else None})
+    if stage not in STAGES:
+        raise inputs.InputError(f"unknown --stage {stage!r}; choose one of {', '.join(STAGES)}")
+    inputs.layout(tp, pp)
+    for name, value in (("--top-k", top_k), ("--seq-len", eval_seq_len), ("--eval-windows", eval_windows),
+                        ("--max-candidates", max_candidates), ("micro_batch_size", micro_batch_size)):
+        inputs.positive(name, value)
+    if depth_metric not in DEPTH_METRICS:
+        raise inputs.InputError(f"--depth-metric {depth_metric!r} is unknown; choose one of {', '.join(DEPTH_METRICS)}")
+    if stage in ("all", "distill") and distill is None:
+        raise inputs.InputError("distilling the top candidates needs --data (the distillation data); "
+                                "use --stage zero-shot for the zero-shot ranking alone")
+    if candidate is not None and (stage != "distill" or not 0 <= candidate < top_k):
+        raise inputs.InputError(f"--candidate takes a zero-shot rank 0..{top_k - 1} (< --top-k) with --stage distill")
+    if distill is not None:
+        for name, value in (("--distill-steps", distill.steps), ("--seq-len", distill.seq_len),
+                            ("--micro-batch-size", distill.micro_batch_size),
+                            ("--global-batch-size", distill.global_batch_size)):
+            inputs.positive(name, value)
+        inputs.positive("--lr", distill.lr, allow_zero=True)
+        if distill.global_batch_size % distill.micro_batch_size:
+            raise inputs.InputError(f"--global-batch-size {distill.global_batch_size} must be a multiple of "
+                                    f"--micro-batch-size {distill.micro_batch_size}")
+    source = inputs.checkpoint(ckpt).arch
+    inputs.arch_fits(source, tp, pp)
+    inputs.enough_windows(inputs.indexed_data(valid_data, "--valid-data"), eval_seq_len, 1, "--valid-data",
+                          "lower --seq-len or use more data")
+    if distill is not None:
+        from megatron_prune.data.blend import parse_blend
+
+        items = [str(d) for d in distill.data]
+        for item in items:
+            try:
+                float(item)
+            except ValueError:
+                inputs.indexed_data(item, "--data")
+        try:
+            parse_blend(items)
+        except ValueError as e:
+            raise inputs.InputError(f"--data {' '.join(items)}: {e}") from e
+    space = space or default_space(source, tp, pp)
+    found = candidates(source, space, budget, tp, pp)
+    if not found:
+        raise inputs.InputError(_no_fit_message(source, space, budget, tp, pp))
+    if len(found) > max_candidates:
+        raise inputs.InputError(f"{len(found)} candidates fit the budget, more than --max-candidates "
+                                f"{max_candidates}; tighten --tolerance or the space, or raise --max-candidates")
+    inputs.score_file(scores)
+    return source, space, found
+
+
 def search(ckpt: str, scores: str, out: str, budget: Budget, valid_data: str, distill: Optional[DistillSettings],
            space: Optional[SearchSpace] = None, top_k: int = 3, depth_metric: str = "angular", tp: int = 1,
            pp: int = 1, eval_seq_len: int = 512, eval_windows: int = 64, micro_batch_size: int = 4,
            stage: str = "all", candidate: Optional[int] = None, max_candidates: int = 64) -> dict:
     """Run the search stages (``stage``: all, zero-shot, distill, report); returns the collected results."""
-    from megatron_prune.checkpoint import read_meta
     from megatron_prune.runtime import barrier, is_rank0, log0
 
-    if stage not in STAGES:
-        raise ValueError(f"unknown stage {stage!r}; choose one of {', '.join(STAGES)}")
-    if not Path(scores).is_file():
-        raise FileNotFoundError(f"score file {scores} not found; compute it with `megatron-prune importance`")
-    check_output_path(out, {"source checkpoint": ckpt, "score file": scores})
-    if stage in ("all", "distill") and distill is None:
-        raise ValueError("distilling the top candidates needs --data (the distillation data); "
-                         "use --stage zero-shot for the zero-shot ranking alone")
-    if candidate is not None and (stage != "distill" or not 0 <= candidate < top_k):
-        raise ValueError(f"--candidate takes a zero-shot rank 0..{top_k - 1} (< --top-k) with --stage distill")
-    source = read_meta(ckpt).arch
-    space = space or default_space(source, tp, pp)
-    found = candidates(source, space, budget, tp, pp)
-    if not found:
-        raise ValueError(f"no shape of the search space fits the budget (within {budget.tolerance:.0%}); widen the "
-                         f"space (--hidden/--ffn/--heads/--layers) or the tolerance")
-    if len(found) > max_candidates:
-        raise ValueError(f"{len(found)} candidates fit the budget, more than --max-candidates {max_candidates}; "
-                         "tighten the tolerance or the space")
+    source, space, found = check_search(ckpt, scores, out, budget, valid_data, distill, space, top_k, depth_metric,
+                                        tp, pp, eval_seq_len, eval_windows, micro_batch_size, stage, candidate,
+                                        max_candidates)
     out_dir = Path(out)
     names = [candidate_name(a) for a in found]
     header = {"checkpoint": str(ckpt), "scores": str(scores), "budget": dataclasses.asdict(budget),

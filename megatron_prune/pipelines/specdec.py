@@ -5,6 +5,35 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional, Sequence
 
+from megatron_prune import inputs
+
+
+def check_specdec(target_ckpt, draft_ckpt, prompts_file, ks: Sequence[int], tp: int, pp: int, chat: bool = True,
+                  out=None, limit: Optional[int] = None) -> None:
+    """Every input of `specdec`, before any process group, tokenizer or weight: both models shard at tp x pp
+    and share one vocabulary (the target verifies the draft's token ids)."""
+    from megatron_prune.checkpoint import tokenizer_dir
+    from megatron_prune.checkpoint.outputs import check_output_path
+
+    inputs.layout(tp, pp)
+    bad = [k for k in ks if k < 1]
+    if not ks or bad:
+        raise inputs.InputError(f"--k {','.join(map(str, ks))}: every draft length must be >= 1 (tokens the draft "
+                                f"proposes per target step), e.g. --k 1,2,4")
+    inputs.positive("--limit", limit)
+    target = inputs.checkpoint(target_ckpt, "--target")
+    draft = inputs.checkpoint(draft_ckpt, "--draft")
+    inputs.checkpoint_fits(target, tp, pp, "--target")
+    inputs.checkpoint_fits(draft, tp, pp, "--draft")
+    if draft.arch.vocab_size != target.arch.vocab_size:
+        raise inputs.InputError(f"--draft {draft_ckpt} has a vocabulary of {draft.arch.vocab_size} tokens, --target "
+                                f"{target_ckpt} one of {target.arch.vocab_size}: the target verifies the draft's "
+                                f"token ids, so both need the same tokenizer (e.g. a draft pruned from the target)")
+    inputs.prompts(prompts_file, "--prompts", target.arch.vocab_size, tokenizer_dir(target_ckpt), chat)
+    if out is not None:
+        check_output_path(out, {"target checkpoint": target_ckpt, "draft checkpoint": draft_ckpt,
+                                "prompts file": prompts_file})
+        inputs.output(out, "--out", overwrite=None, kind="file")
 
 def specdec(target_ckpt, draft_ckpt, prompts_file, ks: Sequence[int] = (1, 2, 4), params=None, tp: int = 1,
             pp: int = 1, chat: bool = True, out: Optional[str] = None, limit: Optional[int] = None) -> dict:
@@ -17,6 +46,7 @@ def specdec(target_ckpt, draft_ckpt, prompts_file, ks: Sequence[int] = (1, 2, 4)
     from megatron_prune.runtime import init_distributed, is_rank0, log0
     from megatron_prune.runtime.progress import progress
     from megatron_prune.specdec import SpecStats, speculative_generate, target_alone
+    check_specdec(target_ckpt, draft_ckpt, prompts_file, ks, tp, pp, chat, out, limit)
     params = params or SamplingParams()
     tokenizer = load_tokenizer(target_ckpt)
     _, prompts = encode_file(prompts_file, tokenizer, chat)
