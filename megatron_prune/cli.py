@@ -604,13 +604,14 @@ def main(argv=None) -> int:
     from megatron_prune.arch import ArchError
     from megatron_prune.checkpoint import CheckpointError
     from megatron_prune.runtime import destroy, is_rank0
-    from megatron_prune.runtime.stop import EXIT_STOPPED, StopRequested
+    from megatron_prune.runtime.stop import EXIT_STOPPED, StopRequested, write_stop_marker
 
     try:
         run(args)
     except StopRequested as e:  # SIGTERM/SIGINT/SIGUSR1: saved (or nothing written), see docs/distillation.md
         if is_rank0():
             print(f"megatron-prune {args.command}: {e}", file=sys.stderr, flush=True)
+            write_stop_marker(f"megatron-prune {args.command}: {e}")
         return EXIT_STOPPED
     except (ArchError, CheckpointError, FileNotFoundError, FileExistsError, ValueError) as e:
         if args.debug:

@@ -38,8 +38,8 @@ def _cli(*args):
     return [sys.executable, "-u", "-m", "megatron_prune.cli", *map(str, args)]
 
 
-def _stop_when_logged(cmd, logdir, line: str, sig) -> tuple[int, str]:
-    run = CliRun(cmd, logdir, ENV)
+def _stop_when_logged(cmd, logdir, line: str, sig, env=None) -> tuple[int, str]:
+    run = CliRun(cmd, logdir, env or ENV)
     run.wait_for(lambda: line in run.out_path.read_text(), repr(line))
     code, _, stderr = run.stop(sig)
     assert "Traceback" not in stderr, stderr[-3000:]
@@ -87,10 +87,14 @@ def test_teacher_logits_stops_on_sigusr1_and_the_rerun_finishes(root, tmp_path):
     samples = 600
     cmd = _cli("teacher-logits", root / "ckpt", "--data", root / "data", "--out", out, "--samples", samples,
                "--seq-len", 64, "--top-k", 4, "--micro-batch-size", 1)
-    code, stderr = _stop_when_logged(cmd, tmp_path / "logs", "teacher-logits: top-4", signal.SIGUSR1)
+    marker = tmp_path / "logs" / "stopped"  # the sbatch script's $MP_STOP_MARKER: a clean stop, whatever srun says
+    code, stderr = _stop_when_logged(cmd, tmp_path / "logs", "teacher-logits: top-4", signal.SIGUSR1,
+                                     env={**ENV, "MP_STOP_MARKER": str(marker)})
     assert code == EXIT_STOPPED, stderr[-3000:]
-    assert (f"megatron-prune teacher-logits: stopped by SIGUSR1; saved to {partial}; run the same command again "
-            "to continue from there") in stderr
+    message = (f"megatron-prune teacher-logits: stopped by SIGUSR1; saved to {partial}; run the same command again "
+               "to continue from there")
+    assert message in stderr
+    assert marker.read_text() == message + "\n"
     assert _left_in(tmp_path) == [".logits.partial"]  # the output does not exist
     assert not [p.name for p in partial.iterdir() if p.name.endswith(".tmp")]  # no half-written chunk
 

@@ -12,6 +12,7 @@ itself: the pass ends at once and nothing is written.
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 from contextlib import contextmanager
@@ -20,6 +21,18 @@ from typing import Iterator, Optional
 
 EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped by a signal after saving; run the same command again to continue
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+STOP_MARKER_ENV = "MP_STOP_MARKER"  # set by launch/slurm/megatron_prune.sbatch
+
+
+def write_stop_marker(message: str) -> None:
+    """Leave a file at $MP_STOP_MARKER saying the run stopped cleanly (rank 0, after the save).
+
+    A launcher cannot rely on the exit code alone: ``srun --kill-on-bad-exit`` takes a first rank's exit 75 as a
+    failure and kills the ranks still on their way out, so srun may report their signal instead of 75.
+    """
+    path = os.environ.get(STOP_MARKER_ENV)
+    if path:
+        Path(path).write_text(message + "\n")
 
 
 class StopRequested(Exception):
