@@ -50,9 +50,17 @@ class InProcessTorchDistSave(torch_dist_save_strategy_base()):
 
     def save(self, sharded_state_dict, checkpoint_dir) -> None:
         self.entered = True
-        if any_rank(False):  # rank 0 failed writing megatron's common state (see _release_peers)
-            raise _PeerFailed("another rank failed before the write")
-        dcp_save(mcore_to_pyt_state_dict(group_by_sharded_key(sharded_state_dict), is_loading=False),
+        # Serializing the state is local to each rank (megatron-core 0.17+ torch.save's the common state into it):
+        # a failure there must reach the agreement below, not leave the other ranks waiting inside dcp_save.
+        failure: Optional[BaseException] = None
+        try:
+            state = mcore_to_pyt_state_dict(group_by_sharded_key(sharded_state_dict), is_loading=False)
+        except Exception as e:
+            failure = e
+        # also answers rank 0's failure writing megatron 0.16's common.pt before save() (see _release_peers)
+        if any_rank(failure is not None):
+            raise failure or _PeerFailed("another rank failed before the write")
+        dcp_save(state,
                  storage_writer=FileSystemWriter(str(checkpoint_dir), single_file_per_rank=True, thread_count=1),
                  planner=MCoreSavePlanner(dedup_replicated_tensors=False, flatten_state_dict=False))
         self.written = True
