@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import warnings
@@ -577,6 +578,9 @@ def main(argv=None) -> int:
     # megatron-core warns at import about every optional accelerator library that is absent
     warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine|apex|deprecat).*")
     warnings.filterwarnings("ignore", category=FutureWarning)
+    # torch's CUDA wheel (what PyPI serves for Python 3.12) on a machine without a GPU logs 'No CUDA runtime is
+    # found' at import; the CPU layer runs it on the CPU, so the warning is noise on every command's stderr
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     args = build_parser().parse_args(argv)
     from megatron_prune.arch import ArchError
     from megatron_prune.checkpoint import CheckpointError
