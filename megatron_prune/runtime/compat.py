@@ -14,6 +14,7 @@ import torch
 # --------------------------------------------------------------------------------------------- megatron-core
 # (imported inside the functions: this module is also used where megatron is not loaded yet)
 
+
 def torch_dist_save_strategy_base() -> type:
     """The class a custom ``torch_dist`` save strategy must subclass to be used by ``dist_checkpointing.save``.
 
@@ -54,6 +55,10 @@ def megatron_rng_module():
 # and partial distributed optimizers create torch.cuda.Streams; 0.16 calls neither. On a machine without CUDA,
 # cpu_compat.py maps torch.cuda.current_stream/default_stream/stream/Stream/Event to no-op stand-ins on every
 # release (every CPU op has finished when it returns), so nothing here needs to detect it.
+
+# The common (non-tensor) state: 0.16 and 0.17 torch.save it to common.pt on rank 0 before the shards; 0.19 hands
+# it to the strategy as a 'common_state' object serialized into the shards on every rank (no common.pt; 0.19 reads
+# either, 0.16 needs common.pt). checkpoint/writer.py serializes before the ranks agree, which covers both.
 
 
 # ---------------------------------------------------------------------------------------------- transformers
