@@ -12,12 +12,12 @@ setup(
     install_requires=[
         # torch is pinned by launch/local/install.sh (2.13.0); any 2.6+ works with megatron-core 0.16-0.19.
         "torch>=2.6",
-        # 0.16.x is the newest release for Python 3.10/3.11 (0.17 and later need 3.12); version differences
-        # are handled in megatron_prune/runtime/compat.py.
+        # 0.16.x is the newest release for Python 3.10/3.11 (0.17 and later need 3.12). What differs between
+        # megatron-core (and transformers) releases is detected in megatron_prune/runtime/compat.py only.
         "megatron-core>=0.16.1,<0.20",
         "psutil",
         "numpy",
-        "transformers>=4.51,<6",
+        "transformers>=4.51,<6",  # 4.x/5.x differences (RoPE, dtype spellings): runtime/compat.py
         "accelerate",  # transformers needs it to read GGUF files
         "gguf>=0.10",
         "safetensors",

@@ -288,6 +288,8 @@ class ModelArch:
         """
         import transformers
 
+        from megatron_prune.runtime.compat import rope_config_kwargs
+
         model_type = self.hf_export_model_type()
         kwargs: dict[str, Any] = dict(
             num_hidden_layers=self.num_layers,
@@ -302,13 +304,6 @@ class ModelArch:
             hidden_act="silu",
             tie_word_embeddings=self.tie_embeddings,
         )
-        rope = self.hf_rope_parameters()
-        if _transformers_major() >= 5:
-            kwargs["rope_parameters"] = rope
-        else:
-            kwargs["rope_theta"] = self.rope_base
-            if self.rope_scaling_factor:
-                kwargs["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
         if model_type == "qwen2":
             cls, arch_name = transformers.Qwen2Config, "Qwen2ForCausalLM"
         elif model_type == "mistral":
@@ -317,6 +312,7 @@ class ModelArch:
         else:
             cls, arch_name = transformers.LlamaConfig, "LlamaForCausalLM"
             kwargs["attention_bias"] = kwargs["mlp_bias"] = self.linear_bias
+        kwargs.update(rope_config_kwargs(cls, self.hf_rope_parameters()))
         kwargs["architectures"] = [arch_name]
         if extra:
             kwargs.update(extra)
@@ -328,12 +324,6 @@ class ModelArch:
             return {"rope_type": "llama3", "rope_theta": self.rope_base, "factor": self.rope_scaling_factor,
                     **_LLAMA3_ROPE_DEFAULTS}
         return {"rope_type": "default", "rope_theta": self.rope_base}
-
-
-def _transformers_major() -> int:
-    import transformers
-
-    return int(transformers.__version__.split(".")[0])
 
 
 def _hf_rope(c: dict) -> tuple[float, Optional[dict]]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import warnings
@@ -600,6 +601,9 @@ def quiet_megatron() -> None:
 def main(argv=None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     quiet_megatron()
+    # torch's CUDA wheel (what PyPI serves for Python 3.12) on a machine without a GPU logs 'No CUDA runtime is
+    # found' at import; the CPU layer runs it on the CPU, so the warning is noise on every command's stderr
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     args = build_parser().parse_args(argv)
     from megatron_prune.arch import ArchError
     from megatron_prune.checkpoint import CheckpointError

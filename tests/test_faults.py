@@ -57,6 +57,8 @@ def _save_on_a_full_disk(ckpt, out_root):
 
     faults = {  # where the disk fills up -> the rank it happens on
         "shard": (mock.patch.object(dcp_fs, "_write_item", write_half_then_fail), 0),  # a .distcp file
+        # megatron's common state: 0.16 torch.save's it to common.pt on rank 0 before the shards; 0.17+ torch.save's
+        # it into the shards' state on every rank (a failure on rank 0 only must not leave rank 1 in dcp_save)
         "common": (mock.patch("megatron.core.dist_checkpointing.strategies.common.torch.save", _enospc), 0),
         "config": (mock.patch("megatron.core.dist_checkpointing.serialization.save_config", _enospc), 0),
         "ours": (mock.patch("megatron_prune.checkpoint.megatron.CheckpointMeta.to_json", _enospc), 0),

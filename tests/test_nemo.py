@@ -129,9 +129,15 @@ def test_layout_matches_the_documented_one(exported, hf_dir):
     carried = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
     tok_files = sorted(p.name for p in hf_dir.iterdir() if p.name in carried)
     assert "tokenizer.json" in tok_files
+    # megatron's common (non-tensor) state is in exactly one place: common.pt (megatron-core 0.16, 0.17) or a
+    # 'common_state' object inside the shards (0.19, which still reads common.pt; 0.16 needs the file)
+    from torch.distributed.checkpoint import FileSystemReader
+
+    in_shards = any(k.startswith("common_state") for k in FileSystemReader(str(nemo / "weights")).read_metadata()
+                    .state_dict_metadata)
     expected = {"context/model.yaml", "context/megatron_prune.json",
                 *(f"context/nemo_tokenizer/{n}" for n in tok_files),
-                "weights/.metadata", "weights/metadata.json", "weights/common.pt"}
+                "weights/.metadata", "weights/metadata.json", *([] if in_shards else ["weights/common.pt"])}
     got = {str(p.relative_to(nemo)) for p in nemo.rglob("*") if p.is_file()}
     assert {g for g in got if not g.endswith(".distcp")} == expected
     assert any(g.startswith("weights/__") and g.endswith(".distcp") for g in got)

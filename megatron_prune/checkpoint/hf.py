@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from megatron_prune.arch import ArchError, ModelArch
 from megatron_prune.checkpoint.outputs import follow_umask
+from megatron_prune.runtime.compat import dtype_kwargs, set_config_dtype
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -266,7 +267,7 @@ def export_model_to_hf(model: torch.nn.Module, arch: ModelArch, out_dir: str | o
     if ps.get_tensor_model_parallel_world_size() != 1:
         raise ValueError("export to Hugging Face runs at TP=1 (use one process per pipeline stage: --pp N)")
     config = arch.to_hf_config()  # a shape transformers cannot hold fails here, before anything is written
-    config.torch_dtype = str(dtype or next(model.parameters()).dtype).replace("torch.", "")
+    set_config_dtype(config, str(dtype or next(model.parameters()).dtype).replace("torch.", ""))
     out = Path(out_dir).absolute()
     tmp = out.parent / f".{out.name}.tmp"
     rank = dist.get_rank() if dist.is_initialized() else 0
@@ -343,12 +344,12 @@ def gguf_to_hf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> Path
     if tmp.exists():
         shutil.rmtree(tmp)
     kw = dict(gguf_file=gguf_path.name)
-    quantized = transformers.AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), dtype=torch.float32, **kw)
+    quantized = transformers.AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), **dtype_kwargs(torch.float32), **kw)
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(gguf_path.parent), **kw)
     arch = ModelArch.from_hf_config(quantized.config)  # rejects non-Llama-family files clearly
     config = arch.to_hf_config(extra={k: getattr(quantized.config, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")
                                       if getattr(quantized.config, k, None) is not None})
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = transformers.AutoModelForCausalLM.from_config(config, **dtype_kwargs(torch.float32))
     state = {k: v for k, v in quantized.state_dict().items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not (arch.tie_embeddings and k == "lm_head.weight")]

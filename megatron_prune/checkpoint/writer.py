@@ -22,16 +22,12 @@ from typing import Optional
 
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
-from megatron.core.dist_checkpointing.strategies.torch import (
-    MCoreSavePlanner,
-    TorchDistSaveShardedStrategy,
-    _replace_state_dict_keys_with_sharded_keys,  # what megatron's own torch_dist saver does first
-    mcore_to_pyt_state_dict,
-)
+from megatron.core.dist_checkpointing.strategies.torch import MCoreSavePlanner, mcore_to_pyt_state_dict
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint import save as dcp_save
 from torch.distributed.checkpoint.api import CheckpointException
 
+from megatron_prune.runtime.compat import group_by_sharded_key, torch_dist_save_strategy_base
 from megatron_prune.runtime.distributed import any_rank
 from megatron_prune.runtime.stop import StopRequested
 
@@ -40,11 +36,11 @@ class _PeerFailed(RuntimeError):
     """Another rank failed before this one reached the write."""
 
 
-class InProcessTorchDistSave(TorchDistSaveShardedStrategy):
+class InProcessTorchDistSave(torch_dist_save_strategy_base()):
     """megatron's ``torch_dist`` format (backend and version), written by the calling process (one I/O thread).
 
-    A subclass of megatron's own strategy (megatron-core >= 0.17 replaces any other kind with its default) whose
-    ``save`` writes in-process instead of through the async machinery.
+    A subclass of megatron's own strategy (the kind every megatron-core release uses as given, see
+    runtime/compat.py) whose ``save`` writes in-process instead of through the async machinery.
     """
 
     def __init__(self):
@@ -54,10 +50,17 @@ class InProcessTorchDistSave(TorchDistSaveShardedStrategy):
 
     def save(self, sharded_state_dict, checkpoint_dir) -> None:
         self.entered = True
-        if any_rank(False):  # rank 0 failed writing megatron's common state (see _release_peers)
-            raise _PeerFailed("another rank failed before the write")
-        by_key, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded_state_dict, keep_only_main_replica=True)
-        dcp_save(mcore_to_pyt_state_dict(by_key, is_loading=False),
+        # Serializing the state is local to each rank (megatron-core 0.17+ torch.save's the common state into it):
+        # a failure there must reach the agreement below, not leave the other ranks waiting inside dcp_save.
+        failure: Optional[BaseException] = None
+        try:
+            state = mcore_to_pyt_state_dict(group_by_sharded_key(sharded_state_dict), is_loading=False)
+        except Exception as e:
+            failure = e
+        # also answers rank 0's failure writing megatron 0.16's common.pt before save() (see _release_peers)
+        if any_rank(failure is not None):
+            raise failure or _PeerFailed("another rank failed before the write")
+        dcp_save(state,
                  storage_writer=FileSystemWriter(str(checkpoint_dir), single_file_per_rank=True, thread_count=1),
                  planner=MCoreSavePlanner(dedup_replicated_tensors=False, flatten_state_dict=False))
         self.written = True

@@ -4,13 +4,16 @@ megatron-core hard-codes CUDA in a handful of places (``torch.cuda.current_devic
 ``.cuda()`` on tensors and modules, literal ``device="cuda"`` in tensor factories, the CUDA RNG state
 helpers of its tensor-parallel RNG tracker, and from 0.17 on CUDA streams and events in the gradient
 buffers of its DDP). On a CPU-only machine we redirect each of them to the CPU.
-Nothing here is applied when CUDA is available. It covers megatron-core 0.16 through 0.19.
+Nothing here is applied when CUDA is available. It covers megatron-core 0.16 through 0.19 (what differs between
+those releases is detected in compat.py).
 """
 
 from __future__ import annotations
 
 import torch
 from torch.overrides import TorchFunctionMode
+
+from megatron_prune.runtime.compat import megatron_rng_module
 
 _applied = False
 
@@ -151,8 +154,7 @@ def apply_cpu_compat() -> bool:
     torch.nn.Module.cuda = _identity_cuda
     torch.Tensor.type = _cuda_type_name
 
-    from megatron.core.tensor_parallel import random as tp_random
-
+    tp_random = megatron_rng_module()
     tp_random._get_cuda_rng_state = _cpu_rng_state
     tp_random._set_cuda_rng_state = _set_cpu_rng_state
 

@@ -1,0 +1,96 @@
+"""Every place where megatron-core (0.16.1 - 0.19.x) or transformers (4.51 - 5.x) differ between releases.
+
+The rest of the code calls these names instead of the library's own, so a release that moves an API is handled
+here, once. Each entry detects the feature (an attribute, a parameter, an import), never a version string, and
+says in one comment which releases differ and how. The CPU stand-ins for CUDA calls are in cpu_compat.py.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+# --------------------------------------------------------------------------------------------- megatron-core
+# (imported inside the functions: this module is also used where megatron is not loaded yet)
+
+
+def torch_dist_save_strategy_base() -> type:
+    """The class a custom ``torch_dist`` save strategy must subclass to be used by ``dist_checkpointing.save``.
+
+    0.16: a subclass of AsyncSaveShardedStrategy, (backend, version) positional, any SaveShardedStrategy is used;
+    0.17+: a plain class with defaults, and save() swaps any strategy that is not an instance of it for its
+    default. Subclassing it and passing both arguments works on every release."""
+    from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
+
+    return TorchDistSaveShardedStrategy
+
+
+def group_by_sharded_key(sharded_state_dict: dict) -> dict:
+    """megatron's sharded state dict regrouped by checkpoint key (main replicas only), the first step of its own
+    torch_dist save and the input of ``mcore_to_pyt_state_dict`` (private; same signature 0.16.1 - 0.19.x)."""
+    from megatron.core.dist_checkpointing.strategies import torch as strategies
+
+    group = getattr(strategies, "_replace_state_dict_keys_with_sharded_keys", None)
+    if group is None:  # pragma: no cover - a release that renames it
+        raise ImportError("this megatron-core has no _replace_state_dict_keys_with_sharded_keys; install "
+                          "megatron-core 0.16.1 - 0.19.x")
+    by_key, _, _ = group(sharded_state_dict, keep_only_main_replica=True)
+    return by_key
+
+
+def megatron_rng_module():
+    """The module whose ``_get_cuda_rng_state`` / ``_set_cuda_rng_state`` megatron's tensor-parallel RNG tracker
+    calls (private; 0.16.1 - 0.19.x keep the names and the ``(device, graph_safe)`` arguments)."""
+    from megatron.core.tensor_parallel import random as tp_random
+
+    for name in ("_get_cuda_rng_state", "_set_cuda_rng_state"):
+        if not hasattr(tp_random, name):  # pragma: no cover - a release that renames them
+            raise ImportError(f"megatron.core.tensor_parallel.random has no {name}; install megatron-core "
+                              "0.16.1 - 0.19.x")
+    return tp_random
+
+
+# CUDA streams and events: 0.17+ DDP calls torch.cuda.current_stream().wait_event(...) on every gradient sync
+# and partial distributed optimizers create torch.cuda.Streams; 0.16 calls neither. On a machine without CUDA,
+# cpu_compat.py maps torch.cuda.current_stream/default_stream/stream/Stream/Event to no-op stand-ins on every
+# release (every CPU op has finished when it returns), so nothing here needs to detect it.
+
+# The common (non-tensor) state: 0.16 and 0.17 torch.save it to common.pt on rank 0 before the shards; 0.19 hands
+# it to the strategy as a 'common_state' object serialized into the shards on every rank (no common.pt; 0.19 reads
+# either, 0.16 needs common.pt). checkpoint/writer.py serializes before the ranks agree, which covers both.
+
+
+# ---------------------------------------------------------------------------------------------- transformers
+
+def _config_spells_dtype() -> bool:
+    import transformers
+
+    cfg = transformers.PretrainedConfig
+    # 4.56+ (and 5.x) store ``dtype`` and keep ``torch_dtype`` as a deprecated property; 4.51-4.55 only know
+    # ``torch_dtype`` (an unknown ``dtype=`` there becomes a config attribute or a model argument).
+    return hasattr(cfg, "dtype") or isinstance(getattr(cfg, "torch_dtype", None), property)
+
+
+def dtype_kwargs(dtype: torch.dtype) -> dict:
+    """The dtype argument of ``from_pretrained`` / ``from_config``: ``dtype=`` on 4.56+, ``torch_dtype=`` before."""
+    return {"dtype" if _config_spells_dtype() else "torch_dtype": dtype}
+
+
+def set_config_dtype(config, dtype_name: str) -> None:
+    """Record the weights' dtype (``"float32"``) in a transformers config: ``config.dtype`` on 4.56+ (where
+    ``torch_dtype`` warns as deprecated), ``config.torch_dtype`` before. Both are saved as config.json's dtype."""
+    setattr(config, "dtype" if _config_spells_dtype() else "torch_dtype", dtype_name)
+
+
+def rope_config_kwargs(config_cls, rope_parameters: dict) -> dict:
+    """RoPE as arguments of a transformers config class.
+
+    5.x configs take one ``rope_parameters`` dict (rope_type, rope_theta, scaling); 4.x take ``rope_theta`` and,
+    when scaled, a ``rope_scaling`` dict (5.x would ignore those, 4.x would ignore ``rope_parameters``)."""
+    if "rope_parameters" in inspect.signature(config_cls.__init__).parameters:
+        return {"rope_parameters": rope_parameters}
+    kwargs = {"rope_theta": rope_parameters["rope_theta"]}
+    if rope_parameters.get("rope_type", "default") != "default":
+        kwargs["rope_scaling"] = {k: v for k, v in rope_parameters.items() if k != "rope_theta"}
+    return kwargs
