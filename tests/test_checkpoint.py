@@ -106,3 +106,26 @@ def test_interrupted_write_leaves_no_valid_looking_checkpoint(tmp_path):
     assert not out.exists()
     with pytest.raises(CheckpointError, match="unfinished write"):
         read_meta(tmp)
+
+
+def test_common_state_missing_names_the_megatron_release(ckpt, tmp_path):
+    """megatron-core 0.16/0.17 write the common state to common.pt (and 'common_backend' to metadata.json);
+    0.19 keeps it in the shards and writes neither, which 0.16 cannot read. A copy without common.pt is a damaged
+    0.16 checkpoint (named as corrupt) unless its metadata says it is a 0.19 one (then the message says so).
+    Under 0.19 (CI's second leg) the checkpoint has no common.pt and loads."""
+    import shutil
+
+    if not (ckpt / "common.pt").exists():  # this megatron-core keeps the common state in the shards
+        assert "common_backend" not in json.loads((ckpt / "metadata.json").read_text())
+        run_ranks(_load, 1, ckpt)
+        return
+    damaged, newer = tmp_path / "damaged", tmp_path / "newer"
+    for copy in (damaged, newer):
+        shutil.copytree(ckpt, copy)
+        (copy / "common.pt").unlink()
+    meta = json.loads((newer / "metadata.json").read_text())
+    (newer / "metadata.json").write_text(json.dumps({k: v for k, v in meta.items() if not k.startswith("common_")}))
+    with pytest.raises(RuntimeError, match=r"is corrupt.*common\.pt"):
+        run_ranks(_load, 1, damaged)
+    with pytest.raises(RuntimeError, match=r"written by megatron-core 0\.19 or later.*read it with megatron-core >= 0\.19"):
+        run_ranks(_load, 1, newer)

@@ -165,6 +165,16 @@ def _shard_problems(directory: Path) -> list[str]:
     return problems
 
 
+def _common_state_in_shards(directory) -> bool:
+    """megatron-core 0.19+ writes no common.pt and no 'common_backend' in metadata.json (runtime/compat.py)."""
+    import json
+
+    try:
+        return "common_backend" not in json.loads((Path(directory) / "metadata.json").read_text())
+    except (OSError, ValueError):
+        return False
+
+
 def read_sharded(state: dict, directory: Path) -> dict:
     """``dist_checkpointing.load(state, directory)``; a damaged checkpoint raises CheckpointError naming the
     damaged file (every rank: torch gathers read failures before raising)."""
@@ -176,10 +186,18 @@ def read_sharded(state: dict, directory: Path) -> dict:
         raise
     except (Exception, CheckpointException) as e:  # megatron and torch raise many types for damaged files
         problems = _shard_problems(Path(directory))
+        last = _root_causes(e)[-1]
         if problems:
             reason = "; ".join(problems)
+        elif isinstance(last, FileNotFoundError) and "common.pt" in str(last) and _common_state_in_shards(directory):
+            import megatron.core
+
+            raise CheckpointError(
+                f"could not read checkpoint {directory}: it has no common.pt, which megatron-core "
+                f"{megatron.core.__version__} needs: it was written by megatron-core 0.19 or later (which keeps the "
+                "common state inside the shards); read it with megatron-core >= 0.19, or convert it there to Hugging "
+                "Face (`megatron-prune convert CKPT HF_DIR`) and import that here") from None
         else:
-            last = _root_causes(e)[-1]
             reason = f"it is corrupt or does not match the model ({type(last).__name__}: {str(last)[:300]})"
         raise CheckpointError(f"could not read checkpoint {directory}: {reason}; restore it from a copy or "
                               f"re-create it") from None
