@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 
 def cli(*args, **kw):
@@ -79,3 +80,26 @@ def test_demo_is_the_family_recipe_end_to_end(tmp_path):
     assert (work / "search" / "report.md").is_file()
     again = cli(*args, timeout=3600)
     assert again.returncode == 0 and again.stdout.count("(complete, skipping)") == 9, again.stdout
+
+    # the width-pruned model (hidden 448 with 9 heads: not a multiple) exports to a directory transformers loads,
+    # in a fresh interpreter, with our logits. Eager attention: transformers' SDPA path in fp32 is itself 2.7e-4
+    # from its fp64 logits on this model (ours: 7.7e-5), the eager path is the same math as ours.
+    from distributed_utils import run_ranks
+    from test_conversion import megatron_logits
+
+    pruned = json.loads((work / "small-pruned" / "megatron_prune.json").read_text())["arch"]
+    assert (pruned["hidden_size"], pruned["num_attention_heads"]) == (448, 9)
+    export = cli("convert", str(work / "small-pruned"), str(tmp_path / "small_hf"), timeout=3600)
+    assert export.returncode == 0, export.stderr[-3000:]
+    tokens = torch.randint(0, 49152, (2, 12), generator=torch.Generator().manual_seed(0))
+    ours = run_ranks(megatron_logits, 1, work / "small-pruned", 1, 1, tokens)[0][..., :49152]
+    torch.save(tokens, tmp_path / "tokens.pt")
+    script = ("import sys, torch, transformers\n"
+              "m = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32, "
+              "attn_implementation='eager')\n"
+              "with torch.no_grad(): torch.save(m(torch.load(sys.argv[2])).logits, sys.argv[3])\n")
+    hf = subprocess.run([sys.executable, "-c", script, str(tmp_path / "small_hf"), str(tmp_path / "tokens.pt"),
+                         str(tmp_path / "hf_logits.pt")], capture_output=True, text=True,
+                        env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert hf.returncode == 0, hf.stderr[-3000:]
+    assert (torch.load(tmp_path / "hf_logits.pt") - ours).abs().max() <= 1e-4
