@@ -113,7 +113,8 @@ def smol_scores(smol_ckpt, smol_shakespeare, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("smol_scores") / "smol.scores"
     run_ranks(_score_smol, 1, smol_ckpt, smol_shakespeare["train"], out)
     return out
-def _convert_hf(hf_dir, out):
+def convert_hf(hf_dir, out):
+    """A Hugging Face directory to a TP1 PP1 checkpoint (run inside a rank)."""
     from megatron_prune.pipelines.convert import hf_to_megatron
 
     hf_to_megatron(hf_dir, out)
@@ -131,5 +132,5 @@ def tiny_chat_ckpt(smol_tokenizer_dir, tmp_path_factory) -> Path:
     hf = make_hf_model(root / "hf", vocab_size=49152, hidden_size=64, intermediate_size=96, num_hidden_layers=2)
     for f in smol_tokenizer_dir.iterdir():
         shutil.copy(f, hf / f.name)
-    run_ranks(_convert_hf, 1, hf, root / "ckpt")
+    run_ranks(convert_hf, 1, hf, root / "ckpt")
     return root / "ckpt"

@@ -12,24 +12,18 @@ import sys
 
 import pytest
 
-from conftest import write_token_dataset
+from conftest import convert_hf, write_token_dataset
 from distributed_utils import run_ranks
 from stop_utils import CliRun
 
 ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
 
 
-def _convert(hf_dir, out):
-    from megatron_prune.pipelines.convert import hf_to_megatron
-
-    hf_to_megatron(hf_dir, out)
-
-
 @pytest.fixture(scope="module")
 def root(tiny_llama_dir, tmp_path_factory):
     """The tiny Llama (vocab 1000, 256 positions) as a checkpoint, and 150k random tokens."""
     root = tmp_path_factory.mktemp("stop")
-    run_ranks(_convert, 1, tiny_llama_dir, root / "ckpt")
+    run_ranks(convert_hf, 1, tiny_llama_dir, root / "ckpt")
     write_token_dataset(root / "data", num_docs=600, doc_len=250, vocab=1000)
     return root
 
