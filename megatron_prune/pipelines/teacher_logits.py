@@ -124,13 +124,13 @@ def teacher_logits(teacher: str | Path, data, out: str | Path, seq_len: int = 51
     done = set(box[0])
     todo = [c for c in range(meta.num_chunks) if c not in done]
     mine = todo[ps.get_data_parallel_rank()::ps.get_data_parallel_world_size()]
-    log0(f"teacher-logits: top-{top_k} log-probs ({dtype}) of {teacher} ({t_meta.arch.describe()}) on "
-         f"{num_samples} x {seq_len} tokens of {' '.join(meta.data)} (seed {seed}), TP={tp} PP={pp} DP={layout.dp}, "
-         f"{meta.num_chunks} chunks" + (f", {len(done)} already written" if done else ""))
     bar = progress(num_samples, "teacher-logits", unit="seq")
     bar.update(sum(meta.chunk_range(c)[1] - meta.chunk_range(c)[0] for c in done))
     try:
-        with stop_on_signals(immediate=True):
+        with stop_on_signals(immediate=True):  # before the log line: whoever reads it may signal at once
+            log0(f"teacher-logits: top-{top_k} log-probs ({dtype}) of {teacher} ({t_meta.arch.describe()}) on "
+                 f"{num_samples} x {seq_len} tokens of {' '.join(meta.data)} (seed {seed}), TP={tp} PP={pp} "
+                 f"DP={layout.dp}, {meta.num_chunks} chunks" + (f", {len(done)} already written" if done else ""))
             write_teacher_chunks(model, t_meta.arch, dataset, meta, partial, mine, micro_batch_size, bar=bar)
     except StopRequested as e:  # finished chunks stay: the same command continues from them
         raise StopRequested(e.reason, saved=partial) from None
