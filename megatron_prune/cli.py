@@ -587,7 +587,12 @@ def run(args: argparse.Namespace) -> None:
 # checkpoint format calls torch's deprecated ShardedTensor and load_state_dict. Everything else still shows.
 MEGATRON_NOISE = (
     (UserWarning, r"megatron\.core", r"(Transformer Engine and Apex are|Apex is) not installed"),
-    (UserWarning, r"megatron\.core", r"full scope is deprecated\. Use empty cuda_graph_scope"),
+    (UserWarning, r"megatron\.core", r"full scope is deprecated\. Use empty cuda_graph_(scope|modules)"),
+    (UserWarning, r"megatron\.core", r"MimoModelConfig is experimental"),  # 0.19, at import
+    (UserWarning, r"megatron\.core", r"Could not determine rank from torch\.distributed"),  # 0.19, before init
+    # torch's distributed checkpoint, called by megatron-core 0.19 on a single process / with its own argument order
+    (UserWarning, r"torch\.distributed\.checkpoint", r"torch\.distributed is disabled, unavailable or uninitialized"),
+    (UserWarning, r"torch\.distributed\.checkpoint", r"The argument order of load has been changed"),
     (FutureWarning, r"megatron\.core", r"`load_state_dict` is deprecated and will be removed"),
     (FutureWarning, r"", r"Please use DTensor instead and we are deprecating ShardedTensor"),
 )
