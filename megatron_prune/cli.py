@@ -281,9 +281,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_layout(p)
 
     def _add_sampling(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--max-new-tokens", type=int, default=128)
-        p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-        p.add_argument("--top-p", type=float, default=1.0)
+        p.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate at most per prompt")
+        p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy (default)")
+        p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep the most likely tokens "
+                       "whose probabilities sum to P (1.0: off)")
         p.add_argument("--top-k", type=int, default=0, help="sample among the K most likely tokens (default 0: off)")
         p.add_argument("--seed", type=int, default=0, help="sampling seed; each prompt gets its own stream (default 0)")
         p.add_argument("--no-chat", action="store_true", help="feed text prompts as they are, not through the chat template")
@@ -295,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("ckpt", help="megatron-prune checkpoint")
     p.add_argument("--prompts", required=True, help="prompts file (.jsonl or plain text)")
     p.add_argument("--out", required=True, help="output JSONL (one record per prompt, with completion and tokens)")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per generation batch (per data-parallel rank)")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence every step (slow; for checks)")
     _add_sampling(p)
     _add_layout(p)
@@ -319,7 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "(ckpt_i - base)). Streams tensor groups from the sharded inputs; writes at --tp/--pp.")
     p.add_argument("ckpts", nargs="+", help="input checkpoints")
     p.add_argument("--out", required=True, help="merged checkpoint to write")
-    p.add_argument("--method", choices=["slerp", "linear"], default="slerp")
+    p.add_argument("--method", choices=["slerp", "linear"], default="slerp",
+                   help="slerp: two inputs along the great circle; linear: weighted sum of N inputs")
     p.add_argument("--t", default="0.5", help="SLERP factor (0 = first input, 1 = second), or a comma list over layers")
     p.add_argument("--weights", help="comma-separated weights for --method linear (default: equal)")
     p.add_argument("--base", help="base checkpoint for task arithmetic (--method linear)")
@@ -355,9 +357,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher", required=True, help="the unpruned (instruction-tuned) checkpoint")
     p.add_argument("--data", required=True, help="SFT JSONL (instruction/output or messages records)")
     p.add_argument("--out", required=True, help="distilled SFT JSONL to write")
-    p.add_argument("--max-new-tokens", type=int, default=512)
-    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
-    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--max-new-tokens", type=int, default=512, help="longest rewrite in tokens; one that reaches it is dropped as truncated (the original answer is kept)")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep the most likely tokens "
+                   "whose probabilities sum to P (1.0: off)")
     p.add_argument("--top-k", type=int, default=0, help="sample among the K most likely tokens (default 0: off)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed; each example gets its own stream (default 0)")
     p.add_argument("--batch-size", type=int, default=8, help="prompts per generation batch (per data-parallel rank)")
@@ -402,8 +405,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="change a stage option, as in `run` (e.g. --set search.top_k=3)")
     for p in sub.choices.values():  # every subcommand's --help shows the defaults
         for action in p._actions:
-            if (action.option_strings and action.default not in (None, False, argparse.SUPPRESS)
-                    and "default" not in (action.help or "")):
+            if (action.option_strings and action.help and action.default not in (None, False, argparse.SUPPRESS)
+                    and "default" not in action.help):  # no help at all stays None: the help test names it
                 action.help = f"{action.help} (default %(default)s)"
     return parser
 
