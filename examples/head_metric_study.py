@@ -13,9 +13,9 @@ the baseline every metric must beat.
 Steps (each resumes from workdir/results.json):
   1. importance on --calib-samples random windows for every --calib-seeds seed (one pass each, all metrics);
   2. zero-shot: every target x metric x seed pruned in memory and evaluated; random choices for --random-seeds;
-  3. after distillation: for the first calibration seed, every metric and --distill-random random choices, prune
-     to a checkpoint and distill --distill-steps steps from the unpruned model (same data, schedule and seed for
-     all), then evaluate;
+  3. after distillation: for each --distill-seeds calibration seed (default: the first), every metric, and
+     --distill-random random choices, prune to a checkpoint and distill --distill-steps steps from the unpruned
+     model (same data, schedule and seed for all), then evaluate;
   4. workdir/report.md (tables) and workdir/report.png.
 """
 
@@ -50,6 +50,8 @@ def parse_args(argv=None):
     p.add_argument("--distill-steps", type=int, default=40, help="0: zero-shot only")
     p.add_argument("--distill-target", default="heads=6")
     p.add_argument("--distill-random", type=int, default=2, help="random choices also distilled")
+    p.add_argument("--distill-seeds", type=int, nargs="+",
+                   help="calibration seeds whose metric choices are distilled (default: the first calibration seed)")
     return p.parse_args(argv)
 
 
@@ -129,12 +131,13 @@ def main(argv=None):
         from megatron_prune.distill.trainer import latest_step_dir, train
         from megatron_prune.prune.checkpoint import prune_checkpoint
 
+        distill_seeds = args.distill_seeds or args.calib_seeds[:1]
         seed0 = scores[args.calib_seeds[0]]
-        runs = [(m, seed0.with_head_metric(m)) for m in METRICS]
+        runs = [(f"{m} seed{s}", scores[s].with_head_metric(m)) for s in distill_seeds for m in METRICS]
         runs += [(f"random seed{r}", random_heads(seed0, r)) for r in range(args.distill_random)]
         for name, sc in runs:
-            if name in after:
-                continue
+            if name in after or (name.endswith(" seed0") and name.split()[0] in after):
+                continue  # (results of an earlier version of this script name seed 0's runs by metric alone)
             plan = make_plan(sc, arch, PruneTarget.parse(args.distill_target))
             student = work / f"ckpt-{name.replace(' ', '-')}"
             if not student.exists():
@@ -176,9 +179,14 @@ def render(results) -> str:
             cells.append(_summary(vals) if vals else "")
         lines.append(f"| {target} | " + " | ".join(cells) + " |")
     if results.get("distilled"):
-        lines += ["", f"### After {cfg['distill_steps']} distillation steps ({cfg['distill_target']}, calibration seed "
-                  f"{cfg['calib_seeds'][0]})", "", "| head choice | LM loss |", "|---|---|"]
-        lines += [f"| {k} | {r['loss']:.3f} |" for k, r in results["distilled"].items()]
+        seeds = cfg.get("distill_seeds") or cfg["calib_seeds"][:1]
+        lines += ["", f"### After {cfg['distill_steps']} distillation steps ({cfg['distill_target']}): LM loss, mean ± sd "
+                  f"over calibration seeds {seeds} (random: over random choices)", "",
+                  "| head choice | LM loss |", "|---|---|"]
+        for metric in (*METRICS, "random"):
+            vals = [r["loss"] for k, r in results["distilled"].items() if k.split()[0] == metric]
+            if vals:
+                lines.append(f"| {metric} | {_summary(vals)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -203,10 +211,10 @@ def plot(results, path: Path) -> None:
     ax.legend(fontsize=7)
     if results.get("distilled"):
         ax = axes[0][1]
-        names = list(results["distilled"])
-        ax.bar(range(len(names)), [results["distilled"][n]["loss"] for n in names],
-               color=[f"C{METRICS.index(n)}" if n in METRICS else "C3" for n in names])
-        ax.set_xticks(range(len(names)), names, rotation=20, fontsize=7)
+        for j, metric in enumerate((*METRICS, "random")):
+            vals = [r["loss"] for k, r in results["distilled"].items() if k.split()[0] == metric]
+            ax.scatter([j] * len(vals), vals, color=f"C{j}")
+        ax.set_xticks(range(len(METRICS) + 1), [*METRICS, "random"], fontsize=8)
         lo = min(r["loss"] for r in results["distilled"].values())
         ax.set_ylim(lo - 0.2, None)
         ax.set_title(f"after {cfg['distill_steps']} KD steps ({cfg['distill_target']})")
