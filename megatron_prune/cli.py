@@ -246,9 +246,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="build a model family from a YAML recipe of stages (resumable)",
                        description="Run the named stages of a recipe (convert, data, importance, prune, search, "
-                       "distill, train, eval; each with its own TP/PP) in order. A stage whose output is already "
-                       "complete is skipped, so an interrupted build resumes where it stopped; an eval stage writes "
-                       "the family report. See examples/smollm2_family.yaml.")
+                       "distill, train, sft, selfdistill, merge, generate, specdec, eval; each with its own TP/PP) "
+                       "in order. A stage whose output is already complete is skipped, so an interrupted build "
+                       "resumes where it stopped (an eval stage keeps the models it measured before a stop); an "
+                       "eval stage writes the family report. See examples/smollm2_family.yaml.")
     p.add_argument("recipe", help="YAML recipe")
     p.add_argument("--workdir", help="override the recipe's workdir")
     p.add_argument("--dry-run", action="store_true", help="print the stages and what would run, run nothing")

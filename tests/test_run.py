@@ -94,6 +94,29 @@ def test_family_build_resumes_after_a_kill(recipe_setup, tmp_path):
     for g, w in zip(got, want):
         assert g["model"] == w["model"] and abs(g["lm_loss"] - w["lm_loss"]) <= 1e-6 * w["lm_loss"], (g, w)
 
+    # SIGTERM in the eval stage once a model is measured: exit 75 with a message, a "stopped" event, and the
+    # measured rows kept; the next run evaluates only the rest and gives the same table
+    from stop_utils import CliRun
+
+    (work / "eval.json").unlink()
+    partial = work / "eval.partial.jsonl"
+    stopped = CliRun(_run(recipe, work, "--stages", "eval"), tmp_path / "stop-log", env)
+    stopped.wait_for(lambda: partial.is_file() and partial.read_text().count("\n") >= 1, "a measured model")
+    code, out, err = stopped.stop(signal.SIGTERM)
+    assert code == 75, (code, out[-2000:], err[-2000:])
+    kept = partial.read_text().count("\n")
+    assert 1 <= kept < 3 and f"stopped by SIGTERM after {kept} of 3 models" in err and str(partial) in err, err[-2000:]
+    assert not (work / "eval.json").exists()
+    assert _log(work)[-1]["event"] == "stopped" and _log(work)[-1]["stage"] == "eval"
+    resumed = subprocess.run(_run(recipe, work, "--stages", "eval"), capture_output=True, text=True, env=env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert (resumed.stdout + resumed.stderr).count("measured before, kept") == kept
+    assert not partial.exists()
+    got = json.loads((work / "eval.json").read_text())["rows"]
+    assert [g["model"] for g in got] == [w["model"] for w in want]
+    for g, w in zip(got, want):
+        assert abs(g["lm_loss"] - w["lm_loss"]) <= 1e-6 * w["lm_loss"], (g, w)
+
 
 def test_recipe_errors(tmp_path):
     from megatron_prune.recipe import RecipeError, load_recipe

@@ -7,6 +7,7 @@ from typing import Optional
 
 from megatron_prune import inputs
 from megatron_prune.evaluate import EvalResult, lm_loss
+from megatron_prune.runtime.stop import stop_on_signals
 
 
 def check_eval(ckpt, data_prefix, seq_len: int, micro_batch_size: int, max_sequences: Optional[int], tp: int,
@@ -22,6 +23,7 @@ def check_eval(ckpt, data_prefix, seq_len: int, micro_batch_size: int, max_seque
         inputs.output(out, "--out", overwrite=None, kind="file")
 
 
+@stop_on_signals(immediate=True)  # a measurement has nothing to resume: a stop ends it, nothing is written
 def evaluate_checkpoint(ckpt: str | Path, data_prefix: str | Path, seq_len: int = 512, micro_batch_size: int = 4,
                         max_sequences: Optional[int] = None, tp: int = 1, pp: int = 1,
                         out: Optional[str | Path] = None) -> EvalResult:
@@ -44,6 +46,7 @@ def evaluate_checkpoint(ckpt: str | Path, data_prefix: str | Path, seq_len: int 
     return result
 
 
+@stop_on_signals(immediate=True)  # a measurement has nothing to resume: a stop ends it, nothing is written
 def evaluate_tasks(ckpt: str | Path, sft_data: Optional[str | Path] = None, arithmetic: int = 0, humaneval: int = 0,
                    kl_teacher: Optional[str | Path] = None, data_prefix: Optional[str | Path] = None,
                    seq_len: int = 512, max_sequences: Optional[int] = None, micro_batch_size: int = 4,
@@ -95,6 +98,7 @@ def evaluate_tasks(ckpt: str | Path, sft_data: Optional[str | Path] = None, arit
     return result
 
 
+@stop_on_signals(immediate=True)  # a measurement has nothing to resume: a stop ends it, nothing is written
 def evaluate_lm_eval(ckpt: str | Path, tasks, include_path=None, num_fewshot: Optional[int] = None,
                      limit: Optional[float] = None, batch_size: int = 8, max_length: Optional[int] = None,
                      apply_chat_template: bool = False, data_prefix: Optional[str | Path] = None, seq_len: int = 512,

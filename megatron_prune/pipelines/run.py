@@ -2,8 +2,8 @@
 
 Each stage calls the pipeline function of its verb with its own TP/PP. A stage whose output is already
 complete (our metadata file written last by an atomic rename, a final step checkpoint, a score file, a
-result JSON) is skipped, so a failed or interrupted build resumes where it stopped. Every start, finish and
-skip is appended to ``workdir/run_log.jsonl``. An ``eval`` stage also writes the family report
+result JSON) is skipped, so a failed or interrupted build resumes where it stopped. Every start, finish, skip,
+stop (a signal) and failure is appended to ``workdir/run_log.jsonl``. An ``eval`` stage also writes the family report
 (``workdir/report.md`` and ``report.png``).
 """
 
@@ -183,39 +183,89 @@ LM_EVAL_OPTIONS = ("tasks", "include_path", "num_fewshot", "limit", "max_length"
 
 def _run_eval(recipe: Recipe, stage: Stage, o: dict, out: str, tp: int, pp: int) -> None:
     """Held-out LM loss of every model listed (with ``sft_data``/``kl_teacher``: also task accuracy and the
-    forgetting KL), saved as one JSON, plus the family report."""
-    from megatron_prune.pipelines.eval import evaluate_checkpoint, evaluate_tasks
-    from megatron_prune.runtime import is_rank0
+    forgetting KL), saved as one JSON, plus the family report.
 
-    rows = []
+    Each model's row is appended to ``<out>.partial.jsonl`` as soon as it is measured, so a stop signal or a
+    crash costs at most the model in flight: the next run keeps the rows whose checkpoint and options are
+    unchanged and evaluates the rest.
+    """
+    from megatron_prune.runtime import is_rank0, log0
+    from megatron_prune.runtime.stop import StopRequested, stop_on_signals
+
     tasks = {k: o[k] for k in TASK_OPTIONS if k in o} if any(k in o for k in TASK_OPTIONS[:4]) else {}
     lm_eval = {k: o[k] for k in LM_EVAL_OPTIONS if k in o}
     if tasks and lm_eval:
         raise RecipeError(f"{recipe.path}: stage {stage.name!r}: lm-eval `tasks` and the SFT task options "
                           f"({', '.join(k for k in tasks if k in TASK_OPTIONS[:4])}) go in two eval stages")
-    for name, ckpt in zip(stage.options["models"], o.pop("models")):
-        if lm_eval:  # lm-evaluation-harness tasks: one column per task and metric, e.g. arc_easy/acc
-            from megatron_prune.pipelines.eval import evaluate_lm_eval
-
-            r = evaluate_lm_eval(ckpt, data_prefix=o["data"], seq_len=o.get("seq_len", 512),
-                                 max_sequences=o.get("max_sequences"), micro_batch_size=o.get("micro_batch_size", 4),
-                                 batch_size=o.get("batch_size", 8), tp=tp, pp=pp, **lm_eval) or {}
-            r = {**{k: v for k, v in r.items() if k != "tasks"},
-                 **{f"{t}/{m}": v for t, ms in r.get("tasks", {}).items() for m, v in ms.items()}}
-        elif tasks:
-            r = evaluate_tasks(ckpt, data_prefix=o["data"], seq_len=o.get("seq_len", 512),
-                               max_sequences=o.get("max_sequences"), micro_batch_size=o.get("micro_batch_size", 4),
-                               tp=tp, pp=pp, **tasks)
-        else:
-            r = evaluate_checkpoint(ckpt, o["data"], seq_len=o.get("seq_len", 512),
-                                    micro_batch_size=o.get("micro_batch_size", 4),
-                                    max_sequences=o.get("max_sequences"), tp=tp, pp=pp).to_dict()
-        rows.append({"model": name, **r, "checkpoint": ckpt, **_lineage(recipe, name)})
+    models = list(zip(stage.options["models"], o.pop("models")))
+    partial = Path(out).with_name(Path(out).stem + ".partial.jsonl")
+    done = _measured_rows(partial)
+    rows = []
+    with stop_on_signals(immediate=True):  # a stop ends the model in flight; the rows measured so far stay
+        try:
+            for i, (name, ckpt) in enumerate(models, start=1):
+                key = _row_key(name, ckpt, o)
+                if key in done:
+                    log0(f"eval {i}/{len(models)} {name}: measured before, kept from {partial.name}")
+                    r = done[key]
+                else:
+                    log0(f"eval {i}/{len(models)} {name}: {ckpt}")
+                    r = _evaluate_one(ckpt, o, tasks, lm_eval, tp, pp)
+                    if is_rank0():
+                        with open(partial, "a") as f:
+                            f.write(json.dumps({"key": key, "row": r}) + "\n")
+                rows.append({"model": name, **r, "checkpoint": ckpt, **_lineage(recipe, name)})
+        except StopRequested as e:
+            raise StopRequested(e.reason, saved=partial if rows else None,
+                                at=f"after {len(rows)} of {len(models)} models") from None
     if is_rank0():
         from megatron_prune.checkpoint.outputs import write_json_atomic
 
         write_json_atomic(Path(out), {"data": str(o["data"]), "rows": rows})
         write_family_report(recipe, rows)
+        partial.unlink(missing_ok=True)
+
+
+def _evaluate_one(ckpt: str, o: dict, tasks: dict, lm_eval: dict, tp: int, pp: int) -> dict:
+    from megatron_prune.pipelines.eval import evaluate_checkpoint, evaluate_tasks
+
+    if lm_eval:  # lm-evaluation-harness tasks: one column per task and metric, e.g. arc_easy/acc
+        from megatron_prune.pipelines.eval import evaluate_lm_eval
+
+        r = evaluate_lm_eval(ckpt, data_prefix=o["data"], seq_len=o.get("seq_len", 512),
+                             max_sequences=o.get("max_sequences"), micro_batch_size=o.get("micro_batch_size", 4),
+                             batch_size=o.get("batch_size", 8), tp=tp, pp=pp, **lm_eval) or {}
+        return {**{k: v for k, v in r.items() if k != "tasks"},
+                **{f"{t}/{m}": v for t, ms in r.get("tasks", {}).items() for m, v in ms.items()}}
+    if tasks:
+        return evaluate_tasks(ckpt, data_prefix=o["data"], seq_len=o.get("seq_len", 512),
+                              max_sequences=o.get("max_sequences"), micro_batch_size=o.get("micro_batch_size", 4),
+                              tp=tp, pp=pp, **tasks)
+    return evaluate_checkpoint(ckpt, o["data"], seq_len=o.get("seq_len", 512),
+                               micro_batch_size=o.get("micro_batch_size", 4),
+                               max_sequences=o.get("max_sequences"), tp=tp, pp=pp).to_dict()
+
+
+def _row_key(name: str, ckpt: str, options: dict) -> str:
+    """What a measured row depends on: the model, its checkpoint as written (a rebuilt stage is a new directory
+    with a new mtime) and the eval options."""
+    import os
+
+    stamp = os.stat(ckpt).st_mtime_ns if os.path.exists(ckpt) else None
+    return json.dumps([name, ckpt, stamp, options], sort_keys=True, default=str)
+
+
+def _measured_rows(partial: Path) -> dict[str, dict]:
+    """Rows a stopped eval stage measured (a line cut short by the stop is ignored)."""
+    rows = {}
+    if partial.is_file():
+        for line in partial.read_text().splitlines():
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            rows[entry["key"]] = entry["row"]
+    return rows
 
 
 def _lineage(recipe: Recipe, name: str) -> dict:
@@ -298,6 +348,7 @@ def run(recipe_path: str | Path, workdir: Optional[str] = None, dry_run: bool = 
     """Run (or with ``dry_run`` describe) the recipe's stages; returns [(stage, "done"|"skipped"|"would run")].
     ``overrides``: ``STAGE.KEY=VALUE`` changes to the recipe (``--set``)."""
     from megatron_prune.runtime import log0
+    from megatron_prune.runtime.stop import StopRequested
 
     recipe = load_recipe(recipe_path, workdir, overrides)
     if recipe.workdir.is_file():
@@ -325,7 +376,14 @@ def run(recipe_path: str | Path, workdir: Optional[str] = None, dry_run: bool = 
         log0(head)
         _log_event(recipe.workdir, stage=stage.name, event="start")
         t = time.time()
-        run_stage(recipe, stage)
+        try:
+            run_stage(recipe, stage)
+        except StopRequested as e:
+            _log_event(recipe.workdir, stage=stage.name, event="stopped", reason=str(e))
+            raise
+        except Exception as e:
+            _log_event(recipe.workdir, stage=stage.name, event="failed", error=f"{type(e).__name__}: {e}")
+            raise
         _log_event(recipe.workdir, stage=stage.name, event="done", seconds=round(time.time() - t, 1))
         status.append((stage.name, "done"))
     if not dry_run and (recipe.workdir / "report.md").is_file():
