@@ -87,16 +87,22 @@ def _plot(groups: dict, spec: dict, path: Path) -> None:
     shown = [(k, t) for k, t, _ in METRICS if all(k in r for rs in groups.values() for r in rs)]
     fig, axes = plt.subplots(1, len(shown) + 1, figsize=(4 * (len(shown) + 1), 3.6))
     names = list(groups)
+    palette = ["C0", "C1", "C2", "C3", "C4", "C5"]
+    color = {"teacher": "#555", "pruned": "#aaa"}  # one colour per model in every panel
+    color.update({n: palette[i % len(palette)] for i, n in enumerate(n for n in names if n not in color)})
     for ax, (key, title) in zip(axes, shown):
         means = [statistics.mean(r[key] for r in groups[n]) for n in names]
         errs = [statistics.stdev(r[key] for r in groups[n]) if len(groups[n]) > 1 else 0 for n in names]
-        ax.bar(range(len(names)), means, yerr=errs, color=["#555", "#bbb"] + ["C0", "C1", "C2", "C3"][: len(names) - 2])
+        ax.bar(range(len(names)), means, yerr=errs, color=[color[n] for n in names])
+        if key == "lm_loss":  # the differences are tenths of a nat on a loss of ~4: start the axis near them
+            ax.set_ylim(min(means) - 0.1, max(means) + 0.05)
         ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
         ax.set_title(title, fontsize=10)
         ax.grid(axis="y", alpha=0.3)
     ax = axes[-1]
     for draft, ks in spec.items():
-        ax.plot([int(k) for k in ks], [r["mean_accepted_length"] for r in ks.values()], marker="o", label=draft)
+        ax.plot([int(k) for k in ks], [r["mean_accepted_length"] for r in ks.values()], marker="o", label=draft,
+                color=color.get(draft))
     ax.set_xlabel("draft length k")
     ax.set_title("mean accepted length per target step", fontsize=10)
     ax.legend(fontsize=8)
