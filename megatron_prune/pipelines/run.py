@@ -10,6 +10,7 @@ stop (a signal) and failure is appended to ``workdir/run_log.jsonl``. An ``eval`
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -249,8 +250,6 @@ def _evaluate_one(ckpt: str, o: dict, tasks: dict, lm_eval: dict, tp: int, pp: i
 def _row_key(name: str, ckpt: str, options: dict) -> str:
     """What a measured row depends on: the model, its checkpoint as written (a rebuilt stage is a new directory
     with a new mtime) and the eval options."""
-    import os
-
     stamp = os.stat(ckpt).st_mtime_ns if os.path.exists(ckpt) else None
     return json.dumps([name, ckpt, stamp, options], sort_keys=True, default=str)
 
