@@ -622,6 +622,9 @@ def main(argv=None) -> int:
     try:
         run(args)
     except StopRequested as e:  # SIGTERM/SIGINT/SIGUSR1: saved (or nothing written), see docs/distillation.md
+        # A stop raised from the signal handler can interrupt a constructor (a tqdm bar, a dataset); the half-built
+        # object's __del__ then fails when the traceback is freed. That is noise on the way out, not an error.
+        sys.unraisablehook = lambda _unraisable: None
         if is_rank0():
             print(f"megatron-prune {args.command}: {e}", file=sys.stderr, flush=True)
             write_stop_marker(f"megatron-prune {args.command}: {e}")

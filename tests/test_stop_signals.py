@@ -96,3 +96,55 @@ def test_teacher_logits_stops_on_sigusr1_and_the_rerun_finishes(root, tmp_path):
     assert rerun.proc.wait(timeout=600) == 0, rerun.output()[-3000:]
     assert not partial.exists()
     assert TeacherLogitsFile(out).meta.num_samples == samples
+
+
+# A stop raised from the signal handler surfaces wherever the main thread is: inside library code. Two places where
+# that went wrong under load (a second copy of the suite running): the signal landing in megatron's module builder,
+# and in a tqdm bar's constructor. Both are provoked here by raising the stop at exactly that point.
+
+def test_a_stop_inside_megatrons_module_builder_keeps_its_message():
+    """megatron's build_module re-raises `type(e)(f"{e} when instantiating X")` for an Exception; the stop must
+    pass through unchanged (it read "stopped by stopped by SIGTERM; ... when instantiating MLP; ...")."""
+    from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+
+    from megatron_prune.runtime.stop import StopRequested
+
+    class SignalledWhileBuilding:
+        def __init__(self):
+            raise StopRequested("SIGTERM")
+
+    with pytest.raises(StopRequested) as stopped:
+        build_module(ModuleSpec(module=SignalledWhileBuilding))
+    assert str(stopped.value) == ("stopped by SIGTERM; nothing was written; run the same command again to start "
+                                  "over")
+    assert stopped.value.reason == "SIGTERM"
+
+
+def test_a_stop_inside_a_progress_bar_constructor_prints_one_line(tmp_path):
+    """The half-built tqdm bar's __del__ failed ("'tqdm' object has no attribute 'pos'") after the stop message."""
+    import subprocess
+
+    script = """
+import sys
+import tqdm.std
+from megatron_prune import cli
+from megatron_prune.runtime.stop import StopRequested
+
+def signalled(*args, **kwargs):  # the stop lands inside tqdm's constructor, before it sets .pos
+    raise StopRequested("SIGINT")
+
+def generate(args):
+    from megatron_prune.runtime.progress import progress
+    tqdm.std.tqdm._get_free_pos = signalled
+    progress(64, "generate", unit="prompt")
+
+cli.run = generate
+sys.exit(cli.main(["generate", "ckpt", "--prompts", "p.jsonl", "--out", "o.jsonl"]))
+"""
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                          env=ENV)
+    from megatron_prune.runtime.stop import EXIT_STOPPED
+
+    assert done.returncode == EXIT_STOPPED, done.stderr[-3000:]
+    assert done.stderr == ("megatron-prune generate: stopped by SIGINT; nothing was written; run the same command "
+                           "again to start over\n")

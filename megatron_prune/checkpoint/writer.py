@@ -29,7 +29,6 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_prune.runtime.compat import group_by_sharded_key, torch_dist_save_strategy_base
 from megatron_prune.runtime.distributed import any_rank
-from megatron_prune.runtime.stop import StopRequested
 
 
 class _PeerFailed(RuntimeError):
@@ -128,8 +127,6 @@ def write_sharded(state: dict, directory: Path) -> None:
     message: Optional[str] = None
     try:
         dist_checkpointing.save(state, str(directory), sharded_strategy=strategy)
-    except StopRequested:  # a signal during an immediate-stop pass is not a storage fault
-        raise
     except (Exception, CheckpointException) as e:  # CheckpointException is a BaseException
         message = None if isinstance(e, _PeerFailed) else explain_write_error(e, directory)
         _release_peers(strategy)
@@ -182,8 +179,6 @@ def read_sharded(state: dict, directory: Path) -> dict:
 
     try:
         return dist_checkpointing.load(state, str(directory))
-    except StopRequested:
-        raise
     except (Exception, CheckpointException) as e:  # megatron and torch raise many types for damaged files
         problems = _shard_problems(Path(directory))
         last = _root_causes(e)[-1]

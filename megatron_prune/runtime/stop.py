@@ -35,9 +35,14 @@ def write_stop_marker(message: str) -> None:
         Path(path).write_text(message + "\n")
 
 
-class StopRequested(Exception):
+class StopRequested(BaseException):
     """The run stopped on a signal; ``saved`` is the checkpoint to continue from (None: nothing was saved);
-    ``at`` says where the run was (default: "at step N")."""
+    ``at`` says where the run was (default: "at step N").
+
+    A BaseException, like KeyboardInterrupt: raised from a signal handler it can surface inside any library code,
+    and libraries' ``except Exception`` must neither swallow it nor re-wrap it (megatron's ``build_module``
+    re-raises ``type(e)(f"{e} when instantiating ...")``, which made "stopped by stopped by ..." messages).
+    """
 
     def __init__(self, reason: str, saved: Optional[Path] = None, step: Optional[int] = None,
                  at: Optional[str] = None):
