@@ -617,6 +617,7 @@ def main(argv=None) -> int:
     from megatron_prune.arch import ArchError
     from megatron_prune.checkpoint import CheckpointError
     from megatron_prune.runtime import destroy, is_rank0
+    from megatron_prune.runtime.progress import close_bars
     from megatron_prune.runtime.stop import EXIT_STOPPED, StopRequested, write_stop_marker
 
     try:
@@ -626,6 +627,7 @@ def main(argv=None) -> int:
         # object's __del__ then fails when the traceback is freed. That is noise on the way out, not an error.
         sys.unraisablehook = lambda _unraisable: None
         if is_rank0():
+            close_bars()
             print(f"megatron-prune {args.command}: {e}", file=sys.stderr, flush=True)
             write_stop_marker(f"megatron-prune {args.command}: {e}")
         return EXIT_STOPPED

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_prune.arch import ArchError, ModelArch
-from megatron_prune.checkpoint.outputs import follow_umask
+from megatron_prune.checkpoint.outputs import follow_umask, replace_dir
 from megatron_prune.runtime.compat import dtype_kwargs, set_config_dtype
 
 TOKENIZER_FILES = (
@@ -283,9 +283,7 @@ def export_model_to_hf(model: torch.nn.Module, arch: ModelArch, out_dir: str | o
         shutil.rmtree(tmp, ignore_errors=True)  # a partial export is hundreds of MB of nothing usable
         raise
     if rank == 0:
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+        replace_dir(tmp, out)
     if dist.is_initialized():
         dist.barrier()
     return out
@@ -364,9 +362,7 @@ def gguf_to_hf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> Path
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    replace_dir(tmp, out)
     return out
 
 

@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_prune.arch import ModelArch
+from megatron_prune.checkpoint.outputs import replace_dir
 
 METADATA_FILE = "megatron_prune.json"
 TOKENIZER_DIR = "tokenizer"
@@ -162,15 +163,17 @@ def save_checkpoint(
         state.update(extra_state)
     try:
         write_sharded(state, tmp)  # on failure every rank raises, together
-    except CheckpointError:
+    except BaseException:  # that failure, or a stop signal (StopRequested) in the middle
         if _rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)  # a partial write would keep a full disk full
         raise
     if _rank() == 0:
         try:
             _finish(model, arch, tmp, out, tokenizer_src, provenance, extra_files)
-        except OSError as e:
+        except BaseException as e:  # also a stop signal
             shutil.rmtree(tmp, ignore_errors=True)
+            if not isinstance(e, OSError):
+                raise
             failure = explain_write_error(e, out)
     _agree_or_raise(failure, out)
     return out
@@ -200,15 +203,7 @@ def _finish(model, arch, tmp: Path, out: Path, tokenizer_src, provenance, extra_
     for name, text in (extra_files or {}).items():
         (tmp / name).write_text(text)
     (tmp / METADATA_FILE).write_text(json.dumps(meta.to_json(), indent=2) + "\n")
-    if out.exists():
-        old = out.parent / f".{out.name}.old"
-        if old.exists():
-            shutil.rmtree(old)
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(out)
+    replace_dir(tmp, out)
 
 
 def load_into(model: torch.nn.Module, ckpt_dir: str | os.PathLike, arch: Optional[ModelArch] = None,

@@ -30,6 +30,7 @@ import torch.distributed as dist
 
 from megatron_prune.arch import _LLAMA3_ROPE_DEFAULTS, ArchError, ModelArch
 from megatron_prune.checkpoint.megatron import CheckpointError
+from megatron_prune.checkpoint.outputs import replace_dir
 
 CONTEXT_DIR = "context"
 WEIGHTS_DIR = "weights"
@@ -415,10 +416,7 @@ def save_nemo_checkpoint(model: torch.nn.Module, arch: ModelArch, out_dir: str |
                          tokenizer_src: Optional[str | os.PathLike] = None, overwrite: bool = False,
                          provenance: Optional[dict] = None) -> Path:
     """Write this rank's shard of ``model`` as a NeMo 2 checkpoint; collective, atomic (temp dir + rename)."""
-    import yaml
     from megatron.core import dist_checkpointing
-
-    from megatron_prune.checkpoint.hf import copy_tokenizer_files, has_tokenizer
 
     out = Path(out_dir).absolute()
     if out.exists() and not overwrite:
@@ -432,27 +430,39 @@ def save_nemo_checkpoint(model: torch.nn.Module, arch: ModelArch, out_dir: str |
         (tmp / CONTEXT_DIR).mkdir()
     if dist.is_initialized():
         dist.barrier()
-    dist_checkpointing.save(model.sharded_state_dict(prefix=NEMO_PREFIX), str(tmp / WEIGHTS_DIR))
-    if dist.is_initialized():
-        dist.barrier()
-    if rank == 0:
-        context = tmp / CONTEXT_DIR
-        has_tok = False
-        if tokenizer_src is not None and has_tokenizer(tokenizer_src):
-            copy_tokenizer_files(tokenizer_src, context / NEMO_TOKENIZER_DIR)
-            has_tok = True
-        dtype = next(model.parameters()).dtype
-        (context / MODEL_YAML).write_text(yaml.safe_dump(nemo_model_yaml(arch, dtype, has_tok), sort_keys=False))
-        prov = dict(provenance or {})
-        prov.setdefault("created", datetime.datetime.now().isoformat(timespec="seconds"))
-        (context / ARCH_FILE).write_text(json.dumps({"vocab_size": arch.vocab_size, "model_type": arch.model_type,
-                                                     "arch": arch.to_dict(), "provenance": prov}, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+    try:
+        dist_checkpointing.save(model.sharded_state_dict(prefix=NEMO_PREFIX), str(tmp / WEIGHTS_DIR))
+        if dist.is_initialized():
+            dist.barrier()
+        if rank == 0:
+            _finish_nemo(model, arch, tmp, out, tokenizer_src, provenance)
+    except BaseException:  # a failure or a stop signal (StopRequested): no half-written checkpoint stays
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if dist.is_initialized():
         dist.barrier()
     return out
+
+
+def _finish_nemo(model, arch: ModelArch, tmp: Path, out: Path, tokenizer_src, provenance) -> None:
+    """Rank 0, after the weights: the context (tokenizer, model.yaml, our arch file), then the rename into place."""
+    import yaml
+
+    from megatron_prune.checkpoint.hf import copy_tokenizer_files, has_tokenizer
+
+    context = tmp / CONTEXT_DIR
+    has_tok = False
+    if tokenizer_src is not None and has_tokenizer(tokenizer_src):
+        copy_tokenizer_files(tokenizer_src, context / NEMO_TOKENIZER_DIR)
+        has_tok = True
+    dtype = next(model.parameters()).dtype
+    (context / MODEL_YAML).write_text(yaml.safe_dump(nemo_model_yaml(arch, dtype, has_tok), sort_keys=False))
+    prov = dict(provenance or {})
+    prov.setdefault("created", datetime.datetime.now().isoformat(timespec="seconds"))
+    (context / ARCH_FILE).write_text(json.dumps({"vocab_size": arch.vocab_size, "model_type": arch.model_type,
+                                                 "arch": arch.to_dict(), "provenance": prov}, indent=2) + "\n")
+    replace_dir(tmp, out)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import Mapping, Optional
 
@@ -63,6 +64,29 @@ def write_json_atomic(path: str | os.PathLike, obj) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(obj, indent=1) + "\n")
+        os.replace(tmp, path)
+    except BaseException:  # a full disk or a stop signal: no temporary file stays behind
+        tmp.unlink(missing_ok=True)
+        raise
     return path
+
+
+def replace_dir(tmp: Path, out: Path) -> None:
+    """Rename the finished ``tmp`` to ``out``; an existing ``out`` (``--overwrite``) is moved aside first and only
+    deleted once the new one is in place, so neither is lost whenever a crash or a stop signal comes."""
+    if not out.exists():
+        tmp.rename(out)
+        return
+    old = out.parent / f".{out.name}.old"
+    if old.exists():
+        shutil.rmtree(old)
+    try:
+        out.rename(old)
+        tmp.rename(out)
+    except BaseException:  # a stop signal between the two renames: the previous output goes back
+        if old.exists() and not out.exists():
+            old.rename(out)
+        raise
+    shutil.rmtree(old)

@@ -318,8 +318,12 @@ def split_documents(docs: list[str], valid_fraction: float = 0.02,
 
 def _atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:  # a full disk or a stop signal: no temporary file stays behind
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def write_corpus_jsonl(name: str, out_dir: str | os.PathLike, cache_dir: str | os.PathLike | None = None,
@@ -345,15 +349,20 @@ def write_corpus_jsonl(name: str, out_dir: str | os.PathLike, cache_dir: str | o
     splits = split_documents(docs, valid_fraction, test_fraction)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths, info, tmps = {}, {}, []
-    for split, idx in splits.items():
-        path = out_dir / f"{name}_{split}.jsonl"
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        with open(tmp, "w", encoding="utf-8") as f:
-            for i in idx:
-                f.write(json.dumps({"text": docs[i]}, ensure_ascii=False) + "\n")
-        tmps.append((tmp, path))
-        paths[split] = path
-        info[split] = {"file": path.name, "docs": len(idx), "chars": sum(len(docs[i]) for i in idx)}
+    try:
+        for split, idx in splits.items():
+            path = out_dir / f"{name}_{split}.jsonl"
+            tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+            tmps.append((tmp, path))
+            with open(tmp, "w", encoding="utf-8") as f:
+                for i in idx:
+                    f.write(json.dumps({"text": docs[i]}, ensure_ascii=False) + "\n")
+            paths[split] = path
+            info[split] = {"file": path.name, "docs": len(idx), "chars": sum(len(docs[i]) for i in idx)}
+    except BaseException:  # a full disk or a stop signal: no temporary file stays behind
+        for tmp, _ in tmps:
+            tmp.unlink(missing_ok=True)
+        raise
     manifest_path.unlink(missing_ok=True)  # the old manifest must not vouch for the new files
     for tmp, path in tmps:
         os.replace(tmp, path)

@@ -20,6 +20,7 @@ from megatron_prune.checkpoint.megatron import METADATA_FILE
 from megatron_prune.checkpoint.outputs import check_output_path
 from megatron_prune.model import build_model
 from megatron_prune.runtime import barrier, init_distributed, is_rank0, log0
+from megatron_prune.runtime.stop import stop_on_signals
 
 
 def detect_source(path: str | Path) -> str:
@@ -110,6 +111,7 @@ def check_convert(src, out, to: Optional[str], tp: int, pp: int, dtype: str, ove
     return kind, to
 
 
+@stop_on_signals(immediate=True)  # a conversion has nothing to resume: a stop signal ends it, nothing is written
 def convert(src: str | Path, out: str | Path, to: Optional[str] = None, tp: int = 1, pp: int = 1,
             dtype: str = "auto", overwrite: bool = False) -> Path:
     """Convert ``src`` (gguf, hf or megatron) to ``to`` ("megatron" or "hf").

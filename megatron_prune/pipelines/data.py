@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Optional
 
 from megatron_prune import inputs
+from megatron_prune.runtime.stop import stop_on_signals
 
 
 def resolve_tokenizer_dir(path: str | Path) -> Path:
@@ -36,6 +37,7 @@ def check_data(corpus: str, tokenizer, out_dir, jsonl, valid_fraction: Optional[
     return tok_dir
 
 
+@stop_on_signals(immediate=True)  # files are renamed into place when complete: a stop leaves no half file
 def prepare_data(corpus: str = "shakespeare", tokenizer: str | Path = "", out_dir: str | Path = "data",
                  jsonl: Optional[str | Path] = None, valid_fraction: Optional[float] = None,
                  max_docs: Optional[int] = None) -> dict[str, Path]:

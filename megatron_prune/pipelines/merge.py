@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from megatron_prune import inputs
+from megatron_prune.runtime.stop import stop_on_signals
 
 
 def check_merge(ckpts: Sequence[str], out: str, method: str, t: float | Sequence[float],
@@ -43,6 +44,7 @@ def check_merge(ckpts: Sequence[str], out: str, method: str, t: float | Sequence
     return metas[0]
 
 
+@stop_on_signals(immediate=True)  # nothing to resume: a stop signal ends it, nothing is written
 def merge(ckpts: Sequence[str], out: str, method: str = "slerp", t: float | Sequence[float] = 0.5,
           weights: Optional[Sequence[float]] = None, base: Optional[str] = None, tp: int = 1, pp: int = 1,
           overwrite: bool = False) -> Path:

@@ -10,6 +10,7 @@ from megatron_prune.arch import ArchError
 from megatron_prune.checkpoint.outputs import check_output_path
 from megatron_prune.prune import PrunePlan, PruneTarget, make_plan
 from megatron_prune.prune.checkpoint import prune_checkpoint
+from megatron_prune.runtime.stop import stop_on_signals
 
 
 def plan_from_scores(ckpt: str | Path, scores_file: str | Path, target: str | PruneTarget) -> PrunePlan:
@@ -34,6 +35,7 @@ def load_plan(plan_file) -> PrunePlan:
                                 f"with `megatron-prune prune ... --plan-out FILE`") from e
 
 
+@stop_on_signals(immediate=True)  # nothing to resume: a stop signal ends it, nothing is written
 def prune(ckpt: str | Path, out: Optional[str | Path], scores: Optional[str | Path] = None,
           target: Optional[str] = None, plan_file: Optional[str | Path] = None, plan_out: Optional[str | Path] = None,
           tp: int = 1, pp: int = 1, overwrite: bool = False) -> PrunePlan:

@@ -26,6 +26,7 @@ from typing import Optional
 
 from megatron_prune import inputs
 from megatron_prune.checkpoint.outputs import check_output_path, write_json_atomic
+from megatron_prune.runtime.stop import StopRequested, stop_on_signals
 from megatron_prune.search import (Budget, SearchSpace, candidate_name, candidates, default_space, reachable,
                                    target_spec)
 
@@ -193,19 +194,26 @@ def _zero_shot(ckpt, scores_file, out_dir, source, found, names, depth_metric, v
     todo = [(n, a) for n, a in zip(names, found) if not (out_dir / "zero_shot" / f"{n}.json").is_file()]
     if not todo:
         return
-    init_distributed(tp, pp)
-    scores = ImportanceScores.load(scores_file)
-    model, _ = load_model(ckpt, use_te=False)
-    windows = fixed_length_windows(valid_data, seq_len, max_windows=windows_n)
-    for name, arch in todo:
-        plan = make_plan(scores, source, PruneTarget.parse(target_spec(source, arch, depth_metric)))
-        pruned = apply_plan(model, plan)
-        result = lm_loss(pruned, arch, windows, mbs, desc=f"zero-shot {name}").to_dict()
-        result.update(name=name, params=arch.param_count(), kept_layers=plan.kept_layers)
-        if is_rank0():
-            write_json_atomic(out_dir / "zero_shot" / f"{name}.json", result)
-        log0(f"zero-shot {name}: LM loss {result['lm_loss']:.4f}")
-        del pruned
+    done = 0
+    try:
+        with stop_on_signals(immediate=True):  # a stop ends the candidate in flight; the finished ones stay
+            init_distributed(tp, pp)
+            scores = ImportanceScores.load(scores_file)
+            model, _ = load_model(ckpt, use_te=False)
+            windows = fixed_length_windows(valid_data, seq_len, max_windows=windows_n)
+            for name, arch in todo:
+                plan = make_plan(scores, source, PruneTarget.parse(target_spec(source, arch, depth_metric)))
+                pruned = apply_plan(model, plan)
+                result = lm_loss(pruned, arch, windows, mbs, desc=f"zero-shot {name}").to_dict()
+                result.update(name=name, params=arch.param_count(), kept_layers=plan.kept_layers)
+                if is_rank0():
+                    write_json_atomic(out_dir / "zero_shot" / f"{name}.json", result)
+                done += 1
+                log0(f"zero-shot {name}: LM loss {result['lm_loss']:.4f}")
+                del pruned
+    except StopRequested as e:
+        raise StopRequested(e.reason, saved=out_dir / "zero_shot" if done else None,
+                            at=f"after {done} of {len(todo)} zero-shot candidates") from None
 
 
 def _distill_one(ckpt, scores_file, out_dir, source, arch, name, depth_metric, valid_data, d: DistillSettings,
@@ -230,14 +238,18 @@ def _distill_one(ckpt, scores_file, out_dir, source, arch, name, depth_metric, v
                       seq_len=d.seq_len, micro_batch_size=d.micro_batch_size, global_batch_size=d.global_batch_size,
                       steps=d.steps, lr=d.lr, min_lr=d.min_lr, warmup_steps=min(d.warmup_steps, d.steps),
                       seed=d.seed, save_every=d.steps, keep_last=1, log_every=max(1, d.steps // 10)))
-    init_distributed(tp, pp)
     final = latest_step_dir(run)
-    model, _ = load_model(final)
-    windows = fixed_length_windows(valid_data, seq_len, max_windows=windows_n)
-    result = lm_loss(model, arch, windows, mbs, desc=f"after distillation {name}").to_dict()
-    result.update(name=name, params=arch.param_count(), steps=d.steps, checkpoint=str(final))
-    if is_rank0():
-        write_json_atomic(cand / "result.json", result)
+    try:
+        with stop_on_signals(immediate=True):  # the distillation is saved: a rerun only measures it
+            init_distributed(tp, pp)
+            model, _ = load_model(final)
+            windows = fixed_length_windows(valid_data, seq_len, max_windows=windows_n)
+            result = lm_loss(model, arch, windows, mbs, desc=f"after distillation {name}").to_dict()
+            result.update(name=name, params=arch.param_count(), steps=d.steps, checkpoint=str(final))
+            if is_rank0():
+                write_json_atomic(cand / "result.json", result)
+    except StopRequested as e:
+        raise StopRequested(e.reason, saved=final, at=f"while measuring {name} after its distillation") from None
     log0(f"after {d.steps} distillation steps {name}: LM loss {result['lm_loss']:.4f}")
 
 

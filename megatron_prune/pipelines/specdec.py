@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from megatron_prune import inputs
+from megatron_prune.runtime.stop import stop_on_signals
 
 
 def check_specdec(target_ckpt, draft_ckpt, prompts_file, ks: Sequence[int], tp: int, pp: int, chat: bool = True,
@@ -35,6 +36,8 @@ def check_specdec(target_ckpt, draft_ckpt, prompts_file, ks: Sequence[int], tp: 
                                 "prompts file": prompts_file})
         inputs.output(out, "--out", overwrite=None, kind="file")
 
+
+@stop_on_signals(immediate=True)  # a measurement has nothing to resume: a stop ends it, nothing is written
 def specdec(target_ckpt, draft_ckpt, prompts_file, ks: Sequence[int] = (1, 2, 4), params=None, tp: int = 1,
             pp: int = 1, chat: bool = True, out: Optional[str] = None, limit: Optional[int] = None) -> dict:
     """Run the target alone, then speculative decoding for each k, on the same prompts (the first ``limit``);

@@ -108,8 +108,12 @@ class PrunePlan:
     def save(self, path: str | Path) -> Path:
         path = Path(path)
         tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_json(), indent=1) + "\n")
-        tmp.rename(path)
+        try:
+            tmp.write_text(json.dumps(self.to_json(), indent=1) + "\n")
+            tmp.rename(path)
+        except BaseException:  # a full disk or a stop signal: no temporary file stays behind
+            tmp.unlink(missing_ok=True)
+            raise
         return path
 
     @classmethod

@@ -6,8 +6,8 @@ every rank stops at the same step even when the signal reached only some of them
 acts as if no handler were installed (Ctrl-C twice kills at once).
 
 ``selfdistill`` asks the same question after every chunk it writes. For work with no resumable state
-(``importance``, ``generate``), ``immediate=True`` raises StopRequested from the handler
-itself: the pass ends at once and nothing is written.
+(``importance``, ``generate``, ``convert``, ``prune``, ``merge``, ``data``, ``specdec``), ``immediate=True`` raises
+StopRequested from the handler itself: the pass ends at once, and the writers remove what they had half written.
 """
 
 from __future__ import annotations
