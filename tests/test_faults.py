@@ -115,6 +115,7 @@ def _processes_in_session(sid: int) -> list[str]:
 VICTIM = textwrap.dedent("""
     import sys
     from megatron_prune.checkpoint import load_model, save_checkpoint
+    from megatron_prune.checkpoint.nemo import save_nemo_checkpoint
     from megatron_prune.runtime import init_distributed
 
     if __name__ == "__main__":
@@ -122,15 +123,16 @@ VICTIM = textwrap.dedent("""
         model, meta = load_model(sys.argv[1])
         for i in range(1000):
             print("saving", flush=True)
-            save_checkpoint(model, meta.arch, sys.argv[2], overwrite=True)
+            {writer}(model, meta.arch, sys.argv[2], overwrite=True)
 """)
 
 
-def test_a_job_killed_while_saving_leaves_no_process_behind(ckpt, tmp_path):
-    """SIGKILL in the middle of a checkpoint save: nothing of the job (writer helpers, managers, forked
-    copies) may outlive it. The job runs in a session of its own; afterwards that session must be empty."""
+@pytest.mark.parametrize("writer", ["save_checkpoint", "save_nemo_checkpoint"])
+def test_a_job_killed_while_saving_leaves_no_process_behind(ckpt, tmp_path, writer):
+    """SIGKILL in the middle of a checkpoint save (ours or NeMo 2): nothing of the job (writer helpers, managers,
+    forked copies) may outlive it. The job runs in a session of its own; afterwards that session must be empty."""
     script = tmp_path / "victim.py"
-    script.write_text(VICTIM)
+    script.write_text(VICTIM.replace("{writer}", writer))
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.Popen([sys.executable, str(script), str(ckpt), str(tmp_path / "out")], stdout=subprocess.PIPE,

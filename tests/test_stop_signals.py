@@ -220,7 +220,7 @@ def test_convert_stops_on_sigterm_and_leaves_nothing(root, tiny_llama_dir, tmp_p
     argv, target = {
         "hf-to-megatron": (["convert", tiny_llama_dir, out], SHARDS),
         "megatron-to-hf": (["convert", root / "ckpt", out], "safetensors.torch:save_file"),
-        "megatron-to-nemo": (["convert", root / "ckpt", out, "--to", "nemo"], "megatron.core.dist_checkpointing:save"),
+        "megatron-to-nemo": (["convert", root / "ckpt", out, "--to", "nemo"], SHARDS),
     }[case]
     code, stderr = _stop_while_writing(tmp_path / "logs", target, argv)
     assert code == EXIT_STOPPED, stderr[-3000:]

@@ -415,8 +415,11 @@ def load_foreign_model(path: str | os.PathLike, dtype: torch.dtype = torch.float
 def save_nemo_checkpoint(model: torch.nn.Module, arch: ModelArch, out_dir: str | os.PathLike, *,
                          tokenizer_src: Optional[str | os.PathLike] = None, overwrite: bool = False,
                          provenance: Optional[dict] = None) -> Path:
-    """Write this rank's shard of ``model`` as a NeMo 2 checkpoint; collective, atomic (temp dir + rename)."""
-    from megatron.core import dist_checkpointing
+    """Write this rank's shard of ``model`` as a NeMo 2 checkpoint; collective, atomic (temp dir + rename).
+
+    The weights go through our in-process writer (checkpoint/writer.py), not megatron's, whose helper processes
+    outlive a killed job."""
+    from megatron_prune.checkpoint.writer import write_sharded
 
     out = Path(out_dir).absolute()
     if out.exists() and not overwrite:
@@ -431,7 +434,7 @@ def save_nemo_checkpoint(model: torch.nn.Module, arch: ModelArch, out_dir: str |
     if dist.is_initialized():
         dist.barrier()
     try:
-        dist_checkpointing.save(model.sharded_state_dict(prefix=NEMO_PREFIX), str(tmp / WEIGHTS_DIR))
+        write_sharded(model.sharded_state_dict(prefix=NEMO_PREFIX), tmp / WEIGHTS_DIR)  # every rank raises together
         if dist.is_initialized():
             dist.barrier()
         if rank == 0:
