@@ -16,6 +16,7 @@ from typing import Optional
 import torch
 
 from megatron_prune.arch import ArchError, ModelArch
+from megatron_prune.checkpoint.outputs import write_json_atomic
 
 DEPTH_METRICS = ("block_influence", "angular", "lm_loss", "lm_loss_block")
 TARGET_KEYS = ("hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "num_layers",
@@ -106,15 +107,7 @@ class PrunePlan:
         return d
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        try:
-            tmp.write_text(json.dumps(self.to_json(), indent=1) + "\n")
-            tmp.rename(path)
-        except BaseException:  # a full disk or a stop signal: no temporary file stays behind
-            tmp.unlink(missing_ok=True)
-            raise
-        return path
+        return write_json_atomic(path, self.to_json())
 
     @classmethod
     def load(cls, path: str | Path) -> "PrunePlan":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import weakref
 
 from megatron_prune.runtime.distributed import is_rank0
 
@@ -30,17 +31,16 @@ def progress(total: int, desc: str, unit: str = "it"):
         return _Silent()
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, file=sys.stderr, mininterval=1.0)
+    bar = tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, file=sys.stderr, mininterval=1.0)
+    _open_bars.add(bar)
+    return bar
+
+
+_open_bars: "weakref.WeakSet" = weakref.WeakSet()
 
 
 def close_bars() -> None:
     """Close the bars a stop signal left open, so that the stop message is the last line on the terminal (an open bar
     redraws itself when it is garbage-collected at exit)."""
-    tqdm_module = sys.modules.get("tqdm")
-    if tqdm_module is None:
-        return
-    for bar in list(getattr(tqdm_module.tqdm, "_instances", ())):
-        try:
-            bar.close()
-        except Exception:  # a bar whose constructor the signal interrupted
-            pass
+    for bar in list(_open_bars):
+        bar.close()
