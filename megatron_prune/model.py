@@ -18,14 +18,10 @@ def transformer_engine_available() -> bool:
 
 
 def layer_spec(arch: ModelArch, use_te: bool):
-    from megatron.core.models.gpt.gpt_layer_specs import (
-        get_gpt_layer_local_spec,
-        get_gpt_layer_with_transformer_engine_spec,
-    )
+    """The megatron layer spec of this shape's family (models/<family>/config.py)."""
+    from megatron_prune.models import family_of
 
-    if use_te:
-        return get_gpt_layer_with_transformer_engine_spec()
-    return get_gpt_layer_local_spec(normalization=arch.normalization)
+    return family_of(arch).layer_spec(arch, use_te)
 
 
 def build_model(arch: ModelArch, dtype: torch.dtype = torch.float32, use_te: bool | None = None,

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 from megatron_prune.arch import ArchError, ModelArch
+from megatron_prune.models.axes import AXES
 
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4, "fp8": 1}
 
@@ -73,7 +74,7 @@ def inference_memory(arch: ModelArch, seq_len: int, batch: int, dtype: str = "bf
 
 @dataclass(frozen=True)
 class SearchSpace:
-    """Values per axis. Empty: the source's value only."""
+    """Values per axis (one field per axis of models/axes.py, named after it). Empty: the source's value only."""
 
     layers: Sequence[int] = field(default_factory=tuple)
     hidden: Sequence[int] = field(default_factory=tuple)
@@ -109,19 +110,17 @@ def candidates(source: ModelArch, space: SearchSpace, budget: Budget, tp: int = 
 
 def reachable(source: ModelArch, space: SearchSpace, tp: int = 1, pp: int = 1) -> list[ModelArch]:
     """Every shape of ``space`` that pruning ``source`` can reach and that shards at tp x pp."""
-    axes = [space.layers or [source.num_layers], space.hidden or [source.hidden_size],
-            space.ffn or [source.ffn_hidden_size], space.heads or [source.num_attention_heads],
-            space.query_groups or [source.num_query_groups]]
+    values = [sorted(set(getattr(space, a.name) or [getattr(source, a.arch_field)])) for a in AXES]
     out = []
-    for layers, hidden, ffn, heads, groups in itertools.product(*(sorted(set(a)) for a in axes)):
-        if (layers > source.num_layers or hidden > source.hidden_size or ffn > source.ffn_hidden_size
-                or heads > source.num_attention_heads or groups > source.num_query_groups):
+    for combo in itertools.product(*values):
+        sizes = {a.arch_field: v for a, v in zip(AXES, combo)}
+        if any(v > getattr(source, field) for field, v in sizes.items()):
             continue
+        heads, groups = sizes["num_attention_heads"], sizes["num_query_groups"]
         if heads % groups or heads // groups > source.heads_per_group:
             continue
         try:
-            arch = source.replace(num_layers=layers, hidden_size=hidden, ffn_hidden_size=ffn,
-                                  num_attention_heads=heads, num_query_groups=groups)
+            arch = source.replace(**sizes)
             arch.check_parallel(tp, pp)
         except ArchError:
             continue
@@ -131,11 +130,9 @@ def reachable(source: ModelArch, space: SearchSpace, tp: int = 1, pp: int = 1) -
 
 def target_spec(source: ModelArch, arch: ModelArch, depth_metric: str = "angular") -> str:
     """The `prune --target` string that turns ``source`` into ``arch``."""
-    parts = []
-    for key, attr in (("layers", "num_layers"), ("hidden", "hidden_size"), ("ffn", "ffn_hidden_size"),
-                      ("heads", "num_attention_heads"), ("query_groups", "num_query_groups")):
-        if getattr(arch, attr) != getattr(source, attr):
-            parts.append(f"{key}={getattr(arch, attr)}")
+    order = sorted(AXES, key=lambda a: a.name != "layers")  # layers first, as the search tables print them
+    parts = [f"{a.name}={getattr(arch, a.arch_field)}" for a in order
+             if getattr(arch, a.arch_field) != getattr(source, a.arch_field)]
     if arch.num_layers != source.num_layers:
         parts.append(f"depth_metric={depth_metric}")
     return ",".join(parts)

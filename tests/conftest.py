@@ -23,14 +23,14 @@ def smol_hf_dir(tmp_path_factory) -> Path:
 
 
 def make_hf_model(out: Path, model_type: str = "llama", **overrides) -> Path:
-    """A randomly initialised Hugging Face model of the Llama family, saved as safetensors (float32)."""
+    """A randomly initialised Hugging Face model (llama, mistral, qwen2, qwen3), saved as safetensors (float32)."""
     import transformers
 
     cfg = dict(vocab_size=1000, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=8,
                num_key_value_heads=4, max_position_embeddings=256, tie_word_embeddings=False, rms_norm_eps=1e-5)
     cfg.update(overrides)
     config_cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config,
-                  "mistral": transformers.MistralConfig}[model_type]
+                  "mistral": transformers.MistralConfig, "qwen3": transformers.Qwen3Config}[model_type]
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config_cls(**cfg), dtype=torch.float32)
     with torch.no_grad():  # norms start at 1 and biases at 0: make them informative

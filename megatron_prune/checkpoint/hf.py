@@ -1,4 +1,4 @@
-"""Hugging Face (Llama family) <-> megatron-core GPTModel weights, and GGUF -> Hugging Face.
+"""Hugging Face <-> megatron-core GPTModel weights (any family, through its parameter table), GGUF -> Hugging Face.
 
 Import: every rank fills its own shard of a GPTModel built at the target TP/PP by reading only the slices
 it owns from the safetensors files (``safe_open(...).get_slice``), so no rank ever materialises the model.
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 from pathlib import Path
 from typing import Iterator, Optional
@@ -20,6 +19,7 @@ import torch.distributed as dist
 
 from megatron_prune.arch import ArchError, ModelArch
 from megatron_prune.checkpoint.outputs import follow_umask, replace_dir
+from megatron_prune.models import family_of
 from megatron_prune.runtime.compat import dtype_kwargs, set_config_dtype
 
 TOKENIZER_FILES = (
@@ -37,8 +37,6 @@ TOKENIZER_FILES = (
 
 # a folder holds a usable tokenizer when one of these is there (the rest are companions)
 TOKENIZER_MODEL_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
-
-_LAYER_RE = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -117,57 +115,37 @@ def _span(total: int, tp: int, rank: int) -> slice:
 
 def hf_tensor_for_param(name: str, param_shape: torch.Size, arch: ModelArch, hf: HFWeights,
                         layer_offset: int, tp: int, tp_rank: int) -> torch.Tensor:
-    """The value of megatron parameter ``name`` (local layer numbering) on TP rank ``tp_rank``."""
-    d, hpg = arch.kv_channels, arch.heads_per_group
-    if name in ("embedding.word_embeddings.weight", "output_layer.weight"):
-        source = "model.embed_tokens.weight"
-        if name == "output_layer.weight" and not arch.tie_embeddings:
-            source = "lm_head.weight"
-        rows = _span(arch.padded_vocab_size, tp, tp_rank)  # vocab rows of this TP rank; padding rows stay 0
+    """The value of megatron parameter ``name`` (local layer numbering) on TP rank ``tp_rank``, read from the
+    Hugging Face tensors its family's parameter table names (only this rank's slices are read)."""
+    row, layer = family_of(arch).param(name)
+    if name == "output_layer.weight" and arch.tie_embeddings:
+        row = family_of(arch).param("embedding.word_embeddings.weight")[0]
+    sources = family_of(arch).hf_names(row, None if layer is None else layer + layer_offset)
+    if row.fused == "gate_up" and not arch.gated:
+        sources = sources[-1:]  # a non-gated MLP has only up_proj
+    if row.dims[0] == "vocab":  # vocab rows of this TP rank; padding rows past the true vocab stay 0
+        rows = _span(arch.padded_vocab_size, tp, tp_rank)
         out = torch.zeros(param_shape, dtype=torch.float32)
         stop = min(rows.stop, arch.vocab_size)
         if stop > rows.start:
-            out[: stop - rows.start] = hf.slice(source, slice(rows.start, stop))
+            out[: stop - rows.start] = hf.slice(sources[0], slice(rows.start, stop))
         return out
-    if name == "decoder.final_layernorm.weight":
-        return hf.slice("model.norm.weight")
-    m = _LAYER_RE.match(name)
-    if not m:
-        raise KeyError(f"no Hugging Face source for megatron parameter {name}")
-    layer, rest = int(m.group(1)) + layer_offset, m.group(2)
-    p = f"model.layers.{layer}."
-    if rest in ("input_layernorm.weight", "self_attention.linear_qkv.layer_norm_weight"):
-        return hf.slice(p + "input_layernorm.weight")
-    if rest in ("pre_mlp_layernorm.weight", "mlp.linear_fc1.layer_norm_weight"):
-        return hf.slice(p + "post_attention_layernorm.weight")
-    if rest in ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias"):
-        kind = rest.rsplit(".", 1)[1]
+    if row.fused == "qkv":  # megatron interleaves per query group: [q heads of group g, k of g, v of g]
+        d, hpg = arch.kv_channels, arch.heads_per_group
         groups = _span(arch.num_query_groups, tp, tp_rank)
-        q = hf.slice(p + f"self_attn.q_proj.{kind}", slice(groups.start * hpg * d, groups.stop * hpg * d))
-        k = hf.slice(p + f"self_attn.k_proj.{kind}", slice(groups.start * d, groups.stop * d))
-        v = hf.slice(p + f"self_attn.v_proj.{kind}", slice(groups.start * d, groups.stop * d))
+        q = hf.slice(sources[0], slice(groups.start * hpg * d, groups.stop * hpg * d))
+        k = hf.slice(sources[1], slice(groups.start * d, groups.stop * d))
+        v = hf.slice(sources[2], slice(groups.start * d, groups.stop * d))
         n = groups.stop - groups.start
-        # megatron interleaves per query group: [q heads of group g, k of g, v of g]
-        q = q.reshape(n, hpg * d, *q.shape[1:])
-        k = k.reshape(n, d, *k.shape[1:])
-        v = v.reshape(n, d, *v.shape[1:])
+        q, k, v = q.reshape(n, hpg * d, *q.shape[1:]), k.reshape(n, d, *k.shape[1:]), v.reshape(n, d, *v.shape[1:])
         return torch.cat([q, k, v], dim=1).reshape(param_shape)
-    if rest == "self_attention.linear_proj.weight":
-        heads = _span(arch.num_attention_heads, tp, tp_rank)
-        return hf.slice(p + "self_attn.o_proj.weight", cols=slice(heads.start * d, heads.stop * d))
-    if rest == "self_attention.linear_proj.bias":
-        return hf.slice(p + "self_attn.o_proj.bias")
-    if rest in ("mlp.linear_fc1.weight", "mlp.linear_fc1.bias"):
-        kind = rest.rsplit(".", 1)[1]
-        f = _span(arch.ffn_hidden_size, tp, tp_rank)
-        if not arch.gated:
-            return hf.slice(p + f"mlp.up_proj.{kind}", f)
-        return torch.cat([hf.slice(p + f"mlp.gate_proj.{kind}", f), hf.slice(p + f"mlp.up_proj.{kind}", f)], dim=0)
-    if rest == "mlp.linear_fc2.weight":
-        return hf.slice(p + "mlp.down_proj.weight", cols=_span(arch.ffn_hidden_size, tp, tp_rank))
-    if rest == "mlp.linear_fc2.bias":
-        return hf.slice(p + "mlp.down_proj.bias")
-    raise KeyError(f"no Hugging Face source for megatron parameter {name}")
+    if row.tp_dim is None or tp == 1:
+        parts = [hf.slice(src) for src in sources]
+    else:  # each fused part (gate, up) is split over TP on its own
+        per_part = param_shape[row.tp_dim] // len(sources)
+        span = slice(tp_rank * per_part, (tp_rank + 1) * per_part)
+        parts = [hf.slice(src, rows=span) if row.tp_dim == 0 else hf.slice(src, cols=span) for src in sources]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=row.tp_dim or 0)
 
 
 @torch.no_grad()
@@ -191,52 +169,27 @@ def load_hf_into_model(model: torch.nn.Module, arch: ModelArch, hf_dir: str | os
 # megatron -> HF (at TP=1)
 # ---------------------------------------------------------------------------------------------------
 def hf_tensors_for_param(name: str, value: torch.Tensor, arch: ModelArch, layer_offset: int) -> Iterator[tuple[str, torch.Tensor]]:
-    """(HF name, tensor) pairs for one unsharded (TP=1) megatron parameter."""
-    d, hpg, g = arch.kv_channels, arch.heads_per_group, arch.num_query_groups
-    if name == "embedding.word_embeddings.weight":
-        yield "model.embed_tokens.weight", value[: arch.vocab_size]
-        return
-    if name == "output_layer.weight":
-        if not arch.tie_embeddings:
-            yield "lm_head.weight", value[: arch.vocab_size]
-        return
-    if name == "decoder.final_layernorm.weight":
-        yield "model.norm.weight", value
-        return
-    m = _LAYER_RE.match(name)
-    if not m:
-        raise KeyError(f"no Hugging Face name for megatron parameter {name}")
-    layer, rest = int(m.group(1)) + layer_offset, m.group(2)
-    p = f"model.layers.{layer}."
-    if rest in ("input_layernorm.weight", "self_attention.linear_qkv.layer_norm_weight"):
-        yield p + "input_layernorm.weight", value
-    elif rest in ("pre_mlp_layernorm.weight", "mlp.linear_fc1.layer_norm_weight"):
-        yield p + "post_attention_layernorm.weight", value
-    elif rest in ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias"):
-        kind = rest.rsplit(".", 1)[1]
+    """(HF name, tensor) pairs for one unsharded (TP=1) megatron parameter, from its family's table."""
+    row, layer = family_of(arch).param(name)
+    names = family_of(arch).hf_names(row, None if layer is None else layer + layer_offset)
+    if name == "output_layer.weight" and arch.tie_embeddings:
+        return  # tied: Hugging Face has only embed_tokens
+    if row.dims[0] == "vocab":
+        yield names[0], value[: arch.vocab_size]
+    elif row.fused == "qkv":
+        d, hpg, g = arch.kv_channels, arch.heads_per_group, arch.num_query_groups
         per_group = value.reshape(g, (hpg + 2) * d, *value.shape[1:])
         q, k, v = per_group.split([hpg * d, d, d], dim=1)
-        yield p + f"self_attn.q_proj.{kind}", q.reshape(g * hpg * d, *value.shape[1:])
-        yield p + f"self_attn.k_proj.{kind}", k.reshape(g * d, *value.shape[1:])
-        yield p + f"self_attn.v_proj.{kind}", v.reshape(g * d, *value.shape[1:])
-    elif rest == "self_attention.linear_proj.weight":
-        yield p + "self_attn.o_proj.weight", value
-    elif rest == "self_attention.linear_proj.bias":
-        yield p + "self_attn.o_proj.bias", value
-    elif rest in ("mlp.linear_fc1.weight", "mlp.linear_fc1.bias"):
-        kind = rest.rsplit(".", 1)[1]
+        yield names[0], q.reshape(g * hpg * d, *value.shape[1:])
+        yield names[1], k.reshape(g * d, *value.shape[1:])
+        yield names[2], v.reshape(g * d, *value.shape[1:])
+    elif row.fused == "gate_up":
         if arch.gated:
-            gate, up = value.chunk(2, dim=0)
-            yield p + f"mlp.gate_proj.{kind}", gate
-            yield p + f"mlp.up_proj.{kind}", up
+            yield from zip(names, value.chunk(2, dim=0))
         else:
-            yield p + f"mlp.up_proj.{kind}", value
-    elif rest == "mlp.linear_fc2.weight":
-        yield p + "mlp.down_proj.weight", value
-    elif rest == "mlp.linear_fc2.bias":
-        yield p + "mlp.down_proj.bias", value
+            yield names[-1], value
     else:
-        raise KeyError(f"no Hugging Face name for megatron parameter {name}")
+        yield names[0], value
 
 
 def write_hf_config(config, out_dir: str | os.PathLike, arch: ModelArch) -> None:

@@ -28,9 +28,10 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-from megatron_prune.arch import _LLAMA3_ROPE_DEFAULTS, ArchError, ModelArch
+from megatron_prune.arch import LLAMA3_ROPE_DEFAULTS, ArchError, ModelArch
 from megatron_prune.checkpoint.megatron import CheckpointError
 from megatron_prune.checkpoint.outputs import replace_dir
+from megatron_prune.models import FAMILIES, family_of
 
 CONTEXT_DIR = "context"
 WEIGHTS_DIR = "weights"
@@ -43,14 +44,8 @@ BRIDGE_RUN_CONFIG = "run_config.yaml"
 BRIDGE_TRACKER = "latest_checkpointed_iteration.txt"
 HF_AUTO_TOKENIZER = "nemo.collections.common.tokenizers.huggingface.auto_tokenizer.AutoTokenizer"
 
-# (model class, config class) written per HF model type
-_NEMO_CLASSES = {
-    "llama": ("nemo.collections.llm.gpt.model.llama.LlamaModel", "nemo.collections.llm.gpt.model.llama.LlamaConfig"),
-    "llama31": ("nemo.collections.llm.gpt.model.llama.LlamaModel", "nemo.collections.llm.gpt.model.llama.Llama31Config"),
-    "mistral": ("nemo.collections.llm.gpt.model.mistral.MistralModel",
-                "nemo.collections.llm.gpt.model.mistral.MistralConfig7B"),
-    "qwen2": ("nemo.collections.llm.gpt.model.qwen2.Qwen2Model", "nemo.collections.llm.gpt.model.qwen2.Qwen2Config"),
-}
+# (model class, config class) written per NeMo kind, from every family (models/<family>/config.py)
+_NEMO_CLASSES = {kind: classes for f in FAMILIES for kind, classes in f.nemo_classes.items()}
 _EMBED_KEY = "embedding.word_embeddings.weight"
 _OUTPUT_KEY = "output_layer.weight"
 
@@ -139,7 +134,6 @@ def arch_from_megatron_config(cfg: dict, vocab_size: int, source: str, target: s
     checks = [  # (field, value if absent, predicate, what we need)
         ("num_moe_experts", None, lambda v: not v, "dense MLPs only"),
         ("multi_latent_attention", False, lambda v: not v, "standard attention only"),
-        ("qk_layernorm", False, lambda v: not v, "no QK layernorm"),
         ("window_size", None, lambda v: v is None, "full attention only"),
         ("position_embedding_type", "rope", lambda v: v == "rope", "rope"),
         ("rotary_percent", 1.0, lambda v: float(v) == 1.0, "1.0"),
@@ -164,13 +158,19 @@ def arch_from_megatron_config(cfg: dict, vocab_size: int, source: str, target: s
     elif "Llama31" in target or "Llama32" in target:  # NeMo's Llama31Config family
         for ours, theirs in (("low_freq_factor", "low_freq_factor"), ("high_freq_factor", "high_freq_factor"),
                              ("original_max_position_embeddings", "old_context_len")):
-            if theirs in cfg and float(cfg[theirs]) != float(_LLAMA3_ROPE_DEFAULTS[ours]):
-                raise bad(theirs, cfg[theirs], f"{_LLAMA3_ROPE_DEFAULTS[ours]} (megatron-core's Llama-3.1 RoPE)")
+            if theirs in cfg and float(cfg[theirs]) != float(LLAMA3_ROPE_DEFAULTS[ours]):
+                raise bad(theirs, cfg[theirs], f"{LLAMA3_ROPE_DEFAULTS[ours]} (megatron-core's Llama-3.1 RoPE)")
         factor = float(cfg.get("scale_factor", 8.0))
     else:
         factor = None
     lower = target.lower()
-    model_type = "qwen2" if "qwen2" in lower else "mistral" if "mistral" in lower else "llama"
+    qk_norm = bool(cfg.get("qk_layernorm", False))
+    if qk_norm and (normalization := cfg.get("normalization", "LayerNorm")) != "RMSNorm":
+        raise bad("normalization", normalization, "RMSNorm with qk_layernorm (Qwen3)")
+    if qk_norm:
+        model_type = "qwen3"  # the one family with per-head q/k norms
+    else:
+        model_type = "qwen2" if "qwen2" in lower else "mistral" if "mistral" in lower else "llama"
     linear_bias = bool(cfg.get("add_bias_linear", True))
     heads = cfg["num_attention_heads"]
     try:
@@ -192,6 +192,7 @@ def arch_from_megatron_config(cfg: dict, vocab_size: int, source: str, target: s
             qkv_bias=linear_bias or bool(cfg.get("add_qkv_bias", False)),
             linear_bias=linear_bias,
             model_type=model_type,
+            qk_norm=qk_norm,
         )
     except ArchError as e:
         raise NemoFormatError(f"{source}: {e}") from e
@@ -203,8 +204,8 @@ def nemo_model_yaml(arch: ModelArch, dtype: torch.dtype, has_tokenizer: bool) ->
         act = {"_target_": "torch.nn.functional.silu", "_call_": False}
     else:
         act = {"_target_": "torch.nn.functional.gelu", "_call_": False}
-    kind = "llama31" if arch.model_type == "llama" and arch.rope_scaling_factor else arch.model_type
-    model_cls, config_cls = _NEMO_CLASSES.get(kind, _NEMO_CLASSES["llama"])
+    kind = family_of(arch).nemo_kind(arch)
+    model_cls, config_cls = _NEMO_CLASSES[kind]
     dtype_target = {"_target_": f"torch.{str(dtype).replace('torch.', '')}", "_call_": False}
     config: dict[str, Any] = {
         "_target_": config_cls,
@@ -222,6 +223,7 @@ def nemo_model_yaml(arch: ModelArch, dtype: torch.dtype, has_tokenizer: bool) ->
         "gated_linear_unit": arch.gated,
         "add_bias_linear": arch.linear_bias,
         "add_qkv_bias": arch.qkv_bias,
+        "qk_layernorm": arch.qk_norm,
         "position_embedding_type": "rope",
         "rotary_percent": 1.0,
         "rotary_base": arch.rope_base,
@@ -239,9 +241,9 @@ def nemo_model_yaml(arch: ModelArch, dtype: torch.dtype, has_tokenizer: bool) ->
     }
     if kind == "llama31":
         config.update(scale_factor=arch.rope_scaling_factor,
-                      low_freq_factor=_LLAMA3_ROPE_DEFAULTS["low_freq_factor"],
-                      high_freq_factor=_LLAMA3_ROPE_DEFAULTS["high_freq_factor"],
-                      old_context_len=_LLAMA3_ROPE_DEFAULTS["original_max_position_embeddings"])
+                      low_freq_factor=LLAMA3_ROPE_DEFAULTS["low_freq_factor"],
+                      high_freq_factor=LLAMA3_ROPE_DEFAULTS["high_freq_factor"],
+                      old_context_len=LLAMA3_ROPE_DEFAULTS["original_max_position_embeddings"])
     tokenizer = None
     if has_tokenizer:
         tokenizer = {"_target_": HF_AUTO_TOKENIZER, "pretrained_model_name": NEMO_TOKENIZER_DIR}

@@ -15,6 +15,7 @@ import re
 import torch
 import torch.distributed as dist
 
+from megatron_prune.models import family_of
 from megatron_prune.prune.plan import PrunePlan
 
 _LAYER_RE = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
@@ -67,33 +68,35 @@ def _proj_cols(plan: PrunePlan, j: int) -> list[int]:
             for k in range(d)]
 
 
+def _select(src: torch.Tensor, dim: int, kind: str, plan: PrunePlan, j: int, tp_split: bool) -> torch.Tensor:
+    """Keep the units of pruning kind ``kind`` along ``dim`` (see models/family.py DIM_KINDS)."""
+    if kind == "hidden":  # never split over TP
+        return src.index_select(dim, torch.tensor(plan.kept_hidden, device=src.device))
+    index = {"ffn": lambda: plan.kept_ffn[j], "qkv": lambda: _qkv_rows(plan, j), "heads": lambda: _proj_cols(plan, j)}
+    if kind not in index:  # vocab, None: nothing to prune
+        return src
+    if tp_split:
+        return select_tp_sharded(src, dim, index[kind]())
+    return src.index_select(dim, torch.tensor(index[kind](), device=src.device))
+
+
 def pruned_value(name: str, src: torch.Tensor, plan: PrunePlan, j: int) -> torch.Tensor:
-    """The pruned value of parameter ``name``; ``j`` is the target (global) layer index for layer params."""
-    hidden = torch.tensor(plan.kept_hidden, device=src.device)
-    if name in ("embedding.word_embeddings.weight", "output_layer.weight"):
-        return src.index_select(1, hidden)
-    if name == "decoder.final_layernorm.weight" or name == "decoder.final_layernorm.bias":
-        return src.index_select(0, hidden)
-    rest = _LAYER_RE.match(name).group(2)
-    if rest.endswith("layernorm.weight") or rest.endswith("layernorm.bias") or rest.endswith("layer_norm_weight") \
-            or rest.endswith("layer_norm_bias") or rest in ("self_attention.linear_proj.bias", "mlp.linear_fc2.bias"):
-        return src.index_select(0, hidden)
-    if rest == "self_attention.linear_qkv.weight":
-        return select_tp_sharded(src, 0, _qkv_rows(plan, j)).index_select(1, hidden)
-    if rest == "self_attention.linear_qkv.bias":
-        return select_tp_sharded(src, 0, _qkv_rows(plan, j))
-    if rest == "self_attention.linear_proj.weight":
-        return select_tp_sharded(src.index_select(0, hidden), 1, _proj_cols(plan, j))
-    if rest in ("mlp.linear_fc1.weight", "mlp.linear_fc1.bias"):
-        if plan.source_arch.gated:  # local shard is [gate_r; up_r]: prune each half as its own sharded tensor
-            gate, up = src.chunk(2, dim=0)
-            out = torch.cat([select_tp_sharded(gate, 0, plan.kept_ffn[j]), select_tp_sharded(up, 0, plan.kept_ffn[j])])
-        else:
-            out = select_tp_sharded(src, 0, plan.kept_ffn[j])
-        return out.index_select(1, hidden) if rest.endswith("weight") else out
-    if rest == "mlp.linear_fc2.weight":
-        return select_tp_sharded(src.index_select(0, hidden), 1, plan.kept_ffn[j])
-    raise KeyError(f"don't know how to prune parameter {name}")
+    """The pruned value of parameter ``name``; ``j`` is the target (global) layer index for layer params.
+
+    Driven by the family's parameter table: every dimension is cut by its pruning kind, the hidden one
+    first (local, and it makes the TP exchange of the others smaller).
+    """
+    row, _ = family_of(plan.source_arch).param(name)
+    order = sorted(range(len(row.dims)), key=lambda d: row.dims[d] != "hidden")
+    parts = [src]
+    if row.fused == "gate_up" and plan.source_arch.gated:  # local shard is [gate_r; up_r]: each half on its own
+        parts = list(src.chunk(2, dim=0))
+    out = []
+    for part in parts:
+        for d in order:
+            part = _select(part, d, row.dims[d], plan, j, tp_split=row.tp_dim == d)
+        out.append(part)
+    return out[0] if len(out) == 1 else torch.cat(out, dim=0)
 
 
 @torch.no_grad()

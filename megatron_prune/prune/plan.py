@@ -17,13 +17,12 @@ import torch
 
 from megatron_prune.arch import ArchError, ModelArch
 from megatron_prune.checkpoint.outputs import write_json_atomic
+from megatron_prune.models.axes import AXES
 
 DEPTH_METRICS = ("block_influence", "angular", "lm_loss", "lm_loss_block")
-TARGET_KEYS = ("hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "num_layers",
-               "drop_layers", "depth_metric")
-# what users type on the command line -> PruneTarget field
-TARGET_ALIASES = {"hidden": "hidden_size", "ffn": "ffn_hidden_size", "heads": "num_attention_heads",
-                  "query_groups": "num_query_groups", "groups": "num_query_groups", "layers": "num_layers"}
+TARGET_KEYS = tuple(a.arch_field for a in AXES) + ("drop_layers", "depth_metric")
+# what users type on the command line (the axis names of models/axes.py and their aliases) -> PruneTarget field
+TARGET_ALIASES = {name: a.arch_field for a in AXES for name in (a.name, *a.aliases)}
 
 
 class PlanError(ValueError):
@@ -59,8 +58,8 @@ class PruneTarget:
             name, value = (s.strip() for s in item.split("=", 1))
             key = TARGET_ALIASES.get(name, name)
             if key not in TARGET_KEYS:
-                raise PlanError(f"unknown target axis {name!r}; use one of: hidden, ffn, heads, query_groups, "
-                                f"layers, drop_layers, depth_metric")
+                raise PlanError(f"unknown target axis {name!r}; use one of: "
+                                f"{', '.join(a.name for a in AXES)}, drop_layers, depth_metric")
             if key in values:
                 raise PlanError(f"target key {name!r} is given twice in {spec!r}; give each key once")
             try:

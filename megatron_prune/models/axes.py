@@ -1,0 +1,36 @@
+"""The pruning axes: one name per axis, used by ``--target``, search spaces, plans and score files alike."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Axis:
+    """``name``: what users type (``--target ffn=1024``) and what code calls it; ``arch_field``: the ModelArch
+    field it sets; ``per_layer``: kept units are chosen per layer (else once for the whole model);
+    ``aliases``: other spellings ``--target`` accepts."""
+
+    name: str
+    arch_field: str
+    per_layer: bool
+    help: str
+    aliases: tuple[str, ...] = ()
+
+
+AXES: tuple[Axis, ...] = (
+    Axis("hidden", "hidden_size", False, "model width: embedding channels, every norm, every linear layer's input"),
+    Axis("ffn", "ffn_hidden_size", True, "MLP neurons per layer"),
+    Axis("heads", "num_attention_heads", True, "attention (query) heads, the same number in every query group"),
+    Axis("query_groups", "num_query_groups", True, "key/value heads (GQA groups) with their query heads",
+         aliases=("groups",)),
+    Axis("layers", "num_layers", False, "decoder layers (depth)"),
+)
+
+
+def axis_by_name(name: str) -> Axis:
+    """The axis called ``name`` (or one of its aliases, or its ModelArch field); KeyError otherwise."""
+    for a in AXES:
+        if name in (a.name, a.arch_field, *a.aliases):
+            return a
+    raise KeyError(name)

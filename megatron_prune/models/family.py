@@ -1,0 +1,94 @@
+"""What an architecture family is, as data: its parameter table and the functions that read and write its configs.
+
+A family (``models/<name>/``) describes one kind of decoder to the generic code. The generic code (HF import
+and export, pruning of sharded checkpoints, NeMo configs, the layer spec) loops over the family's
+:class:`Param` rows and calls its functions; it never names a family itself.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+# What a pruning axis does to one dimension of a parameter (see models/axes.py for the axes themselves):
+#   "hidden"  the model width: kept_hidden is selected (never split over TP)
+#   "ffn"     MLP neurons of the layer: kept_ffn[layer]
+#   "qkv"     rows of megatron's fused QKV, per query group [q heads of g, k of g, v of g]: kept groups and heads
+#   "heads"   columns of the attention output projection, head by head: kept groups and heads
+#   "vocab"   vocabulary rows (padded in megatron, never pruned)
+#   None      not touched by any axis (e.g. Qwen3's per-head q/k norms, one head_dim-sized vector)
+DIM_KINDS = ("hidden", "ffn", "qkv", "heads", "vocab", None)
+
+_LAYER_RE = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+
+
+@dataclass(frozen=True)
+class Param:
+    """One megatron parameter and where it comes from in Hugging Face.
+
+    ``megatron``: the name inside a decoder layer (``self_attention.linear_qkv.weight``) or, with
+    ``layer=False``, the whole name (``embedding.word_embeddings.weight``). ``hf``: the Hugging Face tensors it
+    is made of (inside ``model.layers.<i>.`` for layer parameters), in the order ``fused`` stacks them:
+    ``"qkv"`` interleaves q/k/v per query group, ``"gate_up"`` stacks gate over up (a non-gated MLP uses the
+    last name only), None is one tensor. ``tp_dim``: the dimension split over tensor-parallel ranks (None:
+    replicated). ``dims``: the pruning kind of each dimension (DIM_KINDS).
+    """
+
+    megatron: str
+    hf: tuple[str, ...]
+    dims: tuple[Optional[str], ...]
+    tp_dim: Optional[int] = None
+    fused: Optional[str] = None
+    layer: bool = True
+
+    def __post_init__(self):
+        assert all(d in DIM_KINDS for d in self.dims), self
+        assert self.fused in (None, "qkv", "gate_up"), self
+
+
+@dataclass(frozen=True)
+class Family:
+    """An architecture family: everything that differs between Llama, Qwen3, ... in one object.
+
+    ``model_types``: the Hugging Face ``model_type`` values it converts. ``params``: the parameter table.
+    ``arch_from_hf(config_dict) -> ModelArch`` and ``hf_config(arch, extra) -> transformers config`` are its
+    Hugging Face config reader and writer; ``nemo_classes`` maps a NeMo kind to (model class, config class)
+    and ``nemo_kind(arch)`` picks one; ``layer_spec(arch, use_te)`` is its megatron layer spec.
+    """
+
+    name: str
+    model_types: tuple[str, ...]
+    params: tuple[Param, ...]
+    arch_from_hf: Callable[[dict], Any]
+    hf_config: Callable[..., Any]
+    hf_export_model_type: Callable[[Any], str]
+    nemo_classes: dict
+    nemo_kind: Callable[[Any], str]
+    layer_spec: Callable[[Any, bool], Any]
+    hf_layer_prefix: str = "model.layers.{}."
+    _by_name: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self):
+        for p in self.params:
+            self._by_name[(p.layer, p.megatron)] = p
+
+    def param(self, name: str) -> tuple[Param, Optional[int]]:
+        """The table row of megatron parameter ``name`` and its (local) layer index, None outside layers."""
+        m = _LAYER_RE.match(name)
+        row = self._by_name.get((True, m.group(2))) if m else self._by_name.get((False, name))
+        if row is None:
+            raise KeyError(f"megatron parameter {name} is not in the {self.name} family's parameter table "
+                           f"(megatron_prune/models/{self.name}/params.py)")
+        return row, (int(m.group(1)) if m else None)
+
+    def hf_names(self, row: Param, layer: Optional[int]) -> list[str]:
+        """The full Hugging Face names of ``row`` in (global) layer ``layer``."""
+        prefix = self.hf_layer_prefix.format(layer) if row.layer else ""
+        return [prefix + n for n in row.hf]
+
+
+def layer_index(name: str) -> Optional[int]:
+    """The local layer index of a megatron parameter name, None for embedding / final norm / output layer."""
+    m = _LAYER_RE.match(name)
+    return int(m.group(1)) if m else None
