@@ -331,8 +331,8 @@ def test_bad_layouts_give_clear_errors(case, hand_nemo2, hand_bridge, tmp_path):
         edit_config(num_moe_experts=8)
         match = "num_moe_experts=8 is not supported"
     elif case == "qk_norm":
-        edit_config(qk_layernorm=True)
-        match = "qk_layernorm=True is not supported"
+        edit_config(qk_layernorm=True, normalization="LayerNorm")  # q/k norms are read as Qwen3's RMSNorms
+        match = "normalization='LayerNorm' is not supported .RMSNorm with qk_layernorm"
     elif case == "bad_yaml":
         model_yaml.write_text("config: [unclosed")
         match = "not valid YAML"

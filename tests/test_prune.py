@@ -31,8 +31,10 @@ def random_plan_json(arch: dict, seed: int = 0) -> dict:
     }
 
 
-def naive_pruned_hf(src_hf: Path, plan: dict, out: Path) -> Path:
-    """Prune the Hugging Face tensors by hand (independent of megatron_prune) and save a transformers model."""
+def naive_pruned_hf(src_hf: Path, plan: dict, out: Path, model_type: str = "llama", D: int = D) -> Path:
+    """Prune the Hugging Face tensors by hand (independent of megatron_prune) and save a transformers model.
+
+    ``qwen3``: the per-head q/k norms (one head_dim vector each) are copied whole; ``D``: the head dim."""
     import transformers
     from safetensors.torch import load_file
 
@@ -55,12 +57,16 @@ def naive_pruned_hf(src_hf: Path, plan: dict, out: Path) -> Path:
         new[q + "mlp.down_proj.weight"] = sd[p + "mlp.down_proj.weight"][hid][:, ffn]
         new[q + "input_layernorm.weight"] = sd[p + "input_layernorm.weight"][hid]
         new[q + "post_attention_layernorm.weight"] = sd[p + "post_attention_layernorm.weight"][hid]
+        if model_type == "qwen3":
+            new[q + "self_attn.q_norm.weight"] = sd[p + "self_attn.q_norm.weight"]
+            new[q + "self_attn.k_norm.weight"] = sd[p + "self_attn.k_norm.weight"]
     t = plan["target_arch"]
-    cfg = transformers.LlamaConfig(vocab_size=1000, hidden_size=t["hidden_size"], intermediate_size=t["ffn_hidden_size"],
+    config_cls = {"llama": transformers.LlamaConfig, "qwen3": transformers.Qwen3Config}[model_type]
+    cfg = config_cls(vocab_size=1000, hidden_size=t["hidden_size"], intermediate_size=t["ffn_hidden_size"],
                                    num_hidden_layers=t["num_layers"], num_attention_heads=t["num_attention_heads"],
                                    num_key_value_heads=t["num_query_groups"], head_dim=D, max_position_embeddings=256,
                                    tie_word_embeddings=False, rms_norm_eps=1e-5)
-    model = transformers.LlamaForCausalLM(cfg)
+    model = transformers.AutoModelForCausalLM.from_config(cfg)
     model.load_state_dict(new)
     model.save_pretrained(out, safe_serialization=True)
     return out
