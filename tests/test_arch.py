@@ -26,6 +26,12 @@ CONFIGS = [
                                num_attention_heads=8, num_key_value_heads=2, head_dim=16, sliding_window=None),
     transformers.LlamaConfig(vocab_size=1000, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                              num_attention_heads=4, num_key_value_heads=4, attention_bias=True, mlp_bias=True),
+    transformers.Qwen3Config(vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
+                             num_attention_heads=32, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True,
+                             rope_parameters={"rope_type": "default", "rope_theta": 1e6}),  # Qwen3-4B
+    transformers.Qwen3Config(vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                             num_attention_heads=32, num_key_value_heads=8, head_dim=128, tie_word_embeddings=False,
+                             rope_parameters={"rope_type": "default", "rope_theta": 1e6}),  # Qwen3-8B
 ]
 
 

@@ -265,3 +265,23 @@ def test_unsupported_families_get_one_line_before_anything_is_loaded(tmp_path):
     assert len(lines) == 1, run.stderr
     _check_message(lines[0], "gemma")
     assert not (tmp_path / "out").exists()
+
+
+def test_unsupported_gguf_is_refused_from_its_header(tmp_path):
+    """A GGUF file (written by the gguf package's own writer) is refused before transformers dequantizes it."""
+    import gguf
+
+    from megatron_prune.arch import ArchError
+    from megatron_prune.checkpoint.hf import gguf_architecture, gguf_to_hf
+
+    path = tmp_path / "gemma.gguf"
+    writer = gguf.GGUFWriter(str(path), "gemma")
+    writer.add_block_count(2)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.close()
+    assert gguf_architecture(path) == "gemma"
+    with pytest.raises(ArchError) as e:
+        gguf_to_hf(path, tmp_path / "out")
+    _check_message(str(e.value), "gemma")
+    assert not (tmp_path / "out").exists()

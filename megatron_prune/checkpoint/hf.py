@@ -283,13 +283,38 @@ def _write_hf_dir(model: torch.nn.Module, arch: ModelArch, config, tmp: Path,
 # ---------------------------------------------------------------------------------------------------
 # GGUF -> HF
 # ---------------------------------------------------------------------------------------------------
+def gguf_architecture(gguf_path: str | os.PathLike) -> Optional[str]:
+    """``general.architecture`` of a GGUF file, read from its header alone (llama.cpp writes it as the first
+    key); None when the header does not start with it."""
+    import struct
+
+    with open(gguf_path, "rb") as f:
+        head = f.read(24 + 8 + 64 + 4 + 8 + 64)
+    if len(head) < 32 or head[:4] != b"GGUF":
+        return None
+    (key_len,) = struct.unpack_from("<Q", head, 24)
+    key = head[32:32 + key_len]
+    if key != b"general.architecture":
+        return None
+    offset = 32 + key_len
+    value_type, value_len = struct.unpack_from("<IQ", head, offset)
+    if value_type != 8:  # GGUF string
+        return None
+    return head[offset + 12: offset + 12 + value_len].decode("utf-8", "replace")
+
+
 def gguf_to_hf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
-    """Dequantize a Llama-family GGUF file into a float32 safetensors HF directory (via transformers+gguf)."""
+    """Dequantize a GGUF file of a supported family into a float32 safetensors HF directory (via transformers+gguf)."""
     import transformers
+
+    from megatron_prune.models import family_for
 
     gguf_path = Path(gguf_path)
     if not gguf_path.is_file():
         raise FileNotFoundError(f"GGUF file {gguf_path} not found")
+    architecture = gguf_architecture(gguf_path)
+    if architecture is not None:
+        family_for(architecture)  # an unsupported family fails here, before the file is dequantized
     out = Path(out_dir).absolute()
     tmp = out.parent / f".{out.name}.tmp"
     if tmp.exists():
@@ -297,7 +322,7 @@ def gguf_to_hf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> Path
     kw = dict(gguf_file=gguf_path.name)
     quantized = transformers.AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), **dtype_kwargs(torch.float32), **kw)
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(gguf_path.parent), **kw)
-    arch = ModelArch.from_hf_config(quantized.config)  # rejects non-Llama-family files clearly
+    arch = ModelArch.from_hf_config(quantized.config)  # rejects unsupported families clearly
     config = arch.to_hf_config(extra={k: getattr(quantized.config, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")
                                       if getattr(quantized.config, k, None) is not None})
     model = transformers.AutoModelForCausalLM.from_config(config, **dtype_kwargs(torch.float32))

@@ -19,6 +19,11 @@ import torch
 
 FORMAT_VERSION = 1
 
+# the score tensor that ranks each pruning axis of models/axes.py (the field names predate the axis names and
+# stay, so that score files written before still load)
+AXIS_SCORES = {"hidden": "embedding", "ffn": "mlp", "heads": "heads", "query_groups": "query_groups",
+               "layers": "block_influence"}
+
 _TENSOR_FIELDS = ("mlp", "heads", "query_groups", "embedding", "embedding_layers", "block_influence",
                   "angle_matrix")
 
@@ -46,6 +51,11 @@ class ImportanceScores:
     loss_drop: dict = field(default_factory=dict)  # {n: [layers-n+1]} LM-loss increase, block l..l+n-1 removed
     head_metric: str = "activation"  # which of width.HEAD_METRICS ``heads`` (and ``query_groups``) hold
     head_variants: dict = field(default_factory=dict)  # {metric: [layers, heads]} every head metric, one pass
+
+    def for_axis(self, axis: str) -> torch.Tensor:
+        """The scores of pruning axis ``axis`` (models/axes.py): [hidden] for hidden, [layers, units] for the
+        per-layer axes, [layers] (block influence) for layers."""
+        return getattr(self, AXIS_SCORES[axis])
 
     def with_head_metric(self, metric: str) -> "ImportanceScores":
         """These scores with ``heads`` and ``query_groups`` taken from another head metric (no recomputation)."""

@@ -198,7 +198,7 @@ def choose_layers(scores, source: ModelArch, target: PruneTarget, keep: int) -> 
     if n_drop == 0:
         return list(range(source.num_layers))
     if target.depth_metric == "block_influence":
-        return _top_sorted(scores.block_influence, keep)
+        return _top_sorted(scores.for_axis("layers"), keep)
     if target.depth_metric == "angular":
         dist = scores.angular.get(n_drop)
         if dist is None:
@@ -225,14 +225,14 @@ def make_plan(scores, source: ModelArch, target: PruneTarget, scores_file: Optio
                         f"(scores vs checkpoint: {scored.differences(source)})")
     arch = target_arch(source, target)
     layers = choose_layers(scores, source, target, arch.num_layers)
-    hidden = _top_sorted(scores.embedding, arch.hidden_size)
+    hidden = _top_sorted(scores.for_axis("hidden"), arch.hidden_size)
     hpg_t = arch.heads_per_group
     ffn, groups, heads = [], [], []
     for layer in layers:
-        ffn.append(_top_sorted(scores.mlp[layer], arch.ffn_hidden_size))
-        kept_groups = _top_sorted(scores.query_groups[layer], arch.num_query_groups)
+        ffn.append(_top_sorted(scores.for_axis("ffn")[layer], arch.ffn_hidden_size))
+        kept_groups = _top_sorted(scores.for_axis("query_groups")[layer], arch.num_query_groups)
         groups.append(kept_groups)
-        per_group = scores.heads[layer].reshape(source.num_query_groups, source.heads_per_group)
+        per_group = scores.for_axis("heads")[layer].reshape(source.num_query_groups, source.heads_per_group)
         heads.append([_top_sorted(per_group[g], hpg_t) for g in kept_groups])
     spec = {k: v for k, v in dataclasses.asdict(target).items() if v is not None}
     plan = PrunePlan(source_arch=source, target_arch=arch, kept_layers=layers, kept_hidden=hidden, kept_ffn=ffn,
