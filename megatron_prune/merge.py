@@ -2,9 +2,13 @@
 
 Streaming: the output model's shard is the only whole-model memory on a rank; input weights are read one
 group of tensors (one decoder layer, or one other tensor) at a time from each sharded checkpoint, at the
-current TP/PP, through megatron's dist_checkpointing (which reads only this rank's slices). SLERP needs the
-angle between whole tensors: the dot product and norms of a TP-split tensor are summed over the TP group,
-so a merge at TP2 equals the one at TP1.
+current TP/PP, through megatron's dist_checkpointing (which reads only this rank's slices).
+
+SLERP is per Hugging Face tensor, as mergekit computes it: a fused megatron tensor is split into the tensors
+its family's parameter table names (linear_qkv into q/k/v, per query group; linear_fc1 into gate/up), and each
+gets its own angle. The dot products and norms of a TP-split tensor are summed over the TP group, so a merge
+at TP2 equals the one at TP1. A list of t values is interpolated over the layers as mergekit does (layer i of L
+at i / (L - 1); the embedding, final norm and output layer at the list's start).
 """
 
 from __future__ import annotations
@@ -35,16 +39,42 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: float, dot: float, norm_a: float,
     return (math.sin((1 - t) * theta) / s) * a + (math.sin(t * theta) / s) * b
 
 
-def layer_t(t: float | Sequence[float], layer: int, num_layers: int) -> float:
-    """The interpolation factor of one layer: a constant, or a list interpolated linearly over the layers."""
+def layer_t(t: float | Sequence[float], layer: Optional[int], num_layers: int) -> float:
+    """The interpolation factor of one tensor: a constant, or a list interpolated linearly over the layers.
+
+    Layer ``i`` sits at ``i / (num_layers - 1)`` along the list (at its end for a one-layer model); tensors
+    outside the decoder layers (``layer=None``) at its start: mergekit's rule for gradients.
+    """
     if isinstance(t, (int, float)):
         return float(t)
     ts = [float(x) for x in t]
-    if len(ts) == 1 or num_layers == 1:
+    if len(ts) == 1:
         return ts[0]
-    x = layer / (num_layers - 1) * (len(ts) - 1)  # position along the list
+    pos = 0.0 if layer is None else (layer / (num_layers - 1) if num_layers > 1 else 1.0)
+    x = pos * (len(ts) - 1)  # position along the list
     i = min(int(x), len(ts) - 2)
     return ts[i] + (x - i) * (ts[i + 1] - ts[i])
+
+
+def hf_blocks(x: torch.Tensor, name: str, arch: ModelArch) -> list[torch.Tensor]:
+    """Views of ``x`` (this rank's shard of megatron parameter ``name``), one per Hugging Face tensor it holds.
+
+    Fused q/k/v: this shard's query groups, each [q heads, k, v]; the q rows of every group form one view, and
+    so on. Fused gate/up: the two halves. Anything else: ``x`` itself. Writing into a view writes into ``x``.
+    """
+    from megatron_prune.models import family_of
+
+    try:
+        row, _ = family_of(arch).param(name)
+    except KeyError:
+        return [x]
+    if row.fused == "qkv":
+        d, hpg = arch.kv_channels, arch.heads_per_group
+        per_group = x.view(-1, (hpg + 2) * d, *x.shape[1:])
+        return [per_group[:, : hpg * d], per_group[:, hpg * d: (hpg + 1) * d], per_group[:, (hpg + 1) * d:]]
+    if row.fused == "gate_up" and arch.gated:
+        return list(x.chunk(2, dim=0))
+    return [x]
 
 
 def check_same_shape(ckpts: Sequence[str]):
@@ -74,14 +104,11 @@ def _groups(names: list[str], sharded: dict) -> list[list[str]]:
 
 
 def _global_layer(name: str, arch: ModelArch) -> Optional[int]:
+    """The global decoder layer of a parameter; None for the embedding, final norm and output layer."""
     from megatron_prune.model import layer_offset
 
     m = re.match(r"decoder\.layers\.(\d+)\.", name)
-    if m:
-        return layer_offset(arch) + int(m.group(1))
-    if name.startswith("embedding."):
-        return 0
-    return arch.num_layers - 1  # final norm, output layer
+    return layer_offset(arch) + int(m.group(1)) if m else None
 
 
 def _load_group(sharded: dict, names: list[str], ckpt: str) -> dict[str, torch.Tensor]:
@@ -143,11 +170,15 @@ def merge_into(model: torch.nn.Module, arch: ModelArch, ckpts: Sequence[str], me
         if method == "slerp":
             a, b = (_load_group(sharded, names, c) for c in ckpts)
             for n in names:
-                x, y = a[n].double(), b[n].double()
-                split = _is_tp_split(sharded[n])
-                stats = _tp_sum(torch.stack([(x * y).sum(), (x * x).sum(), (y * y).sum()]), split)
+                x, y = a[n].double().contiguous(), b[n].double().contiguous()
+                w = torch.empty_like(x)
+                blocks = list(zip(*(hf_blocks(v, n, arch) for v in (x, y, w))))
+                # one (dot, |x|^2, |y|^2) per Hugging Face tensor, summed over the TP group when split
+                stats = _tp_sum(torch.stack([torch.stack([(bx * by).sum(), (bx * bx).sum(), (by * by).sum()])
+                                             for bx, by, _ in blocks]), _is_tp_split(sharded[n]))
                 tn = layer_t(t, _global_layer(n, arch), arch.num_layers)
-                w = slerp(x, y, tn, float(stats[0]), math.sqrt(float(stats[1])), math.sqrt(float(stats[2])))
+                for (bx, by, bw), (dot, xx, yy) in zip(blocks, stats.tolist()):
+                    bw.copy_(slerp(bx, by, tn, dot, math.sqrt(xx), math.sqrt(yy)))
                 target[n].copy_(w.to(target[n].dtype))
         else:
             sources = list(zip(ckpts, weights))

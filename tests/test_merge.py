@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -79,25 +80,49 @@ def test_slerp_identity_and_endpoints(merged):
         assert torch.equal(merged["t1"][k], merged["b"][k]), k
 
 
-def test_slerp_matches_naive_and_tp2_equals_tp1(merged):
-    a, b = merged["a"], merged["b"]
+D, HPG, GROUPS = 8, 2, 4  # the tiny Llama: head dim, heads per query group, groups
+
+
+def hf_tensors(state: dict) -> dict:
+    """Our megatron state dict as Hugging Face tensors, split by hand here: linear_qkv per query group into q, k,
+    v; linear_fc1 into gate and up (independent of megatron_prune's own export)."""
+    out = {}
+    for k, v in state.items():
+        if k.endswith("linear_qkv.weight"):
+            per_group = v.reshape(GROUPS, (HPG + 2) * D, -1)
+            for part, rows in zip("qkv", per_group.split([HPG * D, D, D], dim=1)):
+                out[k.replace("linear_qkv", f"{part}_proj")] = rows.reshape(-1, v.shape[-1])
+        elif k.endswith("linear_fc1.weight"):
+            out[k.replace("linear_fc1", "gate_proj")], out[k.replace("linear_fc1", "up_proj")] = v.chunk(2)
+        else:
+            out[k] = v
+    return out
+
+
+def test_slerp_matches_naive_per_hf_tensor_and_tp2_equals_tp1(merged):
+    """mergekit's SLERP: one angle per Hugging Face tensor (q, k, v, gate, up each their own)."""
+    a, b = hf_tensors(merged["a"]), hf_tensors(merged["b"])
+    m = {layout: hf_tensors(merged[layout]) for layout in ("ab_tp1", "ab_tp2", "ab_pp2")}
     slerped = 0
     for k in a:
         ref = _naive_slerp(a[k], b[k], 0.3)
-        assert torch.allclose(merged["ab_tp1"][k], ref, atol=1e-5, rtol=1e-5), k
-        assert torch.allclose(merged["ab_tp2"][k], merged["ab_tp1"][k], atol=1e-6, rtol=1e-6), k
-        assert torch.equal(merged["ab_pp2"][k], merged["ab_tp1"][k]), k
+        assert torch.allclose(m["ab_tp1"][k], ref, atol=1e-6, rtol=1e-5), k
+        assert torch.allclose(m["ab_tp2"][k], m["ab_tp1"][k], atol=1e-6, rtol=1e-6), k
+        assert torch.equal(m["ab_pp2"][k], m["ab_tp1"][k]), k
         slerped += not torch.allclose(ref, 0.7 * a[k] + 0.3 * b[k], atol=1e-6)
     assert slerped > 0  # some tensor really took the spherical path, not the linear one
+    assert {k.rsplit(".", 2)[-2] for k in a} >= {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"}
 
 
 def test_slerp_by_layer(merged):
-    a, b, m = merged["a"], merged["b"], merged["by_layer"]
+    """t=[0, 1] over 4 layers: layer i at i/3; the embedding, final norm and output layer at the list's start
+    (mergekit evaluates a gradient at t=0 for tensors outside the layers)."""
+    a, b, m = hf_tensors(merged["a"]), hf_tensors(merged["b"]), hf_tensors(merged["by_layer"])
     n_layers = 4
     for k in a:
-        layer = int(k.split(".")[2]) if k.startswith("decoder.layers.") else (0 if k.startswith("embedding") else 3)
-        ref = _naive_slerp(a[k], b[k], layer / (n_layers - 1))
-        assert torch.allclose(m[k], ref, atol=1e-5, rtol=1e-5), k
+        t = int(k.split(".")[2]) / (n_layers - 1) if k.startswith("decoder.layers.") else 0.0
+        ref = _naive_slerp(a[k], b[k], t)
+        assert torch.allclose(m[k], ref, atol=1e-6, rtol=1e-5), k
 
 
 def test_task_arithmetic(merged):
@@ -135,3 +160,37 @@ def test_merge_on_one_process_equals_the_two_rank_merge(merged, two_ckpts):
     (alone,) = run_ranks(_merge_alone_and_read, 1, a, b, d / "alone")
     for k, v in merged["ab_tp1"].items():
         assert torch.equal(alone[k], v), k
+
+
+def _merge_export(a, b, out, t):
+    from megatron_prune.pipelines.convert import megatron_to_hf
+    from megatron_prune.pipelines.merge import merge
+
+    merge([a, b], out, t=t, tp=2, pp=1)
+    megatron_to_hf(out, str(out) + "_hf")
+
+
+@pytest.mark.parametrize("t", [0.3, [0.0, 0.3, 1.0]], ids=["t0.3", "t-list"])
+def test_slerp_equals_mergekit(two_ckpts, tiny_llama_dir, tmp_path, t):
+    """mergekit 0.1.5 (PyPI, runs offline on local folders) merges the same two Hugging Face models: every tensor
+    of our TP2 merge, exported, equals its output (mergekit computes in float32, we in float64)."""
+    import yaml
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge
+    from mergekit.options import MergeOptions
+    from safetensors.torch import load_file
+
+    a, b, d = two_ckpts
+    run_ranks(_merge_export, 2, a, b, tmp_path / "ours", t)
+    hf_a, hf_b = Path(tiny_llama_dir).absolute(), (d / "b_hf").absolute()
+    config = {"merge_method": "slerp", "base_model": str(hf_a), "models": [{"model": str(hf_a)}, {"model": str(hf_b)}],
+              "parameters": {"t": t}, "dtype": "float32"}
+    run_merge(MergeConfiguration.model_validate(yaml.safe_load(yaml.safe_dump(config))), str(tmp_path / "mk"),
+              options=MergeOptions(copy_tokenizer=False, lazy_unpickle=False))
+    theirs = load_file(str(tmp_path / "mk" / "model.safetensors"))
+    ours = {}
+    for f in (tmp_path / "ours_hf").glob("*.safetensors"):
+        ours.update(load_file(str(f)))
+    assert sorted(ours) == sorted(theirs)
+    for k in theirs:
+        torch.testing.assert_close(ours[k], theirs[k], rtol=1e-5, atol=1e-6, msg=k)
