@@ -23,6 +23,7 @@ import torch.distributed as dist
 
 from megatron_prune.arch import ModelArch
 from megatron_prune.generation import kv_cache
+from megatron_prune.generation.attention import use_fast_attention
 from megatron_prune.generation.sampling import SamplingParams, next_tokens, prompt_generator
 
 
@@ -58,8 +59,11 @@ def share_from_last_stage(t: torch.Tensor) -> torch.Tensor:
 
 def pipeline_forward(model: torch.nn.Module, tokens: torch.Tensor, attention_mask: torch.Tensor, ctx=None):
     """One forward of ``tokens`` [b, s] through all pipeline stages; the logits shard on the last stage, else None."""
+    from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    if ps.get_pipeline_model_parallel_world_size() == 1:  # one stage: the schedule would only add overhead
+        return kv_cache.model_forward(model, tokens, attention_mask, ctx)
     out: list = []
 
     def forward_step(data_iterator, model_chunk):
@@ -83,7 +87,7 @@ class BatchRunner:
     """A batch of sequences growing together, with or without megatron's KV cache."""
 
     def __init__(self, model: torch.nn.Module, arch: ModelArch, batch_size: int, max_length: int,
-                 use_cache: bool = True):
+                 use_cache: bool = True, fast_attention: bool = True):
         self.model, self.arch, self.use_cache = model, arch, use_cache
         model.eval()  # megatron uses the inference context only outside training mode
         self.device = next(model.parameters()).device
@@ -91,6 +95,11 @@ class BatchRunner:
         self.keep = torch.zeros(batch_size, max_length, dtype=torch.bool, device=self.device)
         self.length = 0  # positions written (the same for every row)
         self.ctx = kv_cache.new_cache(batch_size, max_length) if use_cache else None
+        if self.ctx is not None:
+            if fast_attention:  # attention.py: our cache layout and SDPA (megatron's forward outside generation)
+                use_fast_attention(model)
+            else:  # megatron's own attention and KV cache (the reference the fast path is tested against)
+                self.ctx.fast_kv = None
 
     @property
     def max_length(self) -> int:
@@ -112,11 +121,14 @@ class BatchRunner:
         q_pos = torch.arange(q0, end, device=self.device)
         k_pos = torch.arange(end, device=self.device)
         allowed = (k_pos[None, :] <= q_pos[:, None])[None] & self.keep[:, None, :end]
+        # a pad query attends to itself only (no row is all masked: softmax kernels would give NaN or zeros);
+        # real queries never see a pad, as before
+        allowed |= (k_pos[None, :] == q_pos[:, None])[None]
         mask = ~allowed[:, None]  # [b, 1, sq, sk]; True = masked
         if self.use_cache:
             kv_cache.set_cache_length(self.ctx, start)
             kv_cache.set_last_token_logits_only(self.ctx, last_only)
-        with torch.no_grad():
+        with torch.inference_mode():
             logits = pipeline_forward(self.model, self.tokens[:, q0:end], mask, self.ctx)
         self.length = end
         if logits is None:
@@ -134,7 +146,8 @@ class BatchRunner:
 
 def generate_batch(model, arch, prompts: list[list[int]], indices: list[int], params: SamplingParams,
                    stop_token_ids: Sequence[int] = (), pad_token_id: int = 0, use_cache: bool = True,
-                   bar=None, stop_when: Optional[Callable[[list[int]], bool]] = None) -> list[list[int]]:
+                   bar=None, stop_when: Optional[Callable[[list[int]], bool]] = None,
+                   fast_attention: bool = True) -> list[list[int]]:
     """One batch on this model-parallel group (no DP split); ``indices`` seed each prompt's sampler.
 
     ``stop_when(new_tokens)``: an extra stop rule checked after every step (e.g. a stop string in the decoded
@@ -143,7 +156,7 @@ def generate_batch(model, arch, prompts: list[list[int]], indices: list[int], pa
     stop_ids = torch.tensor(list(stop_token_ids), dtype=torch.long)
     bar = bar if bar is not None else _NoBar()
     b, longest = len(prompts), max(len(p) for p in prompts)
-    runner = BatchRunner(model, arch, b, longest + params.max_new_tokens, use_cache)
+    runner = BatchRunner(model, arch, b, longest + params.max_new_tokens, use_cache, fast_attention)
     tokens = torch.full((b, longest), pad_token_id, dtype=torch.long)
     keep = torch.zeros(b, longest, dtype=torch.bool)
     for i, p in enumerate(prompts):  # left padding: every prompt ends at the same position
@@ -187,7 +200,7 @@ def check_prompts(prompts: Sequence[Sequence[int]], arch: ModelArch, max_new_tok
 @torch.no_grad()
 def generate(model: torch.nn.Module, arch: ModelArch, prompts: list[list[int]], params: SamplingParams,
              stop_token_ids: Sequence[int] = (), pad_token_id: int = 0, batch_size: int = 8, use_cache: bool = True,
-             desc: Optional[str] = "generate") -> list[list[int]]:
+             desc: Optional[str] = "generate", fast_attention: bool = True) -> list[list[int]]:
     """New tokens for each prompt (token id lists), the same list on every rank.
 
     Every rank of the job calls this with the same prompts; data-parallel replicas split them. A sequence
@@ -195,6 +208,8 @@ def generate(model: torch.nn.Module, arch: ModelArch, prompts: list[list[int]], 
     ``params.max_new_tokens`` tokens (a sequence that does not end in a stop token was truncated).
     Prompts are grouped by length into batches of ``batch_size`` and left-padded with ``pad_token_id``
     (which never influences the result). ``use_cache=False`` recomputes the whole sequence every step.
+    ``fast_attention=False`` keeps megatron's own attention and KV cache (slower; the reference of the default,
+    generation/attention.py).
     The model must use megatron's local attention spec (see :func:`check_model_for_generation`).
     """
     from megatron.core import parallel_state as ps
@@ -216,7 +231,7 @@ def generate(model: torch.nn.Module, arch: ModelArch, prompts: list[list[int]], 
     for k in range(0, len(mine), batch_size):
         idx = mine[k: k + batch_size]
         outs = generate_batch(model, arch, [list(prompts[i]) for i in idx], idx, params, stop_token_ids, pad_token_id,
-                              use_cache, _ScaledBar(bar_for_batches, dp))
+                              use_cache, _ScaledBar(bar_for_batches, dp), fast_attention=fast_attention)
         results.update(zip(idx, outs))
         produced += sum(len(o) for o in outs)
     if bar is not None:

@@ -1,0 +1,145 @@
+"""Self-attention for KV-cached generation: new keys rotated once, a cache in the layout attention reads, GQA
+without repeating keys, and torch's fused scaled_dot_product_attention.
+
+Why (profiled on SmolLM2-135M, CPU, docs/generation.md "Speed"): with megatron's static inference context, each
+decode step of megatron's ``SelfAttention`` + local ``DotProductAttention`` does, per layer, work proportional to
+the whole cache rather than to the new token: RoPE is re-applied to every cached key (the cache holds them
+unrotated), keys and values are copied ``heads / groups`` times (``repeat_interleave``) out of a
+[s, b, groups, dim] cache, and the boolean mask becomes a float mask before softmax. At 600 cached positions this
+reads and writes more memory per step than the model's weights.
+
+:class:`GenerationSelfAttention` subclasses megatron's ``SelfAttention`` (same submodules, same parameters, same
+checkpoint keys). Its forward takes over only when it is given a :class:`~megatron_prune.generation.kv_cache`
+context marked for it, outside training; every other call (training, scoring, a forward without a context)
+is megatron's own. In the taken-over forward:
+
+- q/k/v come from megatron's own ``get_query_key_value_tensors`` (fused QKV linear, Qwen3's q/k norms);
+- RoPE rotates the new queries and keys only (megatron's ``apply_rotary_pos_emb``, positions = cache rows);
+- rotated keys and values go into a cache of our own, ``[batch, groups, positions, dim]`` per layer, kept in
+  the context (allocated on first use), so attention reads it in place;
+- ``torch.nn.functional.scaled_dot_product_attention(..., attn_mask=allowed, enable_gqa=True)``: every query
+  head of a group reads its group's keys without copies (torch >= 2.5; on CPU its flash kernel), with the
+  engine's boolean mask as it is;
+- megatron's ``linear_proj`` (TP all-reduce included).
+
+:func:`use_fast_attention` turns a built model's megatron ``SelfAttention`` modules into this class in place
+(``__class__`` swap: nothing is re-built, no parameter moves); the engine calls it for every model it runs.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+_SUBCLASSES: dict[type, type] = {}
+
+
+class GenerationSelfAttention:
+    """Mixin placed before megatron's ``SelfAttention`` in a generated subclass (see :func:`use_fast_attention`)."""
+
+    def forward(self, hidden_states, attention_mask, *args, **kwargs):
+        ctx = kwargs.get("inference_context")
+        if ctx is None:
+            ctx = kwargs.get("inference_params")
+        if (ctx is None or self.training or getattr(ctx, "fast_kv", None) is None or args
+                or kwargs.get("key_value_states") is not None or kwargs.get("packed_seq_params") is not None
+                or kwargs.get("attention_bias") is not None or not fast_path_supported(self.config)):
+            return super().forward(hidden_states, attention_mask, *args, **kwargs)
+        return self._generation_forward(hidden_states, attention_mask, ctx, kwargs.get("rotary_pos_emb"))
+
+    def _generation_forward(self, hidden_states, attention_mask, ctx, rotary_pos_emb):
+        from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
+
+        query, key, value = self.get_query_key_value_tensors(hidden_states, None)  # [s, b, heads|groups, dim]
+        sq, b = query.shape[0], query.shape[1]
+        start = ctx.sequence_len_offset
+        end = start + sq
+        no_rope = self.config.no_rope_freq[self.layer_number - 1] if self.config.no_rope_freq else False
+        if rotary_pos_emb is not None and not no_rope:
+            q_emb, k_emb = rotary_pos_emb if isinstance(rotary_pos_emb, tuple) else (rotary_pos_emb,) * 2
+            query = apply_rotary_pos_emb(query, q_emb[start:end], config=self.config, mscale=_mscale(self.config))
+            key = apply_rotary_pos_emb(key, k_emb[start:end], config=self.config, mscale=_mscale(self.config))
+        k_cache, v_cache = _layer_cache(ctx, self.layer_number, key)
+        if end > k_cache.shape[2] or b > k_cache.shape[0]:
+            raise ValueError(f"KV cache of {k_cache.shape[0]} x {k_cache.shape[2]} positions is too small for "
+                             f"{b} x {end}")
+        k_cache[:b, :, start:end] = key.permute(1, 2, 0, 3)
+        v_cache[:b, :, start:end] = value.permute(1, 2, 0, 3)
+        keys, values = k_cache[:b, :, :end], v_cache[:b, :, :end]
+        if attention_mask is None:  # causal over the new block, everything cached before it
+            allowed = (torch.arange(end, device=query.device)[None, :]
+                       <= torch.arange(start, end, device=query.device)[:, None])[None, None]
+        else:  # megatron's convention: True = masked; [b or 1, 1, sq, end]
+            allowed = ~attention_mask[..., -sq:, :end]
+        q = query.permute(1, 2, 0, 3)  # [b, heads, sq, dim]
+        heads, groups = q.shape[1], keys.shape[1]
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=allowed, scale=_softmax_scale(self),
+                                             enable_gqa=heads != groups)
+        core = out.permute(2, 0, 1, 3).reshape(sq, b, heads * out.shape[-1])  # [s, b, hidden/TP]
+        return self.linear_proj(core)
+
+
+def fast_path_supported(config) -> bool:
+    """The configurations the generation forward reproduces exactly; others keep megatron's own forward."""
+    return (getattr(config, "softmax_type", "vanilla") == "vanilla" and getattr(config, "window_size", None) is None
+            and not getattr(config, "attention_output_gate", False) and not getattr(config, "flash_decode", False)
+            and not getattr(config, "multi_latent_attention", False)
+            and getattr(config, "context_parallel_size", 1) == 1)
+
+
+def _softmax_scale(module) -> float:
+    """megatron's DotProductAttention: config.softmax_scale, else 1/sqrt(head dim) (query-key layer scaling
+    divides and multiplies back by the same coefficient, so it cancels)."""
+    scale = module.config.softmax_scale
+    return scale if scale is not None else 1.0 / math.sqrt(module.hidden_size_per_attention_head)
+
+
+def _mscale(config) -> float:
+    """YaRN's attention concentration factor, as megatron's Attention.forward passes it (1.0 otherwise)."""
+    from megatron.core.transformer import attention
+
+    fn = getattr(attention, "_yarn_get_concentration_factor_from_config", None)
+    return float(fn(config)) if fn is not None else 1.0
+
+
+def _layer_cache(ctx, layer_number: int, key: torch.Tensor):
+    """(keys, values) buffers [max_batch, groups, max_positions, dim] of this layer, allocated on first use."""
+    kv = ctx.fast_kv.get(layer_number)
+    if kv is None:
+        shape = (ctx.max_batch_size, key.shape[2], ctx.max_sequence_length, key.shape[3])
+        kv = (torch.empty(shape, dtype=key.dtype, device=key.device),
+              torch.empty(shape, dtype=key.dtype, device=key.device))
+        ctx.fast_kv[layer_number] = kv
+    return kv
+
+
+def use_fast_attention(model: torch.nn.Module) -> int:
+    """Make every megatron ``SelfAttention`` in ``model`` a :class:`GenerationSelfAttention` (in place,
+    idempotent); returns how many modules use it. Without a generation context nothing changes."""
+    from megatron.core.transformer.attention import SelfAttention
+
+    n = 0
+    for m in model.modules():
+        if isinstance(m, GenerationSelfAttention):
+            n += 1
+        elif type(m) is SelfAttention:
+            m.__class__ = _subclass(type(m))
+            n += 1
+    return n
+
+
+def _subclass(cls: type) -> type:
+    if cls not in _SUBCLASSES:
+        _SUBCLASSES[cls] = type(f"Generation{cls.__name__}", (GenerationSelfAttention, cls), {})
+    return _SUBCLASSES[cls]
+
+
+def uses_fast_attention(model: torch.nn.Module) -> Optional[bool]:
+    """True when every self-attention of ``model`` is a :class:`GenerationSelfAttention` (None: it has none)."""
+    from megatron.core.transformer.attention import SelfAttention
+
+    mods = [m for m in model.modules() if isinstance(m, SelfAttention)]
+    return all(isinstance(m, GenerationSelfAttention) for m in mods) if mods else None
