@@ -15,6 +15,7 @@ every rank of the model-parallel group, so all ranks feed the same tokens.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Callable, Optional, Sequence
 
@@ -23,7 +24,7 @@ import torch.distributed as dist
 
 from megatron_prune.arch import ModelArch
 from megatron_prune.generation import kv_cache
-from megatron_prune.generation.attention import use_fast_attention
+from megatron_prune.generation.fast_layers import use_fast_generation
 from megatron_prune.generation.sampling import SamplingParams, next_tokens, prompt_generator
 
 
@@ -63,7 +64,8 @@ def pipeline_forward(model: torch.nn.Module, tokens: torch.Tensor, attention_mas
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     if ps.get_pipeline_model_parallel_world_size() == 1:  # one stage: the schedule would only add overhead
-        return kv_cache.model_forward(model, tokens, attention_mask, ctx)
+        with _without_cuda_to_cpu_mode():
+            return kv_cache.model_forward(model, tokens, attention_mask, ctx)
     out: list = []
 
     def forward_step(data_iterator, model_chunk):
@@ -83,6 +85,21 @@ def pipeline_forward(model: torch.nn.Module, tokens: torch.Tensor, attention_mas
     return out[0] if out else None
 
 
+@contextlib.contextmanager
+def _without_cuda_to_cpu_mode():
+    """Leave out runtime/cpu_compat.py's torch-function mode (it maps ``device="cuda"`` to the CPU) for a
+    forward: it routes every torch call through Python (about 3,000 per decode step of a 30-layer model), and a
+    model's forward creates nothing on a "cuda" device (megatron's pipeline schedule does: PP > 1 keeps it)."""
+    from torch import overrides
+
+    mode = overrides._get_current_function_mode() if hasattr(overrides, "_get_current_function_mode") else None
+    if mode is None or type(mode).__name__ != "_CudaToCpuMode" or not hasattr(overrides, "_pop_mode_temporarily"):
+        yield
+        return
+    with overrides._pop_mode_temporarily():
+        yield
+
+
 class BatchRunner:
     """A batch of sequences growing together, with or without megatron's KV cache."""
 
@@ -96,8 +113,8 @@ class BatchRunner:
         self.length = 0  # positions written (the same for every row)
         self.ctx = kv_cache.new_cache(batch_size, max_length) if use_cache else None
         if self.ctx is not None:
-            if fast_attention:  # attention.py: our cache layout and SDPA (megatron's forward outside generation)
-                use_fast_attention(model)
+            if fast_attention:  # fast_layers.py: our cache layout, SDPA, lean linears (megatron's forward elsewhere)
+                use_fast_generation(model)
             else:  # megatron's own attention and KV cache (the reference the fast path is tested against)
                 self.ctx.fast_kv = None
 
@@ -209,7 +226,7 @@ def generate(model: torch.nn.Module, arch: ModelArch, prompts: list[list[int]], 
     Prompts are grouped by length into batches of ``batch_size`` and left-padded with ``pad_token_id``
     (which never influences the result). ``use_cache=False`` recomputes the whole sequence every step.
     ``fast_attention=False`` keeps megatron's own attention and KV cache (slower; the reference of the default,
-    generation/attention.py).
+    generation/fast_layers.py).
     The model must use megatron's local attention spec (see :func:`check_model_for_generation`).
     """
     from megatron.core import parallel_state as ps

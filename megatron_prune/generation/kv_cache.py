@@ -2,7 +2,7 @@
 
 GPTModel.forward(..., inference_context=ctx) keeps every layer's keys and values in ``ctx`` at rows
 ``[sequence_len_offset, sequence_len_offset + s)`` and attends to rows ``[0, offset + s)``; RoPE rotates by
-the row index (generation/attention.py's layers keep their own, rotated, cache in the same context; the offset
+the row index (generation/fast_layers.py's layers keep their own, rotated, cache in the same context; the offset
 works the same for both). We set the offset ourselves before every forward, which also makes rolling back (after
 rejected speculative tokens) a matter of moving the offset: rows past it are overwritten before they are
 read again. This context (not megatron's engines, which are being deprecated) is what GPTModel itself
@@ -19,7 +19,7 @@ def new_cache(max_batch_size: int, max_sequence_length: int, last_token_logits_o
 
     ctx = StaticInferenceContext(max_batch_size, max_sequence_length)
     ctx.materialize_only_last_token_logits = last_token_logits_only
-    # per-layer (keys, values) of generation/attention.py's GenerationSelfAttention, [b, groups, positions, dim],
+    # per-layer (keys, values) of generation/fast_layers.py's GenerationSelfAttention, [b, groups, positions, dim],
     # rotated keys; layers left to megatron's own attention use ctx.key_value_memory_dict as before
     ctx.fast_kv = {}
     return ctx

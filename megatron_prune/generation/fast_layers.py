@@ -1,5 +1,7 @@
-"""Self-attention for KV-cached generation: new keys rotated once, a cache in the layout attention reads, GQA
-without repeating keys, and torch's fused scaled_dot_product_attention.
+"""The decode path of megatron's layers, for KV-cached generation: self-attention with new keys rotated once, a
+cache in the layout attention reads, GQA without repeating keys and torch's fused scaled_dot_product_attention;
+and tensor-parallel linear layers without the autograd/TP bookkeeping that a forward under inference_mode
+does not need.
 
 Why (profiled on SmolLM2-135M, CPU, docs/generation.md "Speed"): with megatron's static inference context, each
 decode step of megatron's ``SelfAttention`` + local ``DotProductAttention`` does, per layer, work proportional to
@@ -22,8 +24,16 @@ is megatron's own. In the taken-over forward:
   engine's boolean mask as it is;
 - megatron's ``linear_proj`` (TP all-reduce included).
 
-:func:`use_fast_attention` turns a built model's megatron ``SelfAttention`` modules into this class in place
-(``__class__`` swap: nothing is re-built, no parameter moves); the engine calls it for every model it runs.
+:class:`GenerationColumnParallelLinear` / :class:`GenerationRowParallelLinear` (megatron's Column/RowParallelLinear,
+local spec): under ``torch.inference_mode`` and outside training, ``torch.matmul(x, weight.t())`` (+ bias), then
+the TP all-gather / all-reduce megatron's forward would do, called directly; the same arithmetic as megatron's
+forward, which goes through an autograd Function, process-group lookups and a deprecation warning per call
+(~60 us a call, 121 linears per decode step of SmolLM2). Sequence parallelism, expert layers and deferred
+embedding gradients keep megatron's forward.
+
+:func:`use_fast_generation` turns a built model's megatron modules into these classes in place (``__class__``
+swap: nothing is re-built, no parameter moves, state dicts and checkpoints are unchanged); the engine calls it
+for every model it runs. Outside a generation forward, every module runs megatron's own forward.
 """
 
 from __future__ import annotations
@@ -116,24 +126,71 @@ def _layer_cache(ctx, layer_number: int, key: torch.Tensor):
     return kv
 
 
-def use_fast_attention(model: torch.nn.Module) -> int:
-    """Make every megatron ``SelfAttention`` in ``model`` a :class:`GenerationSelfAttention` (in place,
-    idempotent); returns how many modules use it. Without a generation context nothing changes."""
+class GenerationColumnParallelLinear:
+    """Mixin before megatron's ``ColumnParallelLinear`` (see :func:`use_fast_generation`)."""
+
+    def forward(self, input_, weight=None, runtime_gather_output=None, **kwargs):
+        if kwargs or not _lean_linear(self):
+            return super().forward(input_, weight=weight, runtime_gather_output=runtime_gather_output, **kwargs)
+        w = self.weight if weight is None else weight
+        if w is None or w.shape != (self.output_size_per_partition, self.input_size):
+            return super().forward(input_, weight=weight, runtime_gather_output=runtime_gather_output)
+        out = torch.matmul(input_, w.t())
+        if self.bias is not None and not self.skip_bias_add:
+            out = out + self.bias
+        gather = self.gather_output if runtime_gather_output is None else runtime_gather_output
+        if gather and _tp_size(self) > 1:
+            from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
+
+            out = gather_from_tensor_model_parallel_region(out, group=self.tp_group)
+        return out, (self.bias if self.skip_bias_add else None)
+
+
+class GenerationRowParallelLinear:
+    """Mixin before megatron's ``RowParallelLinear`` (see :func:`use_fast_generation`)."""
+
+    def forward(self, input_, *args, **kwargs):
+        if args or kwargs or not _lean_linear(self) or not self.input_is_parallel:
+            return super().forward(input_, *args, **kwargs)
+        out = torch.matmul(input_, self.weight.t())
+        if _tp_size(self) > 1:
+            torch.distributed.all_reduce(out, group=self.tp_group)
+        if self.skip_bias_add:
+            return out, self.bias
+        return (out + self.bias if self.bias is not None else out), None
+
+
+def _lean_linear(m) -> bool:
+    return (torch.is_inference_mode_enabled() and not m.training and not m.sequence_parallel
+            and not getattr(m, "explicit_expert_comm", False) and not m.config.defer_embedding_wgrad_compute
+            and getattr(m.config, "_cpu_offloading_context", None) is None and getattr(m, "tp_group", None) is not None)
+
+
+def _tp_size(m) -> int:
+    return m.tp_group.size() if torch.distributed.is_initialized() else 1
+
+
+def use_fast_generation(model: torch.nn.Module) -> int:
+    """Make megatron's ``SelfAttention``, ``ColumnParallelLinear`` and ``RowParallelLinear`` modules of ``model``
+    their generation subclasses (in place, idempotent); returns how many modules were changed now. Outside a
+    generation forward they behave exactly as before."""
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
     from megatron.core.transformer.attention import SelfAttention
 
+    mixins = {SelfAttention: GenerationSelfAttention, ColumnParallelLinear: GenerationColumnParallelLinear,
+              RowParallelLinear: GenerationRowParallelLinear}
     n = 0
     for m in model.modules():
-        if isinstance(m, GenerationSelfAttention):
-            n += 1
-        elif type(m) is SelfAttention:
-            m.__class__ = _subclass(type(m))
+        mixin = mixins.get(type(m))  # the exact classes only: subclasses (TE, experts) keep their own forward
+        if mixin is not None:
+            m.__class__ = _subclass(type(m), mixin)
             n += 1
     return n
 
 
-def _subclass(cls: type) -> type:
+def _subclass(cls: type, mixin: type) -> type:
     if cls not in _SUBCLASSES:
-        _SUBCLASSES[cls] = type(f"Generation{cls.__name__}", (GenerationSelfAttention, cls), {})
+        _SUBCLASSES[cls] = type(f"Generation{cls.__name__}", (mixin, cls), {})
     return _SUBCLASSES[cls]
 
 
