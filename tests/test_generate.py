@@ -45,8 +45,16 @@ def _generate_layouts(ckpt, prompts):
         init_distributed(tp, pp)
         model, meta = load_model(ckpt, use_te=False)
         run = lambda params, **kw: generate(model, meta.arch, prompts, params, desc=None, **kw)  # noqa: E731
-        r = {"cache": run(greedy, batch_size=4), "no_cache": run(greedy, batch_size=4, use_cache=False),
+        plain_before = _plain_forward(model, prompts)
+        r = {"megatron_attention": run(greedy, batch_size=4, fast_attention=False),
+             "cache": run(greedy, batch_size=4), "no_cache": run(greedy, batch_size=4, use_cache=False),
              "sampled": run(SamplingParams(**SAMPLED), batch_size=4)}
+        plain_after = _plain_forward(model, prompts)  # the model now has fast_layers.py's classes
+        fast, ref = (_step_logits(model, meta.arch, prompts, f) for f in (True, False))
+        flags = torch.tensor([float(plain_before is None or torch.equal(plain_before, plain_after)),
+                              float(ref is None or torch.allclose(fast, ref, atol=1e-4, rtol=1e-4))])
+        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MIN)  # the same verdict on every rank
+        r["plain_forward_unchanged"], r["step_logits_close"] = bool(flags[0]), bool(flags[1])
         if (tp, pp) == (1, 1):
             stop = r["cache"][0][2]
             r.update({
@@ -60,6 +68,32 @@ def _generate_layouts(ckpt, prompts):
             })
         results[(tp, pp)] = r
     return results
+
+
+def _plain_forward(model, prompts):
+    """Logits of a forward without a KV cache, outside inference_mode (training and scoring take this path):
+    megatron's own forward in every module, before and after generation swapped their classes."""
+    from megatron_prune.generation.engine import pipeline_forward
+
+    tokens = torch.tensor([p[:2] for p in prompts])
+    causal = torch.triu(torch.ones(2, 2, dtype=torch.bool), 1)[None, None]
+    with torch.no_grad():
+        return pipeline_forward(model, tokens, causal)  # None on stages before the last
+
+
+def _step_logits(model, arch, prompts, fast: bool):
+    """Prefill of a left-padded batch, then 3 decode steps with fixed tokens: the logits of each forward."""
+    from megatron_prune.generation import BatchRunner
+
+    b, longest = len(prompts), max(map(len, prompts))
+    runner = BatchRunner(model, arch, b, longest + 3, fast_attention=fast)
+    tokens, keep = torch.zeros(b, longest, dtype=torch.long), torch.zeros(b, longest, dtype=torch.bool)
+    for i, p in enumerate(prompts):
+        tokens[i, longest - len(p):], keep[i, longest - len(p):] = torch.tensor(p), True
+    out = [runner.feed(tokens, keep)]
+    for t in (7, 11, 13):
+        out.append(runner.feed(torch.full((b, 1), t)))
+    return None if out[0] is None else torch.stack(out)
 
 
 def _hf_greedy(hf_dir, prompts, new=NEW, eos=None):
@@ -89,6 +123,17 @@ def test_tp1_cache_padding_and_transformers(tiny_llama_dir, layouts):
     assert r["no_cache"] == ref
     assert r["alone"] == ref  # the left-padded batch equals each prompt alone
     assert all(len(o) == NEW for o in r["cache"])
+
+
+@pytest.mark.parametrize("tp,pp", [(1, 1), (2, 1), (1, 2)])
+def test_fast_layers_equal_megatron_attention(layouts, tp, pp):
+    """generation/fast_layers.py (own KV cache, SDPA with GQA, lean linears) against megatron's own attention and
+    KV cache: the same greedy tokens, the same logits at every step (prefill of a left-padded batch and decode),
+    and a forward without a cache is bit for bit what it was before the classes were swapped."""
+    r = layouts[(tp, pp)]
+    assert r["cache"] == r["megatron_attention"]
+    assert r["plain_forward_unchanged"]
+    assert r["step_logits_close"]
 
 
 def test_sampling_reproducible(layouts):
