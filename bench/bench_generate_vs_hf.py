@@ -10,8 +10,9 @@ number of tokens. Batches are formed the same way on both sides (prompts sorted 
 an attention mask on the transformers side).
 
 Each (model, batch size) is timed --repeats times, alternating which side runs first; the figure is the
-median of the per-repeat ratios (ours tok/s / transformers tok/s), with each side's best tok/s beside it.
-Run it on an idle machine (check `uptime`); the ratio is less sensitive to load than the rates.
+median of the per-repeat ratios (ours tok/s / transformers tok/s), with each side's best tok/s beside it, and the
+same ratio in CPU time of the process (steadier than wall time when other jobs share the cores; with
+--threads 1 the two agree on an idle machine). Run it on an idle machine (check `uptime`).
 
     PYTHONPATH=. python bench/bench_generate_vs_hf.py                        # both models, batch 1 and 16
     PYTHONPATH=. python bench/bench_generate_vs_hf.py --models smollm2 --batches 16 --new 64 --repeats 3
@@ -98,9 +99,10 @@ def hf_generate(model, prompts, batch: int, new: int) -> list[list[int]]:
 
 
 def timed(fn):
-    t0 = time.perf_counter()
+    """(result, wall seconds, CPU seconds of this process)."""
+    t0, c0 = time.perf_counter(), time.process_time()
     out = fn()
-    return out, time.perf_counter() - t0
+    return out, time.perf_counter() - t0, time.process_time() - c0
 
 
 def run(args) -> list[dict]:
@@ -132,11 +134,12 @@ def run(args) -> list[dict]:
             warm = prompts[:1]
             generate(ours, meta.arch, warm, SamplingParams(max_new_tokens=2), desc=None)
             hf_generate(hf, warm, 1, 2)
-            tokens, secs = {}, {k: [] for k in sides}
+            tokens, secs, cpu = {}, {k: [] for k in sides}, {k: [] for k in sides}
             for r in range(args.repeats):
                 for k in (list(sides) if r % 2 == 0 else list(sides)[::-1]):
-                    tokens[k], s = timed(sides[k])
+                    tokens[k], s, c = timed(sides[k])
                     secs[k].append(s)
+                    cpu[k].append(c)
             n = len(prompts) * args.new
             identical = tokens["ours"] == tokens["transformers"]
             row = {"model": name, "batch": batch, "prompts": len(prompts), "new": args.new, "identical": identical,
@@ -144,6 +147,7 @@ def run(args) -> list[dict]:
             for k in sides:
                 row[f"{k}_tok_s"] = n / min(secs[k])
             row["ratio"] = statistics.median(secs["transformers"][i] / secs["ours"][i] for i in range(args.repeats))
+            row["cpu_ratio"] = statistics.median(cpu["transformers"][i] / cpu["ours"][i] for i in range(args.repeats))
             if args.megatron_attention:
                 row["identical_megatron_attention"] = tokens["megatron_attention"] == tokens["ours"]
                 row["ratio_megatron_attention"] = statistics.median(
@@ -162,7 +166,8 @@ def run(args) -> list[dict]:
 def fmt(r: dict) -> str:
     s = (f"{r['model']:<8} batch {r['batch']:>2} ({r['prompts']} prompts, {r['prompt_tokens']} prompt tokens, "
          f"{r['new']} new each): ours {r['ours_tok_s']:7.1f} tok/s, transformers {r['transformers_tok_s']:7.1f} tok/s "
-         f"-> ratio {r['ratio']:.2f}x, identical tokens: {'yes' if r['identical'] else 'NO'}")
+         f"-> ratio {r['ratio']:.2f}x (CPU time {r['cpu_ratio']:.2f}x), identical tokens: "
+         f"{'yes' if r['identical'] else 'NO'}")
     if "ratio_megatron_attention" in r:
         s += (f"\n{'':<8} megatron's own attention + KV cache: {r['megatron_attention_tok_s']:7.1f} tok/s -> ratio "
               f"{r['ratio_megatron_attention']:.2f}x, identical: {'yes' if r['identical_megatron_attention'] else 'NO'}")
