@@ -31,6 +31,10 @@ forward, which goes through an autograd Function, process-group lookups and a de
 (~60 us a call, 121 linears per decode step of SmolLM2). Sequence parallelism, expert layers and deferred
 embedding gradients keep megatron's forward.
 
+:class:`GenerationTransformerLayer` (megatron's TransformerLayer with a plain MLP, no cross-attention): in a
+generation forward, norm -> attention -> (+ bias) + residual -> norm -> MLP -> (+ bias) + residual, the same
+arithmetic as megatron's eval forward without its per-call recompute/offload/CUDA-graph dispatch.
+
 :func:`use_fast_generation` turns a built model's megatron modules into these classes in place (``__class__``
 swap: nothing is re-built, no parameter moves, state dicts and checkpoints are unchanged); the engine calls it
 for every model it runs. Outside a generation forward, every module runs megatron's own forward.
@@ -160,6 +164,48 @@ class GenerationRowParallelLinear:
         return (out + self.bias if self.bias is not None else out), None
 
 
+class GenerationTransformerLayer:
+    """Mixin before megatron's ``TransformerLayer``: in a generation forward, the layer's own arithmetic
+    (norm, self-attention, bias + residual, norm, MLP, bias + residual; dropout is off in eval) without
+    megatron's per-call recompute/offload/CUDA-graph/fused-kernel dispatch."""
+
+    def forward(self, *args, **kwargs):
+        ctx = kwargs.get("inference_context")
+        if (args or ctx is None or getattr(ctx, "fast_kv", None) is None or self.training
+                or not _plain_layer(self)
+                or any(kwargs.get(k) is not None for k in ("context", "attention_bias", "packed_seq_params",
+                                                           "rotary_pos_cos", "rotary_pos_sin", "rotary_pos_cos_sin",
+                                                           "padding_mask"))):
+            return super().forward(*args, **kwargs)
+        hidden = kwargs["hidden_states"]
+        out, bias = self.self_attention(self.input_layernorm(hidden), attention_mask=kwargs.get("attention_mask"),
+                                        inference_context=ctx, rotary_pos_emb=kwargs.get("rotary_pos_emb"))
+        hidden = _bias_add(out, bias, hidden)
+        out, bias = self.mlp(self.pre_mlp_layernorm(hidden))
+        return _bias_add(out, bias, hidden), None
+
+
+def _bias_add(x, bias, residual):
+    """megatron's bias-dropout-add in eval: (x + bias) + residual, in that order (dropout is the identity)."""
+    if bias is not None:
+        x = x + bias
+    return residual + x
+
+
+def _plain_layer(layer) -> bool:
+    from megatron.core.transformer.identity_op import IdentityOp
+    from megatron.core.transformer.mlp import MLP
+
+    c = layer.config
+    return (type(layer.mlp) is MLP and isinstance(layer.cross_attention, IdentityOp)
+            and isinstance(layer.pre_cross_attn_layernorm, IdentityOp)
+            and not getattr(layer, "recompute_input_layernorm", False)
+            and not getattr(layer, "recompute_pre_mlp_layernorm", False) and not getattr(layer, "recompute_mlp", False)
+            and not getattr(c, "inference_fuse_tp_communication", False) and getattr(c, "mlp_chunks_for_prefill", 1) <= 1
+            and not getattr(c, "apply_residual_connection_post_layernorm", False)
+            and not getattr(c, "fp32_residual_connection", False))
+
+
 def _lean_linear(m) -> bool:
     return (torch.is_inference_mode_enabled() and not m.training and not m.sequence_parallel
             and not getattr(m, "explicit_expert_comm", False) and not m.config.defer_embedding_wgrad_compute
@@ -171,14 +217,15 @@ def _tp_size(m) -> int:
 
 
 def use_fast_generation(model: torch.nn.Module) -> int:
-    """Make megatron's ``SelfAttention``, ``ColumnParallelLinear`` and ``RowParallelLinear`` modules of ``model``
-    their generation subclasses (in place, idempotent); returns how many modules were changed now. Outside a
+    """Make megatron's ``TransformerLayer``, ``SelfAttention``, ``ColumnParallelLinear`` and ``RowParallelLinear``
+    modules of ``model`` their generation subclasses (in place, idempotent); returns how many modules were changed now. Outside a
     generation forward they behave exactly as before."""
     from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
     from megatron.core.transformer.attention import SelfAttention
+    from megatron.core.transformer.transformer_layer import TransformerLayer
 
     mixins = {SelfAttention: GenerationSelfAttention, ColumnParallelLinear: GenerationColumnParallelLinear,
-              RowParallelLinear: GenerationRowParallelLinear}
+              RowParallelLinear: GenerationRowParallelLinear, TransformerLayer: GenerationTransformerLayer}
     n = 0
     for m in model.modules():
         mixin = mixins.get(type(m))  # the exact classes only: subclasses (TE, experts) keep their own forward
