@@ -119,6 +119,7 @@ def setup(tmp_path_factory):
             p.add_(torch.randn(p.shape, generator=g) * 0.05 * p.std().clamp(min=0.1))
     model.save_pretrained(root / "hf_b", safe_serialization=True)
     write_token_dataset(root / "data", num_docs=30, doc_len=50, vocab=1000)
+    (root / "prompts.jsonl").write_text('{"tokens": [5, 17, 300, 42]}\n{"tokens": [7, 7, 900]}\n')
     return root
 
 
@@ -154,6 +155,22 @@ def _scores(ckpt, pp, tokens):
     return out
 
 
+def _read_only_verbs(root, pp) -> dict:
+    """eval (LM loss), generate (model A: [3, 2] at PP=2), specdec (target C [3, 3], draft A [3, 2])."""
+    from megatron_prune.generation import SamplingParams
+    from megatron_prune.pipelines.eval import evaluate_checkpoint
+    from megatron_prune.pipelines.generate import generate_file
+    from megatron_prune.pipelines.specdec import specdec
+
+    params = SamplingParams(max_new_tokens=6)
+    out = {"eval": evaluate_checkpoint(root / "a", root / "data", seq_len=16, micro_batch_size=2, max_sequences=8,
+                                       pp=pp).lm_loss}
+    generate_file(root / "a", root / "prompts.jsonl", root / f"gen_pp{pp}.jsonl", params, pp=pp, chat=False)
+    report = specdec(root / "c", root / "a", root / "prompts.jsonl", ks=(2,), params=params, pp=pp, chat=False)
+    out["specdec"] = {k: v for k, v in report["k"][2].items() if k not in ("seconds", "speedup", "tokens_per_s")}
+    return out
+
+
 def _pp1(root, tokens):
     from megatron_prune.pipelines.convert import hf_to_megatron, megatron_to_hf
     from megatron_prune.pipelines.merge import merge
@@ -172,6 +189,7 @@ def _pp1(root, tokens):
     megatron_to_hf(root / "a", root / "export_pp1")
     out["distill"] = _train(_train_cfg(root, root / "distill_pp1", root / "a", teacher=root / "c"))
     out["train_c"] = _train(_train_cfg(root, root / "train_c_pp1", root / "c"))
+    out.update(_read_only_verbs(root, 1))
     return out
 
 
@@ -200,6 +218,7 @@ def _pp2(root, tokens):
     # (d) distillation: student [3, 2], teacher [3, 3]; train at PP=2 x VPP=2 with [4, 2] (2 + 1 layers per chunk)
     out["distill"] = _train(_train_cfg(root, root / "distill_pp2", root / "a", teacher=root / "c", pp=2))
     out["train_c"] = _train(_train_cfg(root, root / "train_c_vpp", root / "c", pp=2, vpp=2))
+    out.update(_read_only_verbs(root, 2))
     return out
 
 
@@ -301,6 +320,17 @@ def test_merge_and_hf_export_at_uneven_pp2(runs, setup):
         assert set(exported) == set(original), name
         for k, v in original.items():
             torch.testing.assert_close(exported[k], v, rtol=0, atol=0, msg=f"{name} {k}")
+
+
+def test_eval_generate_and_specdec_at_uneven_pp2_equal_pp1(runs, setup):
+    assert runs["pp2"]["eval"] == pytest.approx(runs["pp1"]["eval"], rel=1e-5)
+    gen = {pp: [json.loads(line) for line in (setup / f"gen_pp{pp}.jsonl").read_text().splitlines()] for pp in (1, 2)}
+    assert len(gen[1]) == 2 and all(len(r["tokens"]) == 6 for r in gen[1])
+    assert [r["tokens"] for r in gen[2]] == [r["tokens"] for r in gen[1]]
+    ref, got = runs["pp1"]["specdec"], runs["pp2"]["specdec"]
+    assert ref["equals_target_greedy"] is True
+    for k, v in ref.items():
+        assert got[k] == pytest.approx(v, rel=1e-6), k
 
 
 # ---- (g) the command line: the flags, checked before anything is loaded --------------------------------------
