@@ -434,8 +434,8 @@ def _request_stage_split(args: argparse.Namespace) -> None:
     if first is not None or last is not None:
         inputs.stage_override(first, last, getattr(args, "pp", 1))
         if args.command == "search":
-            raise inputs.InputError(f"{FIRST_FLAG} / {LAST_FLAG}: search writes candidates of many depths, each of which "
-                                    f"takes its automatic split; drop the flag")
+            raise inputs.InputError(f"{FIRST_FLAG} / {LAST_FLAG}: search writes candidates of many depths, each "
+                                    f"of which takes its automatic split; drop the flag")
     request_split(first, last)
 
 

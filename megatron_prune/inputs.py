@@ -72,25 +72,21 @@ def pipeline_split(arch, pp: int, name: str = "CKPT", vpp: int = 1, main: bool =
     one of another depth its automatic split."""
     from megatron_prune.runtime import stages
 
+    split = stages.bind_split if main else stages.split_for
     try:
-        return (stages.bind_split if main else stages.split_for)(arch.num_layers, pp, vpp)
+        return split(arch.num_layers, pp, vpp)
     except ValueError as e:
-        fits = []
-        if vpp > 1 and _splits(stages.split_for, arch.num_layers, pp, 1):
-            for v in range(2, arch.num_layers // pp + 1):
-                try:
-                    (stages.bind_split if main else stages.split_for)(arch.num_layers, pp, v)
-                    fits.append(v)
-                except ValueError:
-                    pass
-            fits = f"; --vpp values that fit: {fits or 'none (drop --vpp)'}"
+        hint = ""
+        if vpp > 1 and _splits(split, arch.num_layers, pp, 1):  # the virtual stages are the problem
+            fits = [v for v in range(2, arch.num_layers // pp + 1) if _splits(split, arch.num_layers, pp, v)]
+            hint = f"; --vpp values that fit: {fits or 'none (drop --vpp)'}"
         raise InputError(f"{name} has {arch.num_layers} layers, which cannot be split over --pp {pp}"
-                         f"{f' --vpp {vpp}' if vpp > 1 else ''}: {e}{fits or ''}") from e
+                         f"{f' --vpp {vpp}' if vpp > 1 else ''}: {e}{hint}") from e
 
 
-def _splits(fn, num_layers: int, pp: int, vpp: int) -> bool:
+def _splits(split, num_layers: int, pp: int, vpp: int) -> bool:
     try:
-        fn(num_layers, pp, vpp)
+        split(num_layers, pp, vpp)
     except ValueError:
         return False
     return True

@@ -90,6 +90,23 @@ def test_megatron_config_of_a_split():
             assert owned == list(range(26)), (pp, vpp)
 
 
+def test_memory_planner_follows_the_split():
+    """Per-stage parameters of the planner: 26 layers at PP=4 sum to the PP=1 count, and the stages hold
+    [6, 7, 7, 6] layers (the deeper middle stages are counted, not ceil(26 / 4) everywhere)."""
+    from megatron_prune.arch import ModelArch
+    from megatron_prune.memory import Layout, stage_param_count
+
+    arch = ModelArch(num_layers=26, hidden_size=64, ffn_hidden_size=96, num_attention_heads=8, num_query_groups=4,
+                     vocab_size=1000)
+    per_stage = [stage_param_count(arch, 1, 4, s) for s in range(4)]
+    assert sum(per_stage) == stage_param_count(arch, 1, 1, 0)
+    assert per_stage[1] == per_stage[2] == 7 * arch.layer_param_count()
+    assert per_stage[0] - 6 * arch.layer_param_count() == arch.padded_vocab_size * 64  # + the embedding
+    Layout(pp=4, vpp=2, num_microbatches=8).check(arch)  # [6, 8, 8, 4]
+    with pytest.raises(ValueError, match="stages of multiples of VPP=4"):
+        Layout(pp=4, vpp=4, num_microbatches=8).check(arch)
+
+
 # ---- the models and the three spawns ---------------------------------------------------------------------------
 def _plan_6_to_5(arch: dict, seed: int = 0) -> dict:
     """6 -> 5 layers (layer 1 dropped: kept layers 3 and 4 move from stage 1 to stage 0 of [3, 2]), and every
