@@ -487,6 +487,10 @@ def convert_nemo(src: str | Path, kind: str, out: str | Path, to: str, tp: int =
     prov = {"source": str(Path(src).absolute()), "source_format": kind}
     if kind in ("nemo2", "bridge"):
         ckpt = read_foreign(src)  # before any process group: bad input fails fast
+        if to == "megatron":  # the stage-size flags (runtime/stages.py) size the imported model
+            from megatron_prune.runtime.stages import bind_split
+
+            bind_split(ckpt.arch.num_layers, pp)
         world = dist.get_world_size() if dist.is_initialized() else _launch_world_size()
         layout = (tp, pp) if to == "megatron" else (1, world)
         init_distributed(*layout)

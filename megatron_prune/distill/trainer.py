@@ -53,8 +53,8 @@ def _check_layout(cfg: TrainConfig, student, teacher) -> None:
     from megatron_prune import inputs
 
     for name, arch in (("--student", student), ("--teacher", teacher)):
-        if arch is not None:
-            inputs.arch_fits(arch, cfg.tp, cfg.pp, name, vpp=cfg.vpp)
+        if arch is not None:  # the stage-size flags apply to the student (runtime/stages.py)
+            inputs.arch_fits(arch, cfg.tp, cfg.pp, name, vpp=cfg.vpp, main=name == "--student")
     if teacher is not None and teacher.vocab_size != student.vocab_size:
         raise ValueError(f"teacher vocab {teacher.vocab_size} != student vocab {student.vocab_size}")
     for pair in cfg.intermediate_layers:
