@@ -79,10 +79,10 @@ def foreign_logits(path, tp, pp, toks):
     return _forward(model, ckpt.arch, toks)
 
 
-def _convert(src, out, to, tp=1, pp=1):
+def _convert(src, out, to, tp=1, pp=1, dtype="auto"):
     from megatron_prune.pipelines.convert import convert
 
-    return convert(src, out, to=to, tp=tp, pp=pp)
+    return convert(src, out, to=to, tp=tp, pp=pp, dtype=dtype)
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +90,7 @@ def exported(hf_dir, tmp_path_factory):
     """HF -> our Megatron checkpoint (TP2) -> NeMo 2 (exported on 2 ranks: PP2)."""
     root = tmp_path_factory.mktemp("nemo_export")
     run_ranks(_convert, 2, hf_dir, root / "mp", "megatron", 2, 1)
-    run_ranks(_convert, 2, root / "mp", root / "nemo", "nemo")
+    run_ranks(_convert, 2, root / "mp", root / "nemo", "nemo", 1, 1, "float32")  # exact: float32, not bf16
     return root / "mp", root / "nemo"
 
 
@@ -129,20 +129,18 @@ def test_layout_matches_the_documented_one(exported, hf_dir):
     carried = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
     tok_files = sorted(p.name for p in hf_dir.iterdir() if p.name in carried)
     assert "tokenizer.json" in tok_files
-    # megatron's common (non-tensor) state is in exactly one place: common.pt (megatron-core 0.16, 0.17) or a
-    # 'common_state' object inside the shards (0.19, which still reads common.pt; 0.16 needs the file)
-    from torch.distributed.checkpoint import FileSystemReader
-
-    in_shards = any(k.startswith("common_state") for k in FileSystemReader(str(nemo / "weights")).read_metadata()
-                    .state_dict_metadata)
-    expected = {"context/model.yaml", "context/megatron_prune.json",
+    # megatron's common (non-tensor) state: common.pt whatever megatron-core wrote the shards (0.19 also keeps it
+    # inside them, but NeMo's megatron-core <= 0.16 reads only the file)
+    expected = {"context/model.yaml", "context/io.json", "context/megatron_prune.json",
                 *(f"context/nemo_tokenizer/{n}" for n in tok_files),
-                "weights/.metadata", "weights/metadata.json", *([] if in_shards else ["weights/common.pt"])}
+                "weights/.metadata", "weights/metadata.json", "weights/common.pt"}
     got = {str(p.relative_to(nemo)) for p in nemo.rglob("*") if p.is_file()}
     assert {g for g in got if not g.endswith(".distcp")} == expected
     assert any(g.startswith("weights/__") and g.endswith(".distcp") for g in got)
     assert not (nemo.parent / f".{nemo.name}.tmp").exists()
-    assert json.loads((nemo / "weights/metadata.json").read_text())["sharded_backend"] == "torch_dist"
+    assert json.loads((nemo / "weights/metadata.json").read_text()) == {
+        "sharded_backend": "torch_dist", "sharded_backend_version": 1, "common_backend": "torch",
+        "common_backend_version": 1}  # what megatron-core 0.16 writes, and needs
 
     L = "module.decoder.layers."
     assert _sharded_keys(nemo / "weights") == {
@@ -172,6 +170,7 @@ def test_layout_matches_the_documented_one(exported, hf_dir):
             "vocab_size": 1024, "activation_func": {"_target_": "torch.nn.functional.silu", "_call_": False},
             "params_dtype": {"_target_": "torch.float32", "_call_": False}}
     assert {k: cfg[k] for k in want} == want
+    assert "max_position_embeddings" not in cfg  # not a field of NeMo's GPTConfig (LlamaConfig(**fields) raises)
 
 
 # ---------------------------------------------------------------------------------------------------
