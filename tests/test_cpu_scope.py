@@ -133,3 +133,152 @@ def test_lm_eval_hf_and_device_map_after_our_code(tiny_chat_ckpt, tmp_path):
         torch.testing.assert_close(mixed[device_map], clean[device_map], rtol=0, atol=0)
     torch.testing.assert_close(mixed["ours"], clean["cpu"], rtol=1e-4, atol=1e-4)  # and the same model
     assert mixed["leaks"] == []
+
+
+def _probe() -> dict:
+    """What another library sees of torch's CUDA on this CPU machine (an exception's type, or the value)."""
+    def outcome(fn):
+        try:
+            return repr(fn())
+        except BaseException as e:  # noqa: BLE001 - the type is the answer
+            return type(e).__name__
+
+    return {"ones(device=cuda)": outcome(lambda: torch.ones(1, device="cuda").device),
+            "current_device": outcome(torch.cuda.current_device),
+            "synchronize": outcome(torch.cuda.synchronize),
+            "tensor.cuda": outcome(lambda: torch.ones(1).cuda().device),
+            "module.cuda": outcome(lambda: next(torch.nn.Linear(1, 1).cuda().parameters()).device),
+            "type": outcome(lambda: torch.ones(1).type()),
+            "device_count": outcome(torch.cuda.device_count)}
+
+
+def _ours_then_probe(ckpt: str) -> dict:
+    from megatron_prune.checkpoint import load_model
+    from megatron_prune.runtime import init_distributed
+
+    init_distributed(tp=1, pp=1)
+    model, _ = load_model(ckpt)
+    with torch.no_grad():
+        model(torch.arange(3, 12)[None], torch.arange(9)[None], None)
+    return _probe()
+
+
+def test_other_libraries_see_torch_cuda_as_in_a_clean_process(tiny_chat_ckpt):
+    (mixed,) = run_ranks(_ours_then_probe, 1, str(tiny_chat_ckpt))
+    (clean,) = run_ranks(_probe, 1)
+    assert mixed == clean
+    assert clean["type"] == "'torch.FloatTensor'" and clean["ones(device=cuda)"] != "device(type='cpu')"
+
+
+# ---- a GPU machine whose CUDA does not start: one line, never a silent fall-back to the CPU ---------------
+
+def _decide(env, available=False, build="12.8", nvidia=False):
+    from megatron_prune.runtime.device import decide
+
+    return decide(env, cuda_available=available, cuda_build=build, nvidia_present=lambda: nvidia)
+
+
+TORCHRUN = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}
+SRUN = {"SLURM_PROCID": "0", "SLURM_STEP_ID": "0", "SLURM_NTASKS": "2"}
+
+
+@pytest.mark.parametrize("env, nvidia, why", [
+    ({"CUDA_VISIBLE_DEVICES": "0"}, False, "CUDA_VISIBLE_DEVICES=0"),
+    ({**TORCHRUN, "CUDA_VISIBLE_DEVICES": "0,1"}, False, "CUDA_VISIBLE_DEVICES=0,1"),
+    ({**SRUN, "SLURM_STEP_GPUS": "0,1"}, False, "SLURM_STEP_GPUS=0,1"),
+    ({**SRUN, "SLURM_GPUS_ON_NODE": "4"}, False, "SLURM_GPUS_ON_NODE=4"),
+    ({**SRUN, "SLURM_JOB_GPUS": "0"}, False, "SLURM_JOB_GPUS=0"),  # GPU index 0, not "no GPU"
+    ({**SRUN, "SLURM_GPUS": "a100:2"}, False, "SLURM_GPUS=a100:2"),
+    ({**TORCHRUN}, True, "torchrun/srun on a machine with an NVIDIA driver"),
+    ({**SRUN}, True, "torchrun/srun on a machine with an NVIDIA driver"),
+])
+def test_expected_gpu_without_cuda_is_one_line_naming_cause_and_fix(env, nvidia, why):
+    from megatron_prune.runtime import DeviceError
+
+    with pytest.raises(DeviceError) as err:
+        _decide(env, nvidia=nvidia)
+    msg = str(err.value)
+    assert "\n" not in msg and why in msg and "MEGATRON_PRUNE_DEVICE=cpu" in msg and "driver" in msg
+    assert _decide({**env, "MEGATRON_PRUNE_DEVICE": "cpu"}, nvidia=nvidia) is False  # the way out it names
+
+
+@pytest.mark.parametrize("env, nvidia, build", [
+    ({}, False, "12.8"),  # this machine: a CUDA wheel, no GPU, nothing asks for one
+    ({**TORCHRUN}, False, "12.8"),  # torchrun/srun on a CPU machine (every multi-rank test here)
+    ({**SRUN, "SLURM_GPUS_ON_NODE": "0", "SLURM_GPUS": "a100:0"}, False, "12.8"),
+    ({"CUDA_VISIBLE_DEVICES": ""}, True, "12.8"),  # GPUs hidden on purpose
+    ({"CUDA_VISIBLE_DEVICES": "-1"}, False, "12.8"),
+    ({}, True, "12.8"),  # a single process (no launcher) on a machine with a driver: not a launched GPU job
+    ({"CUDA_VISIBLE_DEVICES": "0", **TORCHRUN}, True, None),  # a CPU wheel: the CPU is what was installed
+])
+def test_cpu_machines_run_on_the_cpu_as_before(env, nvidia, build):
+    assert _decide(env, nvidia=nvidia, build=build) is False
+    assert _decide(env, available=True, nvidia=nvidia, build=build) is True
+
+
+def test_device_setting():
+    from megatron_prune.runtime import DeviceError
+
+    assert _decide({"MEGATRON_PRUNE_DEVICE": "cpu"}, available=True) is False
+    assert _decide({"MEGATRON_PRUNE_DEVICE": "cuda"}, available=True) is True
+    for bad in ("cuda", "tpu"):
+        with pytest.raises(DeviceError, match="MEGATRON_PRUNE_DEVICE"):
+            _decide({"MEGATRON_PRUNE_DEVICE": bad})
+
+
+@pytest.fixture
+def broken_cuda(monkeypatch):
+    """A CUDA build of torch whose CUDA does not start, on a machine where a GPU was asked for."""
+    from megatron_prune.runtime import device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    monkeypatch.delenv("MEGATRON_PRUNE_DEVICE", raising=False)
+    device._reset()
+    yield
+    device._reset()
+
+
+def test_init_distributed_stops_before_starting_anything(broken_cuda):
+    import torch.distributed as dist
+
+    from megatron_prune.runtime import DeviceError, init_distributed, on_gpu
+
+    with pytest.raises(DeviceError, match=r"a GPU is expected here \(CUDA_VISIBLE_DEVICES=0\)"):
+        init_distributed()
+    with pytest.raises(DeviceError):
+        on_gpu()  # every other asker gets the same answer
+    assert not dist.is_initialized()
+
+
+FAKE_BROKEN_CUDA = """
+import sys
+import torch
+torch.cuda.is_available = lambda: False  # a CUDA build whose driver is too old
+torch.version.cuda = "12.8"
+from megatron_prune.cli import main
+sys.exit(main())
+"""
+
+
+def test_torchrun_prints_it_once(tiny_llama_dir, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "broken_cuda_cli.py"
+    script.write_text(FAKE_BROKEN_CUDA)
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "0", "PYTHONWARNINGS": "ignore",
+           "PYTHONPATH": str(Path(__file__).parents[1])}
+    env.pop("MEGATRON_PRUNE_DEVICE", None)
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          str(script), "convert", str(tiny_llama_dir), str(tmp_path / "out"), "--tp", "2"],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode != 0
+    ours = [ln for ln in out.stderr.splitlines() if "megatron-prune" in ln]
+    assert len(ours) == 1, out.stderr
+    assert ours[0].startswith("megatron-prune convert: error: a GPU is expected here (CUDA_VISIBLE_DEVICES=0)")
+    assert "MEGATRON_PRUNE_DEVICE=cpu" in ours[0]
+    assert "File \"" + str(Path(__file__).parents[1] / "megatron_prune") not in out.stderr  # no traceback of ours
+    assert not (tmp_path / "out").exists()

@@ -26,8 +26,9 @@ import torch
 
 ENV = "MEGATRON_PRUNE_DEVICE"
 _NO_DEVICE = {"", "-1", "none", "nodevfiles", "void"}
-_SLURM_GPU_VARS = ("SLURM_STEP_GPUS", "SLURM_JOB_GPUS", "SLURM_GPUS", "SLURM_GPUS_ON_NODE", "SLURM_GPUS_PER_TASK",
-                   "SLURM_GPUS_PER_NODE", "SLURM_GPUS_PER_SOCKET")
+_SLURM_GPU_IDS = ("SLURM_STEP_GPUS", "SLURM_JOB_GPUS")  # the GPU indices given ("0" is GPU 0)
+_SLURM_GPU_COUNTS = ("SLURM_GPUS_ON_NODE", "SLURM_GPUS", "SLURM_GPUS_PER_TASK", "SLURM_GPUS_PER_NODE",
+                     "SLURM_GPUS_PER_SOCKET")  # counts, "[type:]n" ("0" is none)
 
 _decision: Optional[bool] = None
 
@@ -47,10 +48,13 @@ def cuda_expected(environ: Mapping[str, str], nvidia_present=_nvidia_driver_pres
     visible = environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None and visible.strip().lower() not in _NO_DEVICE:
         return f"CUDA_VISIBLE_DEVICES={visible}"
-    for var in _SLURM_GPU_VARS:
+    for var in _SLURM_GPU_IDS + _SLURM_GPU_COUNTS:
         value = environ.get(var, "").strip()
-        if value and value.lower() not in ("0", "none", "(null)"):
-            return f"Slurm gave this job GPUs ({var}={value})"
+        if not value or value.lower() in ("none", "(null)", "n/a"):
+            continue
+        if var in _SLURM_GPU_COUNTS and value.rsplit(":", 1)[-1].strip() in ("0", ""):
+            continue
+        return f"Slurm gave this job GPUs ({var}={value})"
     launched = ("RANK" in environ and "WORLD_SIZE" in environ) or ("SLURM_PROCID" in environ
                                                                      and "SLURM_STEP_ID" in environ)
     if launched and nvidia_present():

@@ -94,6 +94,11 @@ def detect_launch_env(environ=None) -> LaunchEnv:
     return LaunchEnv(0, 1, 0, "127.0.0.1", int(env.get("MASTER_PORT", 0)), "single")
 
 
+def launch_rank() -> int:
+    """This process's global rank as the launcher set it (0 for a single process), before any process group."""
+    return detect_launch_env().rank
+
+
 def init_distributed(tp: int = 1, pp: int = 1, seed: int = 1234, vpp: int = 1) -> ParallelLayout:
     """Start torch.distributed and megatron's model-parallel groups for ``tp`` x ``pp``.
 
