@@ -209,7 +209,7 @@ def test_expected_gpu_without_cuda_is_one_line_naming_cause_and_fix(env, nvidia,
     ({"CUDA_VISIBLE_DEVICES": ""}, True, "12.8"),  # GPUs hidden on purpose
     ({"CUDA_VISIBLE_DEVICES": "-1"}, False, "12.8"),
     ({}, True, "12.8"),  # a single process (no launcher) on a machine with a driver: not a launched GPU job
-    ({"CUDA_VISIBLE_DEVICES": "0", **TORCHRUN}, True, None),  # a CPU wheel: the CPU is what was installed
+    ({"CUDA_VISIBLE_DEVICES": "0", **TORCHRUN}, True, ""),  # a CPU wheel: the CPU is what was installed
 ])
 def test_cpu_machines_run_on_the_cpu_as_before(env, nvidia, build):
     assert _decide(env, nvidia=nvidia, build=build) is False

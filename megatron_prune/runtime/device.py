@@ -75,7 +75,8 @@ def _cuda_failure() -> str:
 def decide(environ: Optional[Mapping[str, str]] = None, cuda_available=None, cuda_build=None,
            nvidia_present=_nvidia_driver_present) -> bool:
     """True for the GPU, False for the CPU; raises DeviceError (see the module docstring). Pure apart from the
-    defaults: the environment, ``torch.cuda.is_available()``, ``torch.version.cuda``."""
+    defaults: the environment, ``torch.cuda.is_available()``, ``torch.version.cuda`` (``cuda_build=""``: a CPU
+    build)."""
     env = os.environ if environ is None else environ
     available = torch.cuda.is_available() if cuda_available is None else cuda_available
     wanted = env.get(ENV, "auto").strip().lower() or "auto"
