@@ -156,7 +156,9 @@ class ModelArch:
         from megatron.core.transformer.transformer_config import TransformerConfig
 
         self.check_parallel(tp, pp)
-        on_gpu = torch.cuda.is_available()
+        from megatron_prune.runtime.device import on_gpu as _on_gpu
+
+        on_gpu = _on_gpu()
         kwargs: dict[str, Any] = dict(
             num_layers=self.num_layers,
             hidden_size=self.hidden_size,

@@ -639,6 +639,7 @@ def main(argv=None) -> int:
     from megatron_prune.arch import ArchError
     from megatron_prune.checkpoint import CheckpointError
     from megatron_prune.runtime import destroy, is_rank0
+    from megatron_prune.runtime.distributed import launch_rank
     from megatron_prune.runtime.progress import close_bars
     from megatron_prune.runtime.stop import EXIT_STOPPED, StopRequested, write_stop_marker
 
@@ -656,7 +657,8 @@ def main(argv=None) -> int:
     except (ArchError, CheckpointError, FileNotFoundError, FileExistsError, ValueError) as e:
         if args.debug:
             raise
-        print(f"megatron-prune {args.command}: error: {e}", file=sys.stderr)
+        if not getattr(e, "rank0_only", False) or launch_rank() == 0:  # DeviceError: every rank, said once
+            print(f"megatron-prune {args.command}: error: {e}", file=sys.stderr)
         return 2
     finally:
         destroy()

@@ -5,10 +5,11 @@ from __future__ import annotations
 import torch
 
 from megatron_prune.arch import ModelArch
+from megatron_prune.runtime.device import on_gpu
 
 
 def transformer_engine_available() -> bool:
-    if not torch.cuda.is_available():
+    if not on_gpu():
         return False
     try:
         import transformer_engine  # noqa: F401
@@ -69,7 +70,7 @@ def build_model(arch: ModelArch, dtype: torch.dtype = torch.float32, use_te: boo
     )
     if not config.perform_initialization:
         mark_tensor_parallel_weights(model)
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device("cuda", torch.cuda.current_device()) if on_gpu() else torch.device("cpu")
     return model.to(device=device, dtype=dtype)
 
 

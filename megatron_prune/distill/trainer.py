@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_prune.distill.config import TrainConfig
+from megatron_prune.runtime.device import on_gpu as _on_gpu
 from megatron_prune.runtime.stop import StopRequested, stop_on_signals
 
 STEP_PREFIX = "step_"
@@ -84,7 +85,7 @@ class Trainer:
         self.cfg = cfg
         self.layout = init_distributed(cfg.tp, cfg.pp, seed=cfg.seed, vpp=cfg.vpp)
         self.out = Path(cfg.out)
-        on_gpu = torch.cuda.is_available()
+        on_gpu = _on_gpu()
         self.bf16 = cfg.bf16 if cfg.bf16 is not None else on_gpu
         dtype = torch.bfloat16 if self.bf16 else torch.float32
         distributed_optimizer = cfg.use_distributed_optimizer if cfg.use_distributed_optimizer is not None else on_gpu
