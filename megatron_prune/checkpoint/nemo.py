@@ -127,6 +127,9 @@ def arch_from_megatron_config(cfg: dict, vocab_size: int, source: str, target: s
         return NemoFormatError(f"{source}: {field}={value!r} is not supported ({need}); megatron-prune handles "
                                "Llama-family dense decoders (RoPE, RMSNorm/LayerNorm, SwiGLU/GeLU)")
 
+    if isinstance(cfg.get("transformer"), dict):  # Megatron-Bridge's builder style: GPTModelConfig + TransformerConfig
+        cfg = {**cfg["transformer"], **{k: v for k, v in cfg.items() if k != "transformer"}}
+
     for field in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads"):
         if not isinstance(cfg.get(field), int):
             raise NemoFormatError(f"{source}: config field {field} is missing or not an integer; the config is "
@@ -141,6 +144,8 @@ def arch_from_megatron_config(cfg: dict, vocab_size: int, source: str, target: s
         ("apply_residual_connection_post_layernorm", False, lambda v: not v, "False"),
         ("normalization", "LayerNorm", lambda v: v in ("RMSNorm", "LayerNorm"), "RMSNorm or LayerNorm"),
         ("mtp_num_layers", None, lambda v: not v, "no multi-token prediction"),
+        ("seq_len_interpolation_factor", None, lambda v: v is None, "no position interpolation"),
+        ("rotary_interleaved", False, lambda v: not v, "rotate-half RoPE, not interleaved"),
         ("heterogeneous_layers_config_path", None, lambda v: not v, "homogeneous layers"),
     ]
     for field, default, ok, need in checks:
@@ -148,14 +153,16 @@ def arch_from_megatron_config(cfg: dict, vocab_size: int, source: str, target: s
         if not ok(value):
             raise bad(field, value, need)
     gated = bool(cfg.get("gated_linear_unit", False))
-    act = (_target(cfg.get("activation_func")) or "torch.nn.functional.gelu").rsplit(".", 1)[-1]
+    # Bridge's builder configs drop callables when they serialize: a gated MLP without one is SwiGLU (every
+    # supported family), a plain one GeLU (megatron's default)
+    act = (_target(cfg.get("activation_func")) or ("silu" if gated else "gelu")).rsplit(".", 1)[-1]
     if gated and act != "silu":
         raise bad("activation_func", act, "silu when gated_linear_unit is true (SwiGLU)")
     if not gated and act != "gelu":
         raise bad("activation_func", act, "gelu when gated_linear_unit is false")
-    if cfg.get("rope_scaling") and "Llama31" not in target:  # Megatron-Bridge style
-        factor = float(cfg.get("rope_scaling_factor", 8.0))
-    elif "Llama31" in target or "Llama32" in target:  # NeMo's Llama31Config family
+    if "rope_scaling" in cfg:  # Megatron-Bridge style: an explicit switch, whatever the class is called
+        factor = float(cfg.get("rope_scaling_factor", 8.0)) if cfg["rope_scaling"] else None
+    elif "Llama31" in target or "Llama32" in target:  # NeMo's Llama31Config family (always scaled)
         for ours, theirs in (("low_freq_factor", "low_freq_factor"), ("high_freq_factor", "high_freq_factor"),
                              ("original_max_position_embeddings", "old_context_len")):
             if theirs in cfg and float(cfg[theirs]) != float(LLAMA3_ROPE_DEFAULTS[ours]):
@@ -167,11 +174,13 @@ def arch_from_megatron_config(cfg: dict, vocab_size: int, source: str, target: s
     qk_norm = bool(cfg.get("qk_layernorm", False))
     if qk_norm and (normalization := cfg.get("normalization", "LayerNorm")) != "RMSNorm":
         raise bad("normalization", normalization, "RMSNorm with qk_layernorm (Qwen3)")
+    linear_bias = bool(cfg.get("add_bias_linear", True))
     if qk_norm:
         model_type = "qwen3"  # the one family with per-head q/k norms
+    elif "qwen2" in lower or (cfg.get("add_qkv_bias") and not linear_bias):  # Bridge's Qwen2 class paths vary
+        model_type = "qwen2"
     else:
-        model_type = "qwen2" if "qwen2" in lower else "mistral" if "mistral" in lower else "llama"
-    linear_bias = bool(cfg.get("add_bias_linear", True))
+        model_type = "mistral" if "mistral" in lower else "llama"
     heads = cfg["num_attention_heads"]
     try:
         return ModelArch(
@@ -307,7 +316,9 @@ def _weights_keys(weights: Path) -> dict[str, tuple]:
 
 
 def _prefix_and_rows(weights: Path, source: str) -> tuple[str, int]:
-    keys = _weights_keys(weights)
+    # a training checkpoint also holds the optimizer's copies of every weight (megatron names them
+    # ``optimizer.state.<exp_avg|exp_avg_sq|fp32_param>.<model key>``): only model keys tell the prefix
+    keys = {k: v for k, v in _weights_keys(weights).items() if not k.startswith("optimizer.")}
     embeds = [k for k in keys if k.endswith(_EMBED_KEY)]
     if len(embeds) != 1:
         raise NemoFormatError(f"{source}: expected one '*{_EMBED_KEY}' tensor in {weights}, found {embeds or 'none'}; "
@@ -339,6 +350,15 @@ def read_foreign(path: str | os.PathLike) -> ForeignCheckpoint:
                               f"checkpoint (iter_XXXXXXX/ with {BRIDGE_RUN_CONFIG})")
     if kind == "nemo2":
         context, weights = p / CONTEXT_DIR, p / WEIGHTS_DIR
+        if not weights.is_dir() and (p / "metadata.json").is_file():
+            weights = p  # NeMo 2 before weights/ existed: the shards beside context/ (NeMo reads it the same way)
+        adapter = weights / "adapter_metadata.json"
+        if adapter.is_file():
+            base = json.loads(adapter.read_text()).get("model_ckpt_path", "its base model")
+            raise NemoFormatError(
+                f"{p} is a NeMo PEFT (LoRA) adapter checkpoint (weights/adapter_metadata.json), not a whole model: "
+                f"merge the adapter into {base} with NeMo (`llm.peft.merge_lora(lora_checkpoint_path=..., "
+                "output_path=...)`) and convert the merged checkpoint")
         for d in (context, weights):
             if not d.is_dir():
                 raise NemoFormatError(f"{p} looks like a NeMo 2 checkpoint but {d.name}/ is missing; a NeMo 2 "
@@ -417,6 +437,11 @@ def load_foreign_into(model: torch.nn.Module, ckpt: ForeignCheckpoint) -> None:
         # whole-tensor reads on several ranks are not a partition of the tensor: skip that (save-time) check
         loaded = dist_checkpointing.load(state, str(ckpt.weights_dir), validate_access_integrity=not resliced)
     except Exception as e:  # megatron raises many types for damaged or mismatched files
+        from megatron_prune.checkpoint.writer import written_by_newer_megatron
+
+        newer = written_by_newer_megatron(e, ckpt.weights_dir)
+        if newer:
+            raise NemoFormatError(newer) from None
         raise NemoFormatError(f"could not read the weights in {ckpt.weights_dir} as {ckpt.arch.describe()}: "
                               f"{type(e).__name__}: {e}") from e
     tp_rank = ps.get_tensor_model_parallel_rank()
