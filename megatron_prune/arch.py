@@ -78,12 +78,12 @@ class ModelArch:
             problems.append(f"ffn_hidden_size={self.ffn_hidden_size} is not divisible by TP={tp}")
         if self.padded_vocab_size % tp:
             problems.append(f"padded vocab {self.padded_vocab_size} is not divisible by TP={tp}")
-        if self.num_layers % pp:
-            problems.append(f"num_layers={self.num_layers} is not divisible by PP={pp}")
+        if pp > self.num_layers:  # stages may differ in depth (runtime/stages.py), but none can be empty
+            problems.append(f"PP={pp} is more than num_layers={self.num_layers} (every stage needs a layer)")
         if problems:
             raise ArchError(
                 f"cannot shard this model at TP={tp} PP={pp}: " + "; ".join(problems)
-                + ". Choose a TP that divides the heads, query groups and FFN size, and a PP that divides the layers."
+                + ". Choose a TP that divides the heads, query groups and FFN size, and a PP of at most the layers."
             )
 
     # ---- derived sizes --------------------------------------------------------------------------
@@ -156,7 +156,9 @@ class ModelArch:
         from megatron.core.transformer.transformer_config import TransformerConfig
 
         self.check_parallel(tp, pp)
-        on_gpu = torch.cuda.is_available()
+        from megatron_prune.runtime.device import on_gpu as _on_gpu
+
+        on_gpu = _on_gpu()
         kwargs: dict[str, Any] = dict(
             num_layers=self.num_layers,
             hidden_size=self.hidden_size,

@@ -30,12 +30,18 @@ examples:
 
 def _add_layout(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (default 1)")
-    p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (default 1)")
+    p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (default 1); the layers need not divide "
+                   "it: stages of unequal depth are chosen automatically (docs/usage.md)")
+    p.add_argument("--decoder-first-pipeline-num-layers", type=int, metavar="N",
+                   help="layers on the first pipeline stage (as in Megatron-LM; the other stages split the rest "
+                   "evenly). Applies to the model written, trained or read; default: automatic")
+    p.add_argument("--decoder-last-pipeline-num-layers", type=int, metavar="N",
+                   help="layers on the last pipeline stage (as in Megatron-LM); default: automatic")
 
 
 def _add_vpp(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vpp", type=int, default=None, help="virtual pipeline stages per rank: megatron's interleaved "
-                   "schedule, needs --pp >= 2 and layers divisible by PP x VPP (default 1)")
+                   "schedule, needs --pp >= 2 and every stage's layers divisible by VPP (default 1)")
 
 
 # distill/train flags whose argparse default is None (so that --config values stand) and whose real default is
@@ -418,7 +424,23 @@ def _print_json(obj) -> None:
     log0(json.dumps(obj, indent=2))
 
 
+def _request_stage_split(args: argparse.Namespace) -> None:
+    """--decoder-first/last-pipeline-num-layers: checked (before any model is read) and kept for the pipelines."""
+    from megatron_prune import inputs
+    from megatron_prune.runtime.stages import FIRST_FLAG, LAST_FLAG, request_split
+
+    first = getattr(args, "decoder_first_pipeline_num_layers", None)
+    last = getattr(args, "decoder_last_pipeline_num_layers", None)
+    if first is not None or last is not None:
+        inputs.stage_override(first, last, getattr(args, "pp", 1))
+        if args.command == "search":
+            raise inputs.InputError(f"{FIRST_FLAG} / {LAST_FLAG}: search writes candidates of many depths, each "
+                                    f"of which takes its automatic split; drop the flag")
+    request_split(first, last)
+
+
 def run(args: argparse.Namespace) -> None:
+    _request_stage_split(args)
     if args.command == "convert":
         from megatron_prune.pipelines.convert import convert
 
@@ -617,6 +639,7 @@ def main(argv=None) -> int:
     from megatron_prune.arch import ArchError
     from megatron_prune.checkpoint import CheckpointError
     from megatron_prune.runtime import destroy, is_rank0
+    from megatron_prune.runtime.distributed import launch_rank
     from megatron_prune.runtime.progress import close_bars
     from megatron_prune.runtime.stop import EXIT_STOPPED, StopRequested, write_stop_marker
 
@@ -634,10 +657,14 @@ def main(argv=None) -> int:
     except (ArchError, CheckpointError, FileNotFoundError, FileExistsError, ValueError) as e:
         if args.debug:
             raise
-        print(f"megatron-prune {args.command}: error: {e}", file=sys.stderr)
+        if not getattr(e, "rank0_only", False) or launch_rank() == 0:  # DeviceError: every rank, said once
+            print(f"megatron-prune {args.command}: error: {e}", file=sys.stderr)
         return 2
     finally:
         destroy()
+        from megatron_prune.runtime.stages import request_split
+
+        request_split()  # the stage-size flags were for this command only (main() may be called again in-process)
     return 0
 
 

@@ -38,21 +38,58 @@ def checkpoint(path, name: str = "CKPT"):
         raise InputError(f"{name}: {e}") from e
 
 
-def checkpoint_fits(meta, tp: int, pp: int, name: str = "CKPT", vpp: int = 1) -> None:
-    """The model can be sharded at ``tp`` x ``pp`` (heads, groups, layers divide), with ``vpp`` virtual stages."""
-    arch_fits(meta.arch, tp, pp, name, vpp)
+def checkpoint_fits(meta, tp: int, pp: int, name: str = "CKPT", vpp: int = 1, main: bool = True) -> None:
+    """The model can be sharded at ``tp`` x ``pp`` (heads, groups divide; a layer per stage), with ``vpp`` virtual
+    stages. ``main``: the command's main model, which --decoder-first/last-pipeline-num-layers size (see
+    :func:`pipeline_split`)."""
+    arch_fits(meta.arch, tp, pp, name, vpp, main)
 
 
-def arch_fits(arch, tp: int, pp: int, name: str = "CKPT", vpp: int = 1) -> None:
+def arch_fits(arch, tp: int, pp: int, name: str = "CKPT", vpp: int = 1, main: bool = True) -> None:
     try:
         arch.check_parallel(tp, pp)
     except ValueError as e:
         raise InputError(f"{name} cannot be loaded at --tp {tp} --pp {pp}: {e}") from e
-    if vpp > 1 and arch.num_layers % (pp * vpp):
-        fits = [v for v in range(2, arch.num_layers // pp + 1) if arch.num_layers % (pp * v) == 0]
-        raise InputError(f"{name} has {arch.num_layers} layers, not divisible by PP x VPP = {pp} x {vpp}: every "
-                         f"virtual stage holds the same number of layers; choose --vpp from {fits or 'none (drop --vpp)'}"
-                         f" or another --pp")
+    pipeline_split(arch, pp, name, vpp, main)
+
+
+def stage_override(first, last, pp: int) -> None:
+    """--decoder-first/last-pipeline-num-layers, before any model is read: positive, and only with --pp >= 2."""
+    from megatron_prune.runtime.stages import FIRST_FLAG, LAST_FLAG
+
+    for flag, v in ((FIRST_FLAG, first), (LAST_FLAG, last)):
+        if v is not None:
+            positive(flag, v)
+            if pp < 2:
+                raise InputError(f"{flag} {v} sizes the first/last of several pipeline stages and needs --pp >= 2; "
+                                 f"add --pp 2 (or more) or drop it")
+
+
+def pipeline_split(arch, pp: int, name: str = "CKPT", vpp: int = 1, main: bool = True) -> list:
+    """Layers per pipeline stage of this model (runtime/stages.py); InputError with the fix when megatron cannot
+    build it. ``main``: the command's main model (written, trained or read), to which the user's
+    --decoder-first/last-pipeline-num-layers apply; another model of the same depth then uses the same split,
+    one of another depth its automatic split."""
+    from megatron_prune.runtime import stages
+
+    split = stages.bind_split if main else stages.split_for
+    try:
+        return split(arch.num_layers, pp, vpp)
+    except ValueError as e:
+        hint = ""
+        if vpp > 1 and _splits(split, arch.num_layers, pp, 1):  # the virtual stages are the problem
+            fits = [v for v in range(2, arch.num_layers // pp + 1) if _splits(split, arch.num_layers, pp, v)]
+            hint = f"; --vpp values that fit: {fits or 'none (drop --vpp)'}"
+        raise InputError(f"{name} has {arch.num_layers} layers, which cannot be split over --pp {pp}"
+                         f"{f' --vpp {vpp}' if vpp > 1 else ''}: {e}{hint}") from e
+
+
+def _splits(split, num_layers: int, pp: int, vpp: int) -> bool:
+    try:
+        split(num_layers, pp, vpp)
+    except ValueError:
+        return False
+    return True
 
 
 def indexed_data(prefix, name: str = "--data") -> str:

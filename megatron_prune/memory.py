@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass
 from typing import Optional
 
 from megatron_prune.arch import ArchError, ModelArch
+from megatron_prune.runtime.stages import split_for
 
 GiB = 1024 ** 3
 RECOMPUTE = ("none", "selective", "full")
@@ -72,9 +73,10 @@ class Layout:
             raise ArchError(f"implementation must be te or local, got {self.implementation!r}")
         if self.recompute not in RECOMPUTE:
             raise ArchError(f"recompute must be one of {', '.join(RECOMPUTE)}, got {self.recompute!r}")
-        if self.vpp > 1 and arch.num_layers % (self.pp * self.vpp):
-            raise ArchError(f"num_layers={arch.num_layers} is not divisible by PP x VPP = {self.pp * self.vpp}; "
-                            "choose a VPP that divides the layers per stage")
+        try:  # stages may differ in depth (runtime/stages.py); with VPP each holds a multiple of VPP layers
+            split_for(arch.num_layers, self.pp, self.vpp)
+        except ValueError as e:
+            raise ArchError(f"num_layers={arch.num_layers} at PP={self.pp} VPP={self.vpp}: {e}") from e
         if self.vpp > 1 and self.num_microbatches % self.pp:
             raise ArchError(f"the interleaved schedule needs micro-batches per step ({self.num_microbatches}) "
                             f"divisible by PP={self.pp}")
@@ -105,16 +107,16 @@ class MemoryEstimate:
         return [(k.replace("_", " "), v / GiB) for k, v in self._parts().items()] + [("total", self.total / GiB)]
 
 
-def _layers_per_stage(arch: ModelArch, pp: int) -> int:
-    return math.ceil(arch.num_layers / pp)
+def _layers_per_stage(arch: ModelArch, pp: int, stage: int, vpp: int = 1) -> int:
+    return split_for(arch.num_layers, pp, vpp)[stage]
 
 
-def stage_param_count(arch: ModelArch, tp: int, pp: int, stage: int) -> int:
+def stage_param_count(arch: ModelArch, tp: int, pp: int, stage: int, vpp: int = 1) -> int:
     """Parameters held by one TP rank of pipeline stage ``stage`` (padded vocab, replicated norms counted once)."""
     h = arch.hidden_size
     norm = h * (2 if arch.normalization == "LayerNorm" else 1)
     per_layer_sharded = arch.layer_param_count() - 2 * norm
-    n = _layers_per_stage(arch, pp) * (per_layer_sharded // tp + 2 * norm)
+    n = _layers_per_stage(arch, pp, stage, vpp) * (per_layer_sharded // tp + 2 * norm)
     embed = arch.padded_vocab_size * h // tp
     if stage == 0:
         n += embed
@@ -146,7 +148,9 @@ def estimate_memory(student: ModelArch, layout: Layout, teacher: Optional[ModelA
     layout.check(student)
     if teacher is not None:
         layout.check(teacher)
-    stages = {0, layout.pp - 1}
+    # stage 0 holds the most micro-batches in flight and the embedding, the last stage the logits; with stages of
+    # unequal depth (runtime/stages.py) a deeper middle stage can hold more, so 1F1B looks at every stage
+    stages = {0, layout.pp - 1} if layout.vpp > 1 else range(layout.pp)
     return max((_stage_memory(student, layout, teacher, precision, fp8_teacher, overhead_gib, st) for st in stages),
                key=lambda m: m.total)
 
@@ -164,7 +168,7 @@ def _in_flight(layout: Layout, stage: int) -> float:
 def _stage_memory(student: ModelArch, layout: Layout, teacher: Optional[ModelArch], precision: str,
                   fp8_teacher: bool, overhead_gib: float, stage: int) -> MemoryEstimate:
     e = 2 if precision == "bf16" else 4
-    stage_params = stage_param_count(student, layout.tp, layout.pp, stage)
+    stage_params = stage_param_count(student, layout.tp, layout.pp, stage, layout.vpp)
     if precision == "bf16":
         weights, grads, opt = 2 * stage_params, 4 * stage_params, 12 * stage_params
     else:
@@ -172,7 +176,7 @@ def _stage_memory(student: ModelArch, layout: Layout, teacher: Optional[ModelArc
     if layout.distributed_optimizer:  # sharded over the data-parallel x context-parallel group
         opt = math.ceil(opt / (layout.dp * layout.cp))
 
-    L = _layers_per_stage(student, layout.pp)
+    L = _layers_per_stage(student, layout.pp, stage, layout.vpp)
     t_sp = layout.tp if layout.sp else 1
     s, b = layout.seq_len // layout.cp, layout.micro_batch_size
     layer = layer_activation_bytes(student, layout, e)
@@ -199,7 +203,7 @@ def _stage_memory(student: ModelArch, layout: Layout, teacher: Optional[ModelArc
 
     t_weights = t_acts = 0
     if teacher is not None:
-        t_weights = stage_param_count(teacher, layout.tp, layout.pp, stage) * (1 if fp8_teacher else e)
+        t_weights = stage_param_count(teacher, layout.tp, layout.pp, stage, layout.vpp) * (1 if fp8_teacher else e)
         # forward only, no grad: a layer's input and output plus its transient working set, about two
         # layers' worth of saved activations at most (measured on the CPU)
         t_acts = 2 * layer_activation_bytes(teacher, Layout(**{**asdict(layout), "recompute": "none"}), e)

@@ -5,10 +5,11 @@ from __future__ import annotations
 import torch
 
 from megatron_prune.arch import ModelArch
+from megatron_prune.runtime.device import on_gpu
 
 
 def transformer_engine_available() -> bool:
-    if not torch.cuda.is_available():
+    if not on_gpu():
         return False
     try:
         import transformer_engine  # noqa: F401
@@ -45,6 +46,12 @@ def build_model(arch: ModelArch, dtype: torch.dtype = torch.float32, use_te: boo
         # batched p2p pairs them by posting order and swaps the two (Megatron-LM issues #750, #1450). The
         # unbatched path puts the two directions on different groups.
         config_overrides.setdefault("batch_p2p_comm", False)
+    if pp > 1:  # pipeline stages of unequal depth (runtime/stages.py): megatron's first/last stage sizes
+        from megatron_prune.runtime.stages import megatron_kwargs, split_for
+
+        vpp = config_overrides.get("virtual_pipeline_model_parallel_size") or 1
+        for key, value in megatron_kwargs(split_for(arch.num_layers, pp, vpp)).items():
+            config_overrides.setdefault(key, value)
     config = arch.to_transformer_config(tp=tp, pp=pp, dtype=dtype, **config_overrides)
     model = GPTModel(
         config=config,
@@ -63,7 +70,7 @@ def build_model(arch: ModelArch, dtype: torch.dtype = torch.float32, use_te: boo
     )
     if not config.perform_initialization:
         mark_tensor_parallel_weights(model)
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device("cuda", torch.cuda.current_device()) if on_gpu() else torch.device("cpu")
     return model.to(device=device, dtype=dtype)
 
 
@@ -91,7 +98,8 @@ def build_chunks(arch: ModelArch, dtype: torch.dtype = torch.float32, use_te: bo
                  **config_overrides) -> list:
     """This rank's model chunks: one per virtual pipeline stage (megatron's interleaved schedule), in order;
     a single model when there are no virtual stages. Chunk ``i`` holds global layers
-    ``(i * pp + pp_rank) * L / (pp * vpp)`` onwards, and each chunk's sharded_state_dict carries those offsets."""
+    ``(i * pp + pp_rank) * L / (pp * vpp)`` onwards (for an even split; megatron places uneven stages' chunks), and
+    each chunk's sharded_state_dict carries those offsets."""
     from megatron.core import parallel_state as ps
 
     vpp = ps.get_virtual_pipeline_model_parallel_world_size()
@@ -101,8 +109,9 @@ def build_chunks(arch: ModelArch, dtype: torch.dtype = torch.float32, use_te: bo
 
 
 def layer_offset(arch: ModelArch) -> int:
-    """Global index of this stage's first decoder layer."""
+    """Global index of this stage's first decoder layer (stages may differ in depth: runtime/stages.py)."""
     from megatron.core import parallel_state as ps
 
-    pp = ps.get_pipeline_model_parallel_world_size()
-    return ps.get_pipeline_model_parallel_rank() * (arch.num_layers // pp)
+    from megatron_prune.runtime.stages import current_split
+
+    return sum(current_split(arch.num_layers)[:ps.get_pipeline_model_parallel_rank()])

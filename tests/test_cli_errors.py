@@ -293,7 +293,7 @@ def _cases(r: Path):
         (["plan", ck, "--teacher", str(r / "vocab2k")], ["vocab", "same tokenizer"]),
         (["plan", ck, "--tp", "0"], ["--tp", ">= 1"]),
         (["plan", ck, "--tp", "3"], ["STUDENT", "TP=3"]),
-        (["plan", ck, "--pp", "3"], ["STUDENT", "PP=3"]),
+        (["plan", ck, "--pp", "5"], ["STUDENT", "PP=5 is more than num_layers=4"]),
         (["plan", ck, "--micro-batch-size", "2", "--global-batch-size", "3"], ["--global-batch-size 3", "multiple"]),
         (["plan", ck, "--gpu-memory-gib", "0"], ["--gpu-memory-gib", "positive"]),
         (["plan", ck, "--gpus-per-node", "0"], ["--gpus-per-node", ">= 1"]),

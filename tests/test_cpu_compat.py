@@ -8,27 +8,88 @@ import torch
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the layer applies only without CUDA")
 
 
-def test_cuda_calls_are_redirected():
+def test_megatron_sees_cuda_calls_redirected_and_torch_is_untouched():
+    """megatron's modules see the CPU stand-ins through their own ``torch``; torch itself is what it was."""
+    import megatron.core.optimizer.clip_grads as clip_grads
+    import megatron.core.transformer.utils as mcore_utils
+    from torch.overrides import _get_current_function_mode_stack
+
     from megatron_prune.runtime import apply_cpu_compat
 
+    originals = {n: getattr(torch.cuda, n) for n in ("current_device", "synchronize", "Stream", "Event")}
+    tensor_methods = (torch.Tensor.cuda, torch.Tensor.type, torch.nn.Module.cuda)
     assert apply_cpu_compat() is True
-    assert torch.ones(3, device="cuda").device.type == "cpu"
-    assert torch.empty(2, device=torch.cuda.current_device()).device.type == "cpu"
-    x = torch.randn(4)
-    assert x.cuda() is x
-    torch.cuda.synchronize()
-    layer = torch.nn.Linear(2, 2)
-    assert layer.cuda() is layer
-    assert x.type() == "torch.cuda.FloatTensor"  # megatron's optimizer checks this name
-    assert x.type(torch.float64).dtype == torch.float64  # casting still works
+    assert apply_cpu_compat() is True  # idempotent
+    mt = mcore_utils.torch  # megatron's view of torch
+    assert mt is not torch and mt.nn is torch.nn and mt.float32 is torch.float32 and mt.Tensor is torch.Tensor
+    assert mt.ones(3, device="cuda").device.type == "cpu"
+    assert mt.empty(2, device=mt.cuda.current_device()).device.type == "cpu"
+    mt.cuda.synchronize()
     # megatron-core 0.17+ DDP synchronises its gradient buffers through CUDA streams and events
-    side = torch.cuda.Stream(device=torch.cuda.current_device())
-    event = torch.cuda.Event()
-    torch.cuda.current_stream().wait_event(event)
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
+    side = mt.cuda.Stream(device=mt.cuda.current_device())
+    event = mt.cuda.Event()
+    mt.cuda.current_stream().wait_event(event)
+    side.wait_stream(mt.cuda.current_stream())
+    x = torch.randn(4)
+    with mt.cuda.stream(side):
         y = x + 1
     assert torch.equal(y, x + 1) and event.query()
+    # torch itself: nothing changed, no function mode left on the stack
+    assert {n: getattr(torch.cuda, n) for n in originals} == originals
+    assert (torch.Tensor.cuda, torch.Tensor.type, torch.nn.Module.cuda) == tensor_methods
+    assert _get_current_function_mode_stack() == []
+    assert x.type() == "torch.FloatTensor"
+    with pytest.raises((AssertionError, RuntimeError)):
+        torch.ones(1, device="cuda")
+    # megatron's optimizer asserts 'torch.cuda.FloatTensor': inside its functions (only), tensors are named so
+    p = torch.nn.Parameter(torch.randn(3))
+    p.grad = torch.ones(3)
+    clip_grads.clip_grad_by_total_norm_fp32([p], max_norm=1.0, total_norm=2.0)  # asserts param.grad.type()
+    assert torch.allclose(p.grad, torch.full((3,), 0.5), atol=1e-6)
+    assert x.type() == "torch.FloatTensor" and _get_current_function_mode_stack() == []
+
+
+def test_tensor_method_scope_renames_and_casts():
+    from megatron_prune.runtime.cpu_compat import TensorMethodsOnCpu
+
+    x = torch.randn(4)
+    layer = torch.nn.Linear(2, 2)
+    with TensorMethodsOnCpu():
+        assert x.cuda() is x
+        assert layer.cuda() is layer and layer.weight.device.type == "cpu"
+        assert x.type() == "torch.cuda.FloatTensor"  # megatron's optimizer checks this name
+        assert x.type(torch.float64).dtype == torch.float64  # casting still works
+        assert x.to("cuda").device.type == "cpu"
+        assert torch.zeros(2, device="cuda:0").device.type == "cpu"
+    assert x.type() == "torch.FloatTensor"
+
+
+def test_which_megatron_functions_get_the_tensor_scope():
+    from megatron_prune.runtime.cpu_compat import calls_tensor_methods
+
+    def tensor_cuda(t):
+        return t.cuda()
+
+    def type_assert(p):  # (no `assert`: pytest rewrites those in test files)
+        if p.type() != "torch.cuda.FloatTensor":
+            raise TypeError(p.type())
+
+    def in_a_comprehension(ts):
+        return [t.cuda() for t in ts]
+
+    def namespace_only():
+        return torch.cuda.current_device()
+
+    def device_type(t):
+        return t.device.type == "cpu"
+
+    def cast(t):
+        return t.type(torch.float16)
+
+    for fn in (tensor_cuda, type_assert, in_a_comprehension):
+        assert calls_tensor_methods(fn.__code__), fn.__name__
+    for fn in (namespace_only, device_type, cast):
+        assert not calls_tensor_methods(fn.__code__), fn.__name__
 
 
 def test_megatron_rng_tracker_and_causal_mask_on_cpu():

@@ -79,10 +79,10 @@ def foreign_logits(path, tp, pp, toks):
     return _forward(model, ckpt.arch, toks)
 
 
-def _convert(src, out, to, tp=1, pp=1):
+def _convert(src, out, to, tp=1, pp=1, dtype="auto"):
     from megatron_prune.pipelines.convert import convert
 
-    return convert(src, out, to=to, tp=tp, pp=pp)
+    return convert(src, out, to=to, tp=tp, pp=pp, dtype=dtype)
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +90,7 @@ def exported(hf_dir, tmp_path_factory):
     """HF -> our Megatron checkpoint (TP2) -> NeMo 2 (exported on 2 ranks: PP2)."""
     root = tmp_path_factory.mktemp("nemo_export")
     run_ranks(_convert, 2, hf_dir, root / "mp", "megatron", 2, 1)
-    run_ranks(_convert, 2, root / "mp", root / "nemo", "nemo")
+    run_ranks(_convert, 2, root / "mp", root / "nemo", "nemo", 1, 1, "float32")  # exact: float32, not bf16
     return root / "mp", root / "nemo"
 
 
@@ -129,20 +129,18 @@ def test_layout_matches_the_documented_one(exported, hf_dir):
     carried = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
     tok_files = sorted(p.name for p in hf_dir.iterdir() if p.name in carried)
     assert "tokenizer.json" in tok_files
-    # megatron's common (non-tensor) state is in exactly one place: common.pt (megatron-core 0.16, 0.17) or a
-    # 'common_state' object inside the shards (0.19, which still reads common.pt; 0.16 needs the file)
-    from torch.distributed.checkpoint import FileSystemReader
-
-    in_shards = any(k.startswith("common_state") for k in FileSystemReader(str(nemo / "weights")).read_metadata()
-                    .state_dict_metadata)
-    expected = {"context/model.yaml", "context/megatron_prune.json",
+    # megatron's common (non-tensor) state: common.pt whatever megatron-core wrote the shards (0.19 also keeps it
+    # inside them, but NeMo's megatron-core <= 0.16 reads only the file)
+    expected = {"context/model.yaml", "context/io.json", "context/megatron_prune.json",
                 *(f"context/nemo_tokenizer/{n}" for n in tok_files),
-                "weights/.metadata", "weights/metadata.json", *([] if in_shards else ["weights/common.pt"])}
+                "weights/.metadata", "weights/metadata.json", "weights/common.pt"}
     got = {str(p.relative_to(nemo)) for p in nemo.rglob("*") if p.is_file()}
     assert {g for g in got if not g.endswith(".distcp")} == expected
     assert any(g.startswith("weights/__") and g.endswith(".distcp") for g in got)
     assert not (nemo.parent / f".{nemo.name}.tmp").exists()
-    assert json.loads((nemo / "weights/metadata.json").read_text())["sharded_backend"] == "torch_dist"
+    assert json.loads((nemo / "weights/metadata.json").read_text()) == {
+        "sharded_backend": "torch_dist", "sharded_backend_version": 1, "common_backend": "torch",
+        "common_backend_version": 1}  # what megatron-core 0.16 writes, and needs
 
     L = "module.decoder.layers."
     assert _sharded_keys(nemo / "weights") == {
@@ -172,6 +170,7 @@ def test_layout_matches_the_documented_one(exported, hf_dir):
             "vocab_size": 1024, "activation_func": {"_target_": "torch.nn.functional.silu", "_call_": False},
             "params_dtype": {"_target_": "torch.float32", "_call_": False}}
     assert {k: cfg[k] for k in want} == want
+    assert "max_position_embeddings" not in cfg  # not a field of NeMo's GPTConfig (LlamaConfig(**fields) raises)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -356,3 +355,184 @@ def test_unknown_directory_is_rejected_by_convert(tmp_path):
     (tmp_path / "x/model.pt").write_text("")
     with pytest.raises(ValueError, match="NeMo 2 checkpoint \\(context/ \\+ weights/\\)"):
         detect_source(tmp_path / "x")
+
+
+# ---------------------------------------------------------------------------------------------------
+# checkpoints as NeMo and Megatron-Bridge write them in training, with builder configs, old layouts, adapters
+# ---------------------------------------------------------------------------------------------------
+def _write_with_optimizer_state(tensors: dict, prefix: str, out: Path):
+    """Weights plus the optimizer's copies of each, named by megatron's own optimizer serializer
+    (``make_sharded_optimizer_tensor``: ``optimizer.state.<name>.<model key>``), as a training save writes them."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing import ShardedTensor
+    from megatron.core.dist_checkpointing.optimizer import make_sharded_optimizer_tensor
+
+    from megatron_prune.runtime import init_distributed
+
+    init_distributed(1, 1)
+    out.mkdir(parents=True)
+    model = {prefix + k: ShardedTensor.from_rank_offsets(prefix + k, v.contiguous()) for k, v in tensors.items()}
+    state = dict(model)
+    for name in ("exp_avg", "exp_avg_sq", "fp32_param"):
+        for k, sh in model.items():
+            state[f"optimizer.state.{name}.{k}"] = make_sharded_optimizer_tensor(
+                sh, torch.randn_like(sh.data), f"optimizer.state.{name}")
+    dist_checkpointing.save(state, str(out))
+    return sorted(state)
+
+
+def test_training_checkpoints_with_optimizer_state_read(hf_dir, hand_nemo2, hand_bridge, tmp_path):
+    import shutil
+
+    toks = tokens()
+    ref = hf_logits(hf_dir, toks)
+    nemo = _copy(hand_nemo2, tmp_path / "nemo")
+    shutil.rmtree(nemo / "weights")
+    keys = run_ranks(_write_with_optimizer_state, 1, _megatron_tensors_from_hf(hf_dir), "module.", nemo / "weights")[0]
+    assert sum(k.endswith("embedding.word_embeddings.weight") for k in keys) == 4  # the model's and 3 optimizer copies
+    bridge = _copy(hand_bridge, tmp_path / "bridge")
+    it = bridge / "iter_0000010"
+    config = (it / "run_config.yaml").read_text()
+    shutil.rmtree(it)
+    run_ranks(_write_with_optimizer_state, 1, _megatron_tensors_from_hf(hf_dir), "", it)
+    (it / "run_config.yaml").write_text(config)
+    for src in (nemo, bridge):
+        got = run_ranks(foreign_logits, 1, src, 1, 1, toks)[0]
+        assert (got - ref).abs().max() < TOL, src
+
+
+def _builder_run_config(hf_dir: Path, **gpt_fields) -> dict:
+    """run_config.yaml's model section as Megatron-Bridge's builder configs write it (ModelConfig.as_dict: the
+    GPTModelConfig fields, the TransformerConfig nested under ``transformer``, callables and private fields
+    dropped, ``_builder_`` added), from a real megatron-core TransformerConfig."""
+    import dataclasses
+
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    c = json.loads((hf_dir / "config.json").read_text())
+    tc = TransformerConfig(num_layers=c["num_hidden_layers"], hidden_size=c["hidden_size"],
+                           ffn_hidden_size=c["intermediate_size"], num_attention_heads=c["num_attention_heads"],
+                           num_query_groups=c["num_key_value_heads"], normalization="RMSNorm",
+                           layernorm_epsilon=c["rms_norm_eps"], gated_linear_unit=True, add_bias_linear=False,
+                           hidden_dropout=0.0, attention_dropout=0.0)
+    transformer = {"_target_": "megatron.core.transformer.transformer_config.TransformerConfig"}
+    for f in dataclasses.fields(tc):
+        value = getattr(tc, f.name)
+        if callable(value) or f.name.startswith("_"):
+            continue
+        transformer[f.name] = value if value is None or isinstance(value, (bool, int, float, str, list)) else str(value)
+    return {"_target_": "megatron.training.models.gpt.GPTModelConfig", "transformer": transformer,
+            "vocab_size": VOCAB, "make_vocab_size_divisible_by": 128, "seq_length": c["max_position_embeddings"],
+            "share_embeddings_and_output_weights": False, "position_embedding_type": "rope", "rotary_percent": 1.0,
+            "rotary_base": 10000, "rope_scaling": False, "rope_scaling_factor": 8.0,
+            "seq_len_interpolation_factor": None, **gpt_fields,
+            "_builder_": "megatron.training.models.gpt.GPTModelBuilder"}
+
+
+def test_bridge_builder_style_run_config_reads(hf_dir, hand_bridge, tmp_path):
+    bridge = _copy(hand_bridge, tmp_path / "bridge")
+    (bridge / "iter_0000010/run_config.yaml").write_text(yaml.safe_dump({"model": _builder_run_config(hf_dir)}))
+    toks = tokens()
+    got = run_ranks(foreign_logits, 1, bridge, 1, 1, toks)[0]
+    assert (got - hf_logits(hf_dir, toks)).abs().max() < TOL
+
+
+def _to_megatron(hf, out):
+    from megatron_prune.pipelines.convert import hf_to_megatron
+
+    hf_to_megatron(hf, out)
+
+
+def test_bridge_qwen2_is_recognised_by_its_biases(tmp_path):
+    """A Bridge GPTModelProvider (no 'qwen2' in the class path) with qkv biases only is Qwen2, and exports so."""
+    import shutil
+
+    hf = make_hf_model(tmp_path / "qwen2", "qwen2", vocab_size=VOCAB)
+    run_ranks(_to_megatron, 1, hf, tmp_path / "ours")
+    it = tmp_path / "bridge" / "iter_0000001"
+    it.mkdir(parents=True)
+    for f in (tmp_path / "ours").iterdir():  # our dist files: the same unprefixed keys Bridge writes
+        if f.is_file() and f.name != "megatron_prune.json":
+            shutil.copy2(f, it / f.name)
+    c = json.loads((hf / "config.json").read_text())
+    model = {"_target_": "megatron.bridge.models.gpt_provider.GPTModelProvider", "num_layers": c["num_hidden_layers"],
+             "hidden_size": c["hidden_size"], "ffn_hidden_size": c["intermediate_size"],
+             "num_attention_heads": c["num_attention_heads"], "num_query_groups": c["num_key_value_heads"],
+             "normalization": "RMSNorm", "layernorm_epsilon": c["rms_norm_eps"], "gated_linear_unit": True,
+             "activation_func": {"_target_": "torch.nn.functional.silu", "_call_": False},
+             "add_bias_linear": False, "add_qkv_bias": True, "position_embedding_type": "rope",
+             "rotary_base": c.get("rope_theta", 10000.0), "share_embeddings_and_output_weights": False,
+             "vocab_size": VOCAB, "seq_length": c["max_position_embeddings"]}
+    (it / "run_config.yaml").write_text(yaml.safe_dump({"model": model}))
+    from megatron_prune.checkpoint.nemo import read_foreign
+
+    assert read_foreign(it.parent).arch.model_type == "qwen2"
+    run_ranks(_convert, 1, it.parent, tmp_path / "hf_out", "hf")
+    toks = tokens()
+    assert (hf_logits(tmp_path / "hf_out", toks) - hf_logits(hf, toks)).abs().max() < TOL
+
+
+@pytest.mark.parametrize("change,match", [
+    ({"seq_len_interpolation_factor": 2.0}, "seq_len_interpolation_factor=2.0 is not supported"),
+    ({"rotary_interleaved": True}, "rotary_interleaved=True is not supported"),
+])
+def test_rope_variants_we_cannot_compute_are_refused(hf_dir, tmp_path, change, match):
+    from megatron_prune.checkpoint.nemo import NemoFormatError, read_foreign
+
+    with pytest.raises(NemoFormatError, match=match):
+        read_foreign(build_nemo2(hf_dir, tmp_path, **change))
+
+
+def test_rope_scaling_follows_the_switch_not_the_class_name(hf_dir, hand_bridge, tmp_path):
+    from megatron_prune.checkpoint.nemo import read_foreign
+
+    bridge = _copy(hand_bridge, tmp_path / "bridge")
+    run_config = bridge / "iter_0000010/run_config.yaml"
+    model = yaml.safe_load(run_config.read_text())["model"]
+    model["_target_"] = "megatron.bridge.models.llama.llama_provider.Llama31ModelProvider8B"
+    for scaling, factor in ((False, None), (True, 8.0)):
+        run_config.write_text(yaml.safe_dump({"model": {**model, "rope_scaling": scaling, "rope_scaling_factor": 8.0}}))
+        assert read_foreign(bridge).arch.rope_scaling_factor == factor
+    nemo31 = build_nemo2(hf_dir, tmp_path / "n", _target_="nemo.collections.llm.gpt.model.llama.Llama31Config8B",
+                         scale_factor=16.0)  # NeMo's Llama31Config always scales, by scale_factor
+    assert read_foreign(nemo31).arch.rope_scaling_factor == 16.0
+
+
+def test_peft_adapter_checkpoint_is_named(hand_nemo2, tmp_path):
+    from megatron_prune.checkpoint.nemo import NemoFormatError, read_foreign
+
+    lora = _copy(hand_nemo2, tmp_path / "lora")
+    (lora / "weights/adapter_metadata.json").write_text(json.dumps({"model_ckpt_path": "/ckpts/base"}))
+    with pytest.raises(NemoFormatError, match=r"PEFT \(LoRA\) adapter checkpoint.*merge the adapter into /ckpts/base"):
+        read_foreign(lora)
+
+
+def test_old_nemo2_layout_without_weights_dir_reads(hf_dir, hand_nemo2, tmp_path):
+    import shutil
+
+    old = _copy(hand_nemo2, tmp_path / "old")
+    for f in (old / "weights").iterdir():
+        shutil.move(str(f), old / f.name)
+    (old / "weights").rmdir()
+    toks = tokens()
+    assert (run_ranks(foreign_logits, 1, old, 1, 1, toks)[0] - hf_logits(hf_dir, toks)).abs().max() < TOL
+
+
+def test_nemo_checkpoint_of_a_newer_megatron_gets_one_line(exported, tmp_path):
+    """A NeMo 2 checkpoint as megatron-core 0.19 writes it (no common.pt, no common_backend): on 0.16 the
+    message names the release; on 0.19 it loads."""
+    import megatron.core
+
+    _, nemo = exported
+    newer = _copy(nemo, tmp_path / "newer")
+    written_by_019 = not (nemo / "weights/common.pt").exists()
+    if not written_by_019:
+        (newer / "weights/common.pt").unlink()
+        meta = json.loads((newer / "weights/metadata.json").read_text())
+        (newer / "weights/metadata.json").write_text(
+            json.dumps({k: v for k, v in meta.items() if not k.startswith("common_")}))
+    if megatron.core.__version__ < "0.19":
+        with pytest.raises(RuntimeError, match=r"written by megatron-core 0\.19 or later.*read it with megatron-core"):
+            run_ranks(foreign_logits, 1, newer, 1, 1, tokens())
+    else:
+        assert run_ranks(foreign_logits, 1, nemo, 1, 1, tokens())[0].shape[-1] >= VOCAB

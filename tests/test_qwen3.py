@@ -218,7 +218,7 @@ def _to_nemo_and_back(ckpt, nemo, back, tokens):
     from megatron_prune.pipelines.convert import convert
     from test_nemo import foreign_logits
 
-    convert(ckpt, nemo, to="nemo")
+    convert(ckpt, nemo, to="nemo", dtype="float32")
     nemo_logits = foreign_logits(nemo, 1, 1, tokens)
     convert(nemo, back, to="megatron")
     return nemo_logits

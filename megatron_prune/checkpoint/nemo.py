@@ -127,6 +127,9 @@ def arch_from_megatron_config(cfg: dict, vocab_size: int, source: str, target: s
         return NemoFormatError(f"{source}: {field}={value!r} is not supported ({need}); megatron-prune handles "
                                "Llama-family dense decoders (RoPE, RMSNorm/LayerNorm, SwiGLU/GeLU)")
 
+    if isinstance(cfg.get("transformer"), dict):  # Megatron-Bridge's builder style: GPTModelConfig + TransformerConfig
+        cfg = {**cfg["transformer"], **{k: v for k, v in cfg.items() if k != "transformer"}}
+
     for field in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads"):
         if not isinstance(cfg.get(field), int):
             raise NemoFormatError(f"{source}: config field {field} is missing or not an integer; the config is "
@@ -141,6 +144,8 @@ def arch_from_megatron_config(cfg: dict, vocab_size: int, source: str, target: s
         ("apply_residual_connection_post_layernorm", False, lambda v: not v, "False"),
         ("normalization", "LayerNorm", lambda v: v in ("RMSNorm", "LayerNorm"), "RMSNorm or LayerNorm"),
         ("mtp_num_layers", None, lambda v: not v, "no multi-token prediction"),
+        ("seq_len_interpolation_factor", None, lambda v: v is None, "no position interpolation"),
+        ("rotary_interleaved", False, lambda v: not v, "rotate-half RoPE, not interleaved"),
         ("heterogeneous_layers_config_path", None, lambda v: not v, "homogeneous layers"),
     ]
     for field, default, ok, need in checks:
@@ -148,14 +153,16 @@ def arch_from_megatron_config(cfg: dict, vocab_size: int, source: str, target: s
         if not ok(value):
             raise bad(field, value, need)
     gated = bool(cfg.get("gated_linear_unit", False))
-    act = (_target(cfg.get("activation_func")) or "torch.nn.functional.gelu").rsplit(".", 1)[-1]
+    # Bridge's builder configs drop callables when they serialize: a gated MLP without one is SwiGLU (every
+    # supported family), a plain one GeLU (megatron's default)
+    act = (_target(cfg.get("activation_func")) or ("silu" if gated else "gelu")).rsplit(".", 1)[-1]
     if gated and act != "silu":
         raise bad("activation_func", act, "silu when gated_linear_unit is true (SwiGLU)")
     if not gated and act != "gelu":
         raise bad("activation_func", act, "gelu when gated_linear_unit is false")
-    if cfg.get("rope_scaling") and "Llama31" not in target:  # Megatron-Bridge style
-        factor = float(cfg.get("rope_scaling_factor", 8.0))
-    elif "Llama31" in target or "Llama32" in target:  # NeMo's Llama31Config family
+    if "rope_scaling" in cfg:  # Megatron-Bridge style: an explicit switch, whatever the class is called
+        factor = float(cfg.get("rope_scaling_factor", 8.0)) if cfg["rope_scaling"] else None
+    elif "Llama31" in target or "Llama32" in target:  # NeMo's Llama31Config family (always scaled)
         for ours, theirs in (("low_freq_factor", "low_freq_factor"), ("high_freq_factor", "high_freq_factor"),
                              ("original_max_position_embeddings", "old_context_len")):
             if theirs in cfg and float(cfg[theirs]) != float(LLAMA3_ROPE_DEFAULTS[ours]):
@@ -167,11 +174,13 @@ def arch_from_megatron_config(cfg: dict, vocab_size: int, source: str, target: s
     qk_norm = bool(cfg.get("qk_layernorm", False))
     if qk_norm and (normalization := cfg.get("normalization", "LayerNorm")) != "RMSNorm":
         raise bad("normalization", normalization, "RMSNorm with qk_layernorm (Qwen3)")
+    linear_bias = bool(cfg.get("add_bias_linear", True))
     if qk_norm:
         model_type = "qwen3"  # the one family with per-head q/k norms
+    elif "qwen2" in lower or (cfg.get("add_qkv_bias") and not linear_bias):  # Bridge's Qwen2 class paths vary
+        model_type = "qwen2"
     else:
-        model_type = "qwen2" if "qwen2" in lower else "mistral" if "mistral" in lower else "llama"
-    linear_bias = bool(cfg.get("add_bias_linear", True))
+        model_type = "mistral" if "mistral" in lower else "llama"
     heads = cfg["num_attention_heads"]
     try:
         return ModelArch(
@@ -198,17 +207,14 @@ def arch_from_megatron_config(cfg: dict, vocab_size: int, source: str, target: s
         raise NemoFormatError(f"{source}: {e}") from e
 
 
-def nemo_model_yaml(arch: ModelArch, dtype: torch.dtype, has_tokenizer: bool) -> dict:
-    """The ``context/model.yaml`` mapping NeMo 2 writes for a Llama-family GPT model of this shape."""
-    if arch.activation == "swiglu":
-        act = {"_target_": "torch.nn.functional.silu", "_call_": False}
-    else:
-        act = {"_target_": "torch.nn.functional.gelu", "_call_": False}
-    kind = family_of(arch).nemo_kind(arch)
-    model_cls, config_cls = _NEMO_CLASSES[kind]
-    dtype_target = {"_target_": f"torch.{str(dtype).replace('torch.', '')}", "_call_": False}
+def nemo_config_fields(arch: ModelArch, dtype: torch.dtype) -> dict:
+    """The NeMo GPTConfig fields (TransformerConfig names) of this shape; ``_call_: false`` dicts are callables.
+
+    Only fields of NeMo's config classes: ``max_position_embeddings`` is not one (NeMo's RoPE length is
+    ``seq_length``). MistralConfig7B turns sliding windows on by default: ``window_size: null`` turns it off.
+    """
+    fn = "silu" if arch.activation == "swiglu" else "gelu"
     config: dict[str, Any] = {
-        "_target_": config_cls,
         "num_layers": arch.num_layers,
         "hidden_size": arch.hidden_size,
         "ffn_hidden_size": arch.ffn_hidden_size,
@@ -216,10 +222,9 @@ def nemo_model_yaml(arch: ModelArch, dtype: torch.dtype, has_tokenizer: bool) ->
         "num_query_groups": arch.num_query_groups,
         "kv_channels": arch.kv_channels,
         "seq_length": arch.max_position_embeddings,
-        "max_position_embeddings": arch.max_position_embeddings,
         "normalization": arch.normalization,
         "layernorm_epsilon": arch.norm_eps,
-        "activation_func": act,
+        "activation_func": {"_target_": f"torch.nn.functional.{fn}", "_call_": False},
         "gated_linear_unit": arch.gated,
         "add_bias_linear": arch.linear_bias,
         "add_qkv_bias": arch.qkv_bias,
@@ -228,26 +233,62 @@ def nemo_model_yaml(arch: ModelArch, dtype: torch.dtype, has_tokenizer: bool) ->
         "rotary_percent": 1.0,
         "rotary_base": arch.rope_base,
         "share_embeddings_and_output_weights": arch.tie_embeddings,
-        # the embedding holds padded_vocab_size rows: NeMo builds exactly that many when vocab_size is set
+        # the embedding holds padded_vocab_size rows: NeMo then builds exactly that many
         "vocab_size": arch.padded_vocab_size,
         "make_vocab_size_divisible_by": 128,
         "hidden_dropout": 0.0,
         "attention_dropout": 0.0,
-        "params_dtype": dtype_target,
+        "params_dtype": {"_target_": f"torch.{str(dtype).replace('torch.', '')}", "_call_": False},
         "bf16": dtype == torch.bfloat16,
         "fp16": dtype == torch.float16,
         "tensor_model_parallel_size": 1,
         "pipeline_model_parallel_size": 1,
     }
+    kind = family_of(arch).nemo_kind(arch)
+    if kind == "mistral":
+        config["window_size"] = None
     if kind == "llama31":
         config.update(scale_factor=arch.rope_scaling_factor,
                       low_freq_factor=LLAMA3_ROPE_DEFAULTS["low_freq_factor"],
                       high_freq_factor=LLAMA3_ROPE_DEFAULTS["high_freq_factor"],
                       old_context_len=LLAMA3_ROPE_DEFAULTS["original_max_position_embeddings"])
+    return config
+
+
+def nemo_model_yaml(arch: ModelArch, dtype: torch.dtype, has_tokenizer: bool) -> dict:
+    """The ``context/model.yaml`` mapping NeMo 2 writes for a GPT model of this shape."""
+    model_cls, config_cls = _NEMO_CLASSES[family_of(arch).nemo_kind(arch)]
     tokenizer = None
     if has_tokenizer:
         tokenizer = {"_target_": HF_AUTO_TOKENIZER, "pretrained_model_name": NEMO_TOKENIZER_DIR}
-    return {"_target_": model_cls, "config": config, "tokenizer": tokenizer}
+    return {"_target_": model_cls, "config": {"_target_": config_cls, **nemo_config_fields(arch, dtype)},
+            "tokenizer": tokenizer}
+
+
+def nemo_io_json(arch: ModelArch, dtype: torch.dtype, has_tokenizer: bool) -> str:
+    """``context/io.json``: the fiddle graph NeMo's ``io.load_context`` rebuilds the model (and a trainer) from.
+
+    The same TrainerContext NeMo's own ``llm.import_ckpt`` writes: the model (its config class with our fields,
+    the tokenizer artifact), a one-device trainer with MegatronStrategy, no extra state.
+    """
+    from megatron_prune.checkpoint.fiddle_json import Call, PyRef, dumps
+
+    def split(target: str) -> tuple[str, str]:
+        module, name = target.rsplit(".", 1)
+        return module, name
+
+    fields = {k: (PyRef(*split(v["_target_"])) if isinstance(v, dict) else v)
+              for k, v in nemo_config_fields(arch, dtype).items()}
+    model_cls, config_cls = _NEMO_CLASSES[family_of(arch).nemo_kind(arch)]
+    model_args: dict[str, Any] = {"config": Call(*split(config_cls), fields)}
+    if has_tokenizer:
+        model_args["tokenizer"] = Call(*split(HF_AUTO_TOKENIZER), {"pretrained_model_name": NEMO_TOKENIZER_DIR})
+    strategy = Call("nemo.lightning.pytorch.strategies.megatron_strategy", "MegatronStrategy",
+                    {"ckpt_save_optimizer": False, "kwargs": {"always_save_context": True}})
+    trainer = Call("nemo.lightning.pytorch.trainer", "Trainer", {"accelerator": "gpu", "strategy": strategy,
+                                                                 "devices": 1})
+    return dumps(Call("nemo.lightning.io.pl", "TrainerContext",
+                      {"model": Call(*split(model_cls), model_args), "trainer": trainer, "extra": {}}))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -275,7 +316,9 @@ def _weights_keys(weights: Path) -> dict[str, tuple]:
 
 
 def _prefix_and_rows(weights: Path, source: str) -> tuple[str, int]:
-    keys = _weights_keys(weights)
+    # a training checkpoint also holds the optimizer's copies of every weight (megatron names them
+    # ``optimizer.state.<exp_avg|exp_avg_sq|fp32_param>.<model key>``): only model keys tell the prefix
+    keys = {k: v for k, v in _weights_keys(weights).items() if not k.startswith("optimizer.")}
     embeds = [k for k in keys if k.endswith(_EMBED_KEY)]
     if len(embeds) != 1:
         raise NemoFormatError(f"{source}: expected one '*{_EMBED_KEY}' tensor in {weights}, found {embeds or 'none'}; "
@@ -307,6 +350,15 @@ def read_foreign(path: str | os.PathLike) -> ForeignCheckpoint:
                               f"checkpoint (iter_XXXXXXX/ with {BRIDGE_RUN_CONFIG})")
     if kind == "nemo2":
         context, weights = p / CONTEXT_DIR, p / WEIGHTS_DIR
+        if not weights.is_dir() and (p / "metadata.json").is_file():
+            weights = p  # NeMo 2 before weights/ existed: the shards beside context/ (NeMo reads it the same way)
+        adapter = weights / "adapter_metadata.json"
+        if adapter.is_file():
+            base = json.loads(adapter.read_text()).get("model_ckpt_path", "its base model")
+            raise NemoFormatError(
+                f"{p} is a NeMo PEFT (LoRA) adapter checkpoint (weights/adapter_metadata.json), not a whole model: "
+                f"merge the adapter into {base} with NeMo (`llm.peft.merge_lora(lora_checkpoint_path=..., "
+                "output_path=...)`) and convert the merged checkpoint")
         for d in (context, weights):
             if not d.is_dir():
                 raise NemoFormatError(f"{p} looks like a NeMo 2 checkpoint but {d.name}/ is missing; a NeMo 2 "
@@ -385,6 +437,11 @@ def load_foreign_into(model: torch.nn.Module, ckpt: ForeignCheckpoint) -> None:
         # whole-tensor reads on several ranks are not a partition of the tensor: skip that (save-time) check
         loaded = dist_checkpointing.load(state, str(ckpt.weights_dir), validate_access_integrity=not resliced)
     except Exception as e:  # megatron raises many types for damaged or mismatched files
+        from megatron_prune.checkpoint.writer import written_by_newer_megatron
+
+        newer = written_by_newer_megatron(e, ckpt.weights_dir)
+        if newer:
+            raise NemoFormatError(newer) from None
         raise NemoFormatError(f"could not read the weights in {ckpt.weights_dir} as {ckpt.arch.describe()}: "
                               f"{type(e).__name__}: {e}") from e
     tp_rank = ps.get_tensor_model_parallel_rank()
@@ -460,9 +517,12 @@ def _finish_nemo(model, arch: ModelArch, tmp: Path, out: Path, tokenizer_src, pr
     has_tok = False
     if tokenizer_src is not None and has_tokenizer(tokenizer_src):
         copy_tokenizer_files(tokenizer_src, context / NEMO_TOKENIZER_DIR)
+        _tokenizer_class_for_transformers4(context / NEMO_TOKENIZER_DIR)
         has_tok = True
     dtype = next(model.parameters()).dtype
     (context / MODEL_YAML).write_text(yaml.safe_dump(nemo_model_yaml(arch, dtype, has_tok), sort_keys=False))
+    (context / IO_JSON).write_text(nemo_io_json(arch, dtype, has_tok))
+    _write_common_pt(model, tmp / WEIGHTS_DIR)
     prov = dict(provenance or {})
     prov.setdefault("created", datetime.datetime.now().isoformat(timespec="seconds"))
     (context / ARCH_FILE).write_text(json.dumps({"vocab_size": arch.vocab_size, "model_type": arch.model_type,
@@ -470,12 +530,41 @@ def _finish_nemo(model, arch: ModelArch, tmp: Path, out: Path, tokenizer_src, pr
     replace_dir(tmp, out)
 
 
+def _tokenizer_class_for_transformers4(tok_dir: Path) -> None:
+    """transformers 5 saves a fast tokenizer as ``TokenizersBackend``, a class NeMo's transformers (4.x) lacks;
+    4.x names the same tokenizer ``PreTrainedTokenizerFast``."""
+    path = tok_dir / "tokenizer_config.json"
+    if path.is_file():
+        config = json.loads(path.read_text())
+        if config.get("tokenizer_class") == "TokenizersBackend":
+            config["tokenizer_class"] = "PreTrainedTokenizerFast"
+            path.write_text(json.dumps(config, indent=2) + "\n")
+
+
+def _write_common_pt(model, weights: Path) -> None:
+    """``weights/common.pt`` and its ``common_backend`` entry when megatron-core (>= 0.19) kept the common state
+    inside the shards: NeMo's megatron-core (<= 0.16) needs the file. It holds what megatron-core 0.16 puts
+    there: the non-sharded part of the state dict."""
+    if (weights / "common.pt").is_file():
+        return
+    from megatron.core.dist_checkpointing.utils import extract_sharded_base
+
+    _, common = extract_sharded_base(model.sharded_state_dict(prefix=NEMO_PREFIX))
+    torch.save(common, weights / "common.pt")
+    meta = json.loads((weights / "metadata.json").read_text())
+    meta.update(common_backend="torch", common_backend_version=1)
+    (weights / "metadata.json").write_text(json.dumps(meta))
+
+
 # ---------------------------------------------------------------------------------------------------
 # `convert` entry: every conversion that has a NeMo 2 / Bridge side
 # ---------------------------------------------------------------------------------------------------
 def convert_nemo(src: str | Path, kind: str, out: str | Path, to: str, tp: int = 1, pp: int = 1,
                  dtype: Optional[torch.dtype] = None, overwrite: bool = False) -> Path:
-    """``kind`` is the source ("nemo2", "bridge", "megatron", "hf"); ``to`` is "nemo", "megatron" or "hf"."""
+    """``kind`` is the source ("nemo2", "bridge", "megatron", "hf"); ``to`` is "nemo", "megatron" or "hf".
+
+    ``dtype=None`` writes NeMo 2 checkpoints in bfloat16 (what NeMo writes and trains in) and everything else
+    in float32 (imports) or the checkpoint's own dtype."""
     from megatron_prune.checkpoint.megatron import load_model, save_checkpoint, tokenizer_dir
     from megatron_prune.runtime import init_distributed, log0
 
@@ -485,8 +574,14 @@ def convert_nemo(src: str | Path, kind: str, out: str | Path, to: str, tp: int =
     if kind == "nemo2" and to == "nemo":
         raise ValueError(f"{src} is already a NeMo 2 checkpoint")
     prov = {"source": str(Path(src).absolute()), "source_format": kind}
+    if to == "nemo" and dtype is None:
+        dtype = torch.bfloat16
     if kind in ("nemo2", "bridge"):
         ckpt = read_foreign(src)  # before any process group: bad input fails fast
+        if to == "megatron":  # the stage-size flags (runtime/stages.py) size the imported model
+            from megatron_prune.runtime.stages import bind_split
+
+            bind_split(ckpt.arch.num_layers, pp)
         world = dist.get_world_size() if dist.is_initialized() else _launch_world_size()
         layout = (tp, pp) if to == "megatron" else (1, world)
         init_distributed(*layout)

@@ -172,6 +172,20 @@ def _common_state_in_shards(directory) -> bool:
         return False
 
 
+def written_by_newer_megatron(error: BaseException, directory) -> Optional[str]:
+    """The one-line explanation when ``error`` is megatron-core < 0.19 failing on a checkpoint that 0.19+ wrote
+    (no common.pt: the common state is inside the shards); None for any other error."""
+    last = _root_causes(error)[-1]
+    if not (isinstance(last, FileNotFoundError) and "common.pt" in str(last) and _common_state_in_shards(directory)):
+        return None
+    import megatron.core
+
+    return (f"could not read checkpoint {directory}: it has no common.pt, which megatron-core "
+            f"{megatron.core.__version__} needs: it was written by megatron-core 0.19 or later (which keeps the "
+            "common state inside the shards); read it with megatron-core >= 0.19, or convert it there to Hugging "
+            "Face (`megatron-prune convert CKPT HF_DIR`) and import that here")
+
+
 def read_sharded(state: dict, directory: Path) -> dict:
     """``dist_checkpointing.load(state, directory)``; a damaged checkpoint raises CheckpointError naming the
     damaged file (every rank: torch gathers read failures before raising)."""
@@ -182,16 +196,11 @@ def read_sharded(state: dict, directory: Path) -> dict:
     except (Exception, CheckpointException) as e:  # megatron and torch raise many types for damaged files
         problems = _shard_problems(Path(directory))
         last = _root_causes(e)[-1]
+        newer = written_by_newer_megatron(e, directory)
         if problems:
             reason = "; ".join(problems)
-        elif isinstance(last, FileNotFoundError) and "common.pt" in str(last) and _common_state_in_shards(directory):
-            import megatron.core
-
-            raise CheckpointError(
-                f"could not read checkpoint {directory}: it has no common.pt, which megatron-core "
-                f"{megatron.core.__version__} needs: it was written by megatron-core 0.19 or later (which keeps the "
-                "common state inside the shards); read it with megatron-core >= 0.19, or convert it there to Hugging "
-                "Face (`megatron-prune convert CKPT HF_DIR`) and import that here") from None
+        elif newer:
+            raise CheckpointError(newer) from None
         else:
             reason = f"it is corrupt or does not match the model ({type(last).__name__}: {str(last)[:300]})"
         raise CheckpointError(f"could not read checkpoint {directory}: {reason}; restore it from a copy or "

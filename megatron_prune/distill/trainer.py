@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_prune.distill.config import TrainConfig
+from megatron_prune.runtime.device import on_gpu as _on_gpu
 from megatron_prune.runtime.stop import StopRequested, stop_on_signals
 
 STEP_PREFIX = "step_"
@@ -53,8 +54,8 @@ def _check_layout(cfg: TrainConfig, student, teacher) -> None:
     from megatron_prune import inputs
 
     for name, arch in (("--student", student), ("--teacher", teacher)):
-        if arch is not None:
-            inputs.arch_fits(arch, cfg.tp, cfg.pp, name, vpp=cfg.vpp)
+        if arch is not None:  # the stage-size flags apply to the student (runtime/stages.py)
+            inputs.arch_fits(arch, cfg.tp, cfg.pp, name, vpp=cfg.vpp, main=name == "--student")
     if teacher is not None and teacher.vocab_size != student.vocab_size:
         raise ValueError(f"teacher vocab {teacher.vocab_size} != student vocab {student.vocab_size}")
     for pair in cfg.intermediate_layers:
@@ -84,7 +85,7 @@ class Trainer:
         self.cfg = cfg
         self.layout = init_distributed(cfg.tp, cfg.pp, seed=cfg.seed, vpp=cfg.vpp)
         self.out = Path(cfg.out)
-        on_gpu = torch.cuda.is_available()
+        on_gpu = _on_gpu()
         self.bf16 = cfg.bf16 if cfg.bf16 is not None else on_gpu
         dtype = torch.bfloat16 if self.bf16 else torch.float32
         distributed_optimizer = cfg.use_distributed_optimizer if cfg.use_distributed_optimizer is not None else on_gpu

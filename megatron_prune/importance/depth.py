@@ -68,8 +68,9 @@ class DepthHooks:
         local = torch.cat(self._pending, dim=1)  # [Lp + 1, B, h]
         self._pending = []
         if self.pp_group is not None and dist.get_world_size(self.pp_group) > 1:
-            parts = [torch.empty_like(local) for _ in range(dist.get_world_size(self.pp_group))]
-            dist.all_gather(parts, local.contiguous(), group=self.pp_group)
+            from megatron_prune.importance.scores import all_gather_uneven
+
+            parts = all_gather_uneven(local, self.pp_group)  # stages may differ in depth
             # each stage: its layers' inputs, then its last layer's output (= next stage's first input)
             boundary = torch.cat([p[:-1] for p in parts] + [parts[-1][-1:]])
         else:

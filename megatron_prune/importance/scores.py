@@ -131,9 +131,28 @@ def all_gather_cat(t: torch.Tensor, group, dim: int) -> torch.Tensor:
 
     if group is None or not dist.is_initialized() or dist.get_world_size(group) == 1:
         return t
-    parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+    return torch.cat(all_gather_uneven(t, group, dim), dim=dim)
+
+
+def all_gather_uneven(t: torch.Tensor, group, dim: int = 0) -> list[torch.Tensor]:
+    """``t`` of every rank of ``group`` (in group-rank order), whose sizes along ``dim`` may differ (pipeline
+    stages of unequal depth): the sizes are gathered first, every part is padded to the largest for the
+    all_gather and cut back."""
+    import torch.distributed as dist
+
+    n = dist.get_world_size(group)
+    size = torch.tensor([t.shape[dim]], dtype=torch.long, device=t.device)
+    sizes = [torch.empty_like(size) for _ in range(n)]
+    dist.all_gather(sizes, size, group=group)
+    sizes = [int(s.item()) for s in sizes]
+    longest = max(sizes)
+    if longest != t.shape[dim]:
+        pad = list(t.shape)
+        pad[dim] = longest - t.shape[dim]
+        t = torch.cat([t, t.new_zeros(pad)], dim=dim)
+    parts = [torch.empty_like(t) for _ in range(n)]
     dist.all_gather(parts, t.contiguous(), group=group)
-    return torch.cat(parts, dim=dim)
+    return [p.narrow(dim, 0, s) for p, s in zip(parts, sizes)]
 
 
 def gather_global(local: dict, tp_group=None, pp_group=None) -> dict:
@@ -141,8 +160,9 @@ def gather_global(local: dict, tp_group=None, pp_group=None) -> dict:
 
     TP: mlp and heads are this rank's contiguous shard (TP rank r owns neurons/heads r*n/tp ...), so an
     all_gather over the TP group concatenates them in order; embedding and depth tensors are replicated
-    across TP and are taken as they are (never summed). PP: stage s holds layers s*L/pp ..., so an all_gather
-    over the PP group concatenates layers in order (global layer = offset + local index).
+    across TP and are taken as they are (never summed). PP: stage s holds the layers after those of stages < s
+    (stages may differ in depth), so an all_gather over the PP group concatenates layers in order (global layer =
+    offset + local index).
     """
     out = dict(local)
     for k in ("mlp", "heads", "head_channel", "head_residual"):

@@ -49,6 +49,7 @@ def hf_to_megatron(hf_dir: str | Path, out: str | Path, tp: int = 1, pp: int = 1
     """Each rank builds its TP/PP shard, reads only its slices of the safetensors, and saves."""
     init_distributed(tp, pp)
     arch = ModelArch.from_hf_config(read_hf_config(hf_dir))
+    inputs.pipeline_split(arch, pp, "SRC")  # a GGUF's shape is known only now; the stage-size flags size this model
     log0(f"converting {hf_dir}: {arch.describe()} -> {out} at TP={tp} PP={pp}")
     model = build_model(arch, dtype=dtype)
     load_hf_into_model(model, arch, hf_dir)
@@ -101,12 +102,13 @@ def check_convert(src, out, to: Optional[str], tp: int, pp: int, dtype: str, ove
             "--tp/--pp set the layout of an import; an export to Hugging Face loads the checkpoint at TP=1 with one "
             "pipeline stage per process (to split a big model over N stages, launch N processes: torchrun "
             "--nproc-per-node N). Drop --tp/--pp")
-    if to == "megatron" and kind == "hf":
+    if to in ("megatron", "nemo") and kind == "hf":
         try:
             arch = ModelArch.from_hf_config(read_hf_config(src))
             arch.check_parallel(tp, pp)
         except (ArchError, ValueError) as e:
             raise inputs.InputError(f"SRC {src}: {e}") from e
+        inputs.pipeline_split(arch, pp, f"SRC {src}")
     inputs.output(out, "OUT", overwrite)
     return kind, to
 

@@ -67,6 +67,7 @@ def evaluate_tasks(ckpt: str | Path, sft_data: Optional[str | Path] = None, arit
                          "`megatron-prune data --corpus sft`)")
     if kl_teacher and not data_prefix:
         raise ValueError("--kl-teacher needs --data (an indexed dataset prefix of held-out general text)")
+    inputs.checkpoint_fits(inputs.checkpoint(ckpt), tp, pp)
     pick = lambda task, n: [r for r in records if r.get("task") == task][: None if n < 0 else n]  # noqa: E731
     arith, he = pick("arithmetic", arithmetic) if arithmetic else [], pick("humaneval", humaneval) if humaneval else []
     init_distributed(tp, pp)

@@ -102,7 +102,7 @@ def plan(student: str, teacher: Optional[str] = None, tp: int = 1, pp: int = 1, 
 
     inputs.arch_fits(s_arch, tp, pp, "STUDENT", vpp)
     if t_arch is not None:
-        inputs.arch_fits(t_arch, tp, pp, "--teacher", vpp)
+        inputs.arch_fits(t_arch, tp, pp, "--teacher", vpp, main=False)
     gbs = global_batch_size or micro_batch_size * dp
     if gbs % (micro_batch_size * dp):
         raise ArchError(f"--global-batch-size {gbs} is not a multiple of micro batch {micro_batch_size} x DP {dp}")

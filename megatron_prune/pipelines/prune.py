@@ -65,6 +65,8 @@ def prune(ckpt: str | Path, out: Optional[str | Path], scores: Optional[str | Pa
         plan.source_arch.check_parallel(tp, pp)
     except ValueError as e:
         raise PlanError(str(e)) from e
+    inputs.pipeline_split(plan.target_arch, pp, "the pruned model")  # the stage-size flags size the written model
+    inputs.pipeline_split(plan.source_arch, pp, "CKPT", main=False)
     try:
         hf_type = plan.target_arch.hf_export_model_type()
     except ArchError as e:

@@ -25,7 +25,7 @@ def check_specdec(target_ckpt, draft_ckpt, prompts_file, ks: Sequence[int], tp: 
     target = inputs.checkpoint(target_ckpt, "--target")
     draft = inputs.checkpoint(draft_ckpt, "--draft")
     inputs.checkpoint_fits(target, tp, pp, "--target")
-    inputs.checkpoint_fits(draft, tp, pp, "--draft")
+    inputs.checkpoint_fits(draft, tp, pp, "--draft", main=False)
     if draft.arch.vocab_size != target.arch.vocab_size:
         raise inputs.InputError(f"--draft {draft_ckpt} has a vocabulary of {draft.arch.vocab_size} tokens, --target "
                                 f"{target_ckpt} one of {target.arch.vocab_size}: the target verifies the draft's "

@@ -26,6 +26,7 @@ from megatron_prune.distill.offline import (
     default_chunk_samples,
     index_kind,
 )
+from megatron_prune.runtime.device import on_gpu
 from megatron_prune.runtime.stop import StopRequested, stop_on_signals
 
 
@@ -114,7 +115,7 @@ def teacher_logits(teacher: str | Path, data, out: str | Path, seq_len: int = 51
         partial.mkdir(parents=True, exist_ok=True)
         write_json_atomic(options, meta.options())
     barrier()
-    model, _ = load_model(teacher, dtype=torch.bfloat16 if torch.cuda.is_available() else torch.float32)
+    model, _ = load_model(teacher, dtype=torch.bfloat16 if on_gpu() else torch.float32)
     dataset = build_train_dataset(data, seq_len, num_samples, seed, eod, cache_dir=partial / "dataset_cache")
     if len(dataset) < num_samples:
         raise ValueError(f"the data yields {len(dataset)} samples of {seq_len} tokens, fewer than {num_samples}")

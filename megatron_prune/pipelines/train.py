@@ -18,7 +18,7 @@ def check_training(cfg: TrainConfig) -> None:
     inputs.checkpoint_fits(student, cfg.tp, cfg.pp, "--student", vpp=cfg.vpp)
     if cfg.teacher:
         teacher = inputs.checkpoint(cfg.teacher, "--teacher")
-        inputs.checkpoint_fits(teacher, cfg.tp, cfg.pp, "--teacher", vpp=cfg.vpp)
+        inputs.checkpoint_fits(teacher, cfg.tp, cfg.pp, "--teacher", vpp=cfg.vpp, main=False)
         if teacher.arch.vocab_size != student.arch.vocab_size:
             raise inputs.InputError(f"--teacher vocabulary ({teacher.arch.vocab_size}) differs from --student's "
                                     f"({student.arch.vocab_size}); distill between models of one tokenizer")

@@ -115,6 +115,15 @@ def fill_pruned(target_model: torch.nn.Module, source: dict[str, torch.Tensor], 
         param.copy_(value)
 
 
+def _starts(split: list[int]) -> list[int]:
+    """First global layer of each pipeline stage."""
+    return [sum(split[:i]) for i in range(len(split))]
+
+
+def _stage_of(layer: int, starts: list[int]) -> int:
+    return max(i for i, s in enumerate(starts) if s <= layer)
+
+
 @torch.no_grad()
 def source_tensors(model: torch.nn.Module, plan: PrunePlan) -> dict[str, torch.Tensor]:
     """For every parameter of this stage's pruned model, the source tensor it is cut from.
@@ -124,26 +133,29 @@ def source_tensors(model: torch.nn.Module, plan: PrunePlan) -> dict[str, torch.T
     """
     from megatron.core import parallel_state as ps
 
+    from megatron_prune.runtime.stages import current_split
+
     pp, stage = ps.get_pipeline_model_parallel_world_size(), ps.get_pipeline_model_parallel_rank()
-    per_src = plan.source_arch.num_layers // pp
-    per_tgt = plan.target_arch.num_layers // pp
+    # stages may differ in depth, and source and target split differently (runtime/stages.py)
+    src_start = _starts(current_split(plan.source_arch.num_layers))
+    tgt_start = _starts(current_split(plan.target_arch.num_layers))
     src = dict(model.named_parameters())
     out = {name: p for name, p in src.items() if not _LAYER_RE.match(name)}  # embedding, final norm, output
     layer_params = sorted({_LAYER_RE.match(n).group(2) for n in src if _LAYER_RE.match(n)})
     pp_ranks = dist.get_process_group_ranks(ps.get_pipeline_model_parallel_group()) if pp > 1 else None
     for t, s in enumerate(plan.kept_layers):
-        owner, dest = s // per_src, t // per_tgt
+        owner, dest = _stage_of(s, src_start), _stage_of(t, tgt_start)
         for rest in layer_params:
-            here = src.get(f"decoder.layers.{s - owner * per_src}.{rest}") if stage == owner else None
+            here = src.get(f"decoder.layers.{s - src_start[owner]}.{rest}") if stage == owner else None
             if owner == dest:
                 if stage == dest:
-                    out[f"decoder.layers.{t - dest * per_tgt}.{rest}"] = here
+                    out[f"decoder.layers.{t - tgt_start[dest]}.{rest}"] = here
                 continue
             # every stage takes part in the broadcast, in the same order
             buf = here.detach().contiguous() if stage == owner else torch.empty_like(src[f"decoder.layers.0.{rest}"])
             dist.broadcast(buf, src=pp_ranks[owner], group=ps.get_pipeline_model_parallel_group())
             if stage == dest:
-                out[f"decoder.layers.{t - dest * per_tgt}.{rest}"] = buf
+                out[f"decoder.layers.{t - tgt_start[dest]}.{rest}"] = buf
     return out
 
 

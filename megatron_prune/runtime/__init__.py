@@ -1,6 +1,7 @@
 """Process-level set-up: distributed init (torchrun, Slurm, single process) and megatron on CPU."""
 
 from megatron_prune.runtime.cpu_compat import apply_cpu_compat
+from megatron_prune.runtime.device import DeviceError, on_gpu
 from megatron_prune.runtime.distributed import (
     ParallelLayout,
     barrier,
@@ -11,6 +12,7 @@ from megatron_prune.runtime.distributed import (
 )
 
 __all__ = [
+    "DeviceError",
     "ParallelLayout",
     "apply_cpu_compat",
     "barrier",
@@ -18,4 +20,5 @@ __all__ = [
     "init_distributed",
     "is_rank0",
     "log0",
+    "on_gpu",
 ]

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_prune.runtime.cpu_compat import apply_cpu_compat
+from megatron_prune.runtime.device import on_gpu as _on_gpu
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,11 @@ def detect_launch_env(environ=None) -> LaunchEnv:
     return LaunchEnv(0, 1, 0, "127.0.0.1", int(env.get("MASTER_PORT", 0)), "single")
 
 
+def launch_rank() -> int:
+    """This process's global rank as the launcher set it (0 for a single process), before any process group."""
+    return detect_launch_env().rank
+
+
 def init_distributed(tp: int = 1, pp: int = 1, seed: int = 1234, vpp: int = 1) -> ParallelLayout:
     """Start torch.distributed and megatron's model-parallel groups for ``tp`` x ``pp``.
 
@@ -103,12 +109,12 @@ def init_distributed(tp: int = 1, pp: int = 1, seed: int = 1234, vpp: int = 1) -
     if vpp < 1 or (vpp > 1 and pp < 2):
         raise ValueError(f"--vpp {vpp} needs --pp >= 2 (virtual stages interleave a pipeline of several ranks); "
                          f"set --pp 2 or more, or drop --vpp")
+    on_gpu = _on_gpu()  # the process's one CPU/GPU decision; DeviceError when a GPU is expected but unusable
+    if not on_gpu:
+        apply_cpu_compat()  # megatron-core's own view of torch on the CPU (nothing else in the process sees it)
     from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
 
-    on_gpu = torch.cuda.is_available()
-    if not on_gpu:
-        apply_cpu_compat()
     launch = detect_launch_env()
     if not dist.is_initialized():
         if on_gpu:  # modulo: with --gpus-per-task=1 every task sees a single device 0
