@@ -15,7 +15,6 @@ every rank of the model-parallel group, so all ranks feed the same tokens.
 
 from __future__ import annotations
 
-import contextlib
 import time
 from typing import Callable, Optional, Sequence
 
@@ -64,8 +63,7 @@ def pipeline_forward(model: torch.nn.Module, tokens: torch.Tensor, attention_mas
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     if ps.get_pipeline_model_parallel_world_size() == 1:  # one stage: the schedule would only add overhead
-        with _without_cuda_to_cpu_mode():
-            return kv_cache.model_forward(model, tokens, attention_mask, ctx)
+        return kv_cache.model_forward(model, tokens, attention_mask, ctx)
     out: list = []
 
     def forward_step(data_iterator, model_chunk):
@@ -83,21 +81,6 @@ def pipeline_forward(model: torch.nn.Module, tokens: torch.Tensor, attention_mas
         seq_length=tokens.shape[1], micro_batch_size=tokens.shape[0], forward_only=True,
     )
     return out[0] if out else None
-
-
-@contextlib.contextmanager
-def _without_cuda_to_cpu_mode():
-    """Leave out runtime/cpu_compat.py's torch-function mode (it maps ``device="cuda"`` to the CPU) for a
-    forward: it routes every torch call through Python (about 3,000 per decode step of a 30-layer model), and a
-    model's forward creates nothing on a "cuda" device (megatron's pipeline schedule does: PP > 1 keeps it)."""
-    from torch import overrides
-
-    mode = overrides._get_current_function_mode() if hasattr(overrides, "_get_current_function_mode") else None
-    if mode is None or type(mode).__name__ != "_CudaToCpuMode" or not hasattr(overrides, "_pop_mode_temporarily"):
-        yield
-        return
-    with overrides._pop_mode_temporarily():
-        yield
 
 
 class BatchRunner:
