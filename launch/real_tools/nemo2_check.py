@@ -182,6 +182,10 @@ def main() -> int:
         except Exception as e:
             check(f"NeMo -> ours, {name}", False, str(e))
     print(f"[nemo2_check] {'all checks passed' if not failures else f'{failures} check(s) FAILED'} ({root})")
+    if not failures and args.work is None:
+        import shutil
+
+        shutil.rmtree(root, ignore_errors=True)  # a temporary scratch directory: kept only to look at a failure
     return 1 if failures else 0
 
 
