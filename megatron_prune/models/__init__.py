@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from megatron_prune.arch import ArchError
 from megatron_prune.models import llama, qwen3
-from megatron_prune.models.axes import AXES, Axis, axis_by_name
+from megatron_prune.models.axes import AXES, Axis
 from megatron_prune.models.family import Family, Param
 
 FAMILIES: tuple[Family, ...] = (llama.FAMILY, qwen3.FAMILY)
@@ -34,5 +34,5 @@ def family_of(arch) -> Family:
     return family_for(arch.model_type)
 
 
-__all__ = ["AXES", "Axis", "FAMILIES", "Family", "Param", "SUPPORTED_HF_MODEL_TYPES", "axis_by_name", "family_for",
+__all__ = ["AXES", "Axis", "FAMILIES", "Family", "Param", "SUPPORTED_HF_MODEL_TYPES", "family_for",
            "family_of", "supported_text"]

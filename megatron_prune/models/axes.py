@@ -26,11 +26,3 @@ AXES: tuple[Axis, ...] = (
          aliases=("groups",)),
     Axis("layers", "num_layers", False, "decoder layers (depth)"),
 )
-
-
-def axis_by_name(name: str) -> Axis:
-    """The axis called ``name`` (or one of its aliases, or its ModelArch field); KeyError otherwise."""
-    for a in AXES:
-        if name in (a.name, a.arch_field, *a.aliases):
-            return a
-    raise KeyError(name)

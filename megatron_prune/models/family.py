@@ -88,7 +88,8 @@ class Family:
         return [prefix + n for n in row.hf]
 
 
-def layer_index(name: str) -> Optional[int]:
-    """The local layer index of a megatron parameter name, None for embedding / final norm / output layer."""
-    m = _LAYER_RE.match(name)
-    return int(m.group(1)) if m else None
+def family_from_config(name: str, config, params: tuple[Param, ...]) -> Family:
+    """The Family of ``models/<name>/``: its ``config`` module's readers, writers and spec, and its table."""
+    return Family(name=name, model_types=config.MODEL_TYPES, params=params, arch_from_hf=config.arch_from_hf,
+                  hf_config=config.hf_config, hf_export_model_type=config.hf_export_model_type,
+                  nemo_classes=config.NEMO_CLASSES, nemo_kind=config.nemo_kind, layer_spec=config.layer_spec)
