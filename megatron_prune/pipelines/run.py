@@ -217,8 +217,11 @@ def _run_eval(recipe: Recipe, stage: Stage, o: dict, out: str, tp: int, pp: int)
                             f.write(json.dumps({"key": key, "row": r}) + "\n")
                 rows.append({"model": name, **r, "checkpoint": ckpt, **_lineage(recipe, name)})
         except StopRequested as e:
-            raise StopRequested(e.reason, saved=partial if rows else None,
-                                at=f"after {len(rows)} of {len(models)} models") from None
+            # count what the file holds: the signal may land between writing a row and appending it to `rows`
+            measured = _measured_rows(partial)
+            kept = sum(_row_key(name, ckpt, o) in measured for name, ckpt in models)
+            raise StopRequested(e.reason, saved=partial if kept else None,
+                                at=f"after {kept} of {len(models)} models") from None
     if is_rank0():
         from megatron_prune.checkpoint.outputs import write_json_atomic
 
