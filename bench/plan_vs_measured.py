@@ -22,8 +22,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import (peak_rss_bytes, reset_peak_rss, rss_bytes, run_ranks, save_random_models,  # noqa: E402
-                     write_token_dataset)
+from _common import peak_rss_bytes, reset_peak_rss, rss_bytes, run_ranks, save_random_models, write_token_dataset  # noqa: E402
 
 MiB = 2**20
 

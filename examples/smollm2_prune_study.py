@@ -164,12 +164,11 @@ def main(argv=None):
         save()
 
     from megatron_prune.checkpoint import load_model
-    from megatron_prune.data import fixed_length_windows
+    from megatron_prune.data import calibration_windows, fixed_length_windows
     from megatron_prune.evaluate import lm_loss
     from megatron_prune.importance import ImportanceScores
     from megatron_prune.prune import PruneTarget, apply_plan, make_plan
     from megatron_prune.runtime import init_distributed
-    from megatron_prune.data import calibration_windows
 
     main_scores = ImportanceScores.load(main_file)
     init_distributed(1, 1)

@@ -561,17 +561,15 @@ def run(args: argparse.Namespace) -> None:
             _print_json(generate_file(args.ckpt, args.prompts, args.out, params, tp=args.tp, pp=args.pp,
                                       batch_size=args.batch_size, use_cache=not args.no_cache, chat=not args.no_chat))
         else:
-            from megatron_prune.pipelines.specdec import specdec
-
             from megatron_prune.inputs import numbers
+            from megatron_prune.pipelines.specdec import specdec
 
             ks = numbers(args.k, "--k", int)
             _print_json(specdec(args.target, args.draft, args.prompts, ks, params, tp=args.tp, pp=args.pp,
                                 chat=not args.no_chat, out=args.out, limit=args.limit))
     elif args.command == "merge":
-        from megatron_prune.pipelines.merge import merge
-
         from megatron_prune.inputs import numbers
+        from megatron_prune.pipelines.merge import merge
 
         t = numbers(args.t, "--t")
         weights = numbers(args.weights, "--weights") if args.weights else None
@@ -601,7 +599,8 @@ def run(args: argparse.Namespace) -> None:
                        tokens=args.tokens, dtype=args.dtype, micro_batch_size=args.micro_batch_size, seed=args.seed,
                        tp=args.tp, pp=args.pp, overwrite=args.overwrite)
     elif args.command == "demo":
-        from megatron_prune.pipelines.run import DEMO_RECIPE, run as run_recipe
+        from megatron_prune.pipelines.run import DEMO_RECIPE
+        from megatron_prune.pipelines.run import run as run_recipe
 
         run_recipe(DEMO_RECIPE, workdir=args.workdir, dry_run=args.dry_run, overrides=args.overrides,
                    only=[s for s in args.stages.split(",") if s] if args.stages else None)

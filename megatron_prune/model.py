@@ -81,8 +81,12 @@ def mark_tensor_parallel_weights(model: torch.nn.Module) -> None:
     built to be loaded from a checkpoint (``perform_initialization=False``) lacks them, and the gradient norm
     (hence clipping) then counts every split weight on TP rank 0 only, as if it were replicated.
     """
-    from megatron.core.tensor_parallel.layers import (ColumnParallelLinear, RowParallelLinear,
-                                                      VocabParallelEmbedding, set_tensor_model_parallel_attributes)
+    from megatron.core.tensor_parallel.layers import (
+        ColumnParallelLinear,
+        RowParallelLinear,
+        VocabParallelEmbedding,
+        set_tensor_model_parallel_attributes,
+    )
 
     for module in model.modules():
         weight = getattr(module, "weight", None)

@@ -17,7 +17,12 @@ from typing import Optional, Sequence
 import torch
 
 from megatron_prune.arch import ModelArch
-from megatron_prune.generation.engine import BatchRunner, check_model_for_generation, is_last_stage, share_from_last_stage
+from megatron_prune.generation.engine import (
+    BatchRunner,
+    check_model_for_generation,
+    is_last_stage,
+    share_from_last_stage,
+)
 from megatron_prune.generation.sampling import SamplingParams, draw, prompt_generator, sampling_probs
 
 

@@ -16,8 +16,7 @@ warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")
 @pytest.fixture(scope="session")
 def smol_hf_dir(tmp_path_factory) -> Path:
     """SmolLM2-135M-Instruct dequantized from its GGUF into a float32 Hugging Face directory."""
-    from megatron_prune.checkpoint.hf import gguf_to_hf
-    from megatron_prune.checkpoint.hf import smollm2_gguf_path
+    from megatron_prune.checkpoint.hf import gguf_to_hf, smollm2_gguf_path
 
     return gguf_to_hf(smollm2_gguf_path(), tmp_path_factory.mktemp("smol") / "hf")
 

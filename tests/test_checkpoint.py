@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from distributed_utils import run_ranks
 
 

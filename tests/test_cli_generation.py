@@ -84,8 +84,9 @@ def test_specdec_with_the_target_as_its_own_draft(tiny_chat_ckpt, prompts_file, 
 
 def _halved_copy(tiny_chat_ckpt, tmp_path):
     """A second checkpoint of the same shape: every weight of the tiny model times 0.5."""
-    from safetensors.torch import load_file, save_file
     import shutil
+
+    from safetensors.torch import load_file, save_file
 
     src = tiny_chat_ckpt.parent / "hf"
     hf2 = tmp_path / "hf_half"

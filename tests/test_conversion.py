@@ -7,10 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
-
 from conftest import make_hf_model
 from distributed_utils import run_ranks
+from safetensors import safe_open
 
 TOL = 1e-4
 

@@ -19,6 +19,7 @@ from transformers import AutoTokenizer
 from megatron_prune.data import (
     CORPORA,
     CorpusNotInstalled,
+    corpora,
     corpus_documents,
     default_cache_dir,
     fixed_length_windows,
@@ -28,7 +29,6 @@ from megatron_prune.data import (
     tokenize_jsonl,
     write_corpus_jsonl,
 )
-from megatron_prune.data import corpora
 from megatron_prune.data.corpora import pack_sections
 
 

@@ -11,7 +11,6 @@ import time
 
 import pytest
 import torch
-
 from conftest import write_token_dataset
 from distributed_utils import run_ranks
 from test_prune import random_plan_json

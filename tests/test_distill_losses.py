@@ -11,7 +11,6 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-
 from distributed_utils import run_ranks
 
 B, S, V_PAD, K = 3, 5, 256, 5
@@ -168,8 +167,14 @@ def test_masked_token_mean():
 
 
 def test_intermediate_state_losses_match_naive_formulas():
-    from megatron_prune.distill import (combine_losses, cosine_hidden_loss, dynamic_alpha, hidden_projection,
-                                        intermediate_state_loss, mse_hidden_loss)
+    from megatron_prune.distill import (
+        combine_losses,
+        cosine_hidden_loss,
+        dynamic_alpha,
+        hidden_projection,
+        intermediate_state_loss,
+        mse_hidden_loss,
+    )
 
     torch.manual_seed(0)
     s_len, b, hs, ht = 6, 2, 8, 12

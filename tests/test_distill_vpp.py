@@ -16,7 +16,6 @@ import json
 
 import pytest
 import torch
-
 from conftest import make_hf_model, write_token_dataset
 from distributed_utils import run_ranks
 

@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-
 from distributed_utils import run_ranks
 
 

@@ -6,7 +6,6 @@ import time
 
 import pytest
 import torch
-
 from conftest import make_hf_model
 from distributed_utils import run_ranks
 

@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from distributed_utils import run_ranks
 
 

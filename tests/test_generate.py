@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from distributed_utils import run_ranks
 
 NEW = 8

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import make_hf_model
 from distributed_utils import run_ranks
 from test_conversion import TOL, megatron_logits, sample_tokens

@@ -8,7 +8,6 @@ import math
 
 import pytest
 import torch
-
 from distributed_utils import run_ranks
 
 AGGS = list(itertools.product(("mean", "l2", "variance"), repeat=2))  # (seq, batch)

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from distributed_utils import run_ranks
 
 OFFLINE = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from distributed_utils import run_ranks
 
 

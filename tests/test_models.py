@@ -7,7 +7,6 @@ import dataclasses
 
 import pytest
 import torch
-
 from distributed_utils import run_ranks
 
 # (family variant, HF config overrides): every kind of parameter a family's table must cover

@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from conftest import make_hf_model
 from distributed_utils import run_ranks
 

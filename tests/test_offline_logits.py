@@ -10,7 +10,6 @@ import shutil
 import numpy as np
 import pytest
 import torch
-
 from distributed_utils import run_ranks
 from test_distill import build_distill_setup
 

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from distributed_utils import run_ranks
 
 LLAMA_70B = "layers=80,hidden=8192,ffn=28672,heads=64,groups=8,vocab=128256"

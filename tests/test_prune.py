@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from distributed_utils import run_ranks
 from test_conversion import TOL, hf_logits, megatron_logits, sample_tokens
 

@@ -16,12 +16,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
-
 from conftest import make_hf_model, write_token_dataset
 from distributed_utils import run_ranks
-from test_conversion import TOL, assert_same_safetensors, convert_then_logits, export, hf_logits, megatron_logits
-from test_conversion import sample_tokens
+from safetensors import safe_open
+from test_conversion import (
+    TOL,
+    assert_same_safetensors,
+    convert_then_logits,
+    export,
+    hf_logits,
+    megatron_logits,
+    sample_tokens,
+)
 from test_hf_export import hf_logits_fresh_process
 from test_prune import _convert, _prune, naive_pruned_hf, random_plan_json
 
@@ -215,8 +221,9 @@ def test_distillation_step_is_the_same_at_tp2_and_pp2(q3_ckpts, tmp_path):
 
 
 def _to_nemo_and_back(ckpt, nemo, back, tokens):
-    from megatron_prune.pipelines.convert import convert
     from test_nemo import foreign_logits
+
+    from megatron_prune.pipelines.convert import convert
 
     convert(ckpt, nemo, to="nemo", dtype="float32")
     nemo_logits = foreign_logits(nemo, 1, 1, tokens)

@@ -156,8 +156,8 @@ def test_selfdistill_pipeline_as_a_recipe(tiny_chat_ckpt, tmp_path):
     """The self-data distillation path as recipe stages: rewrite, SFT on both sets, SLERP merge, task eval,
     speculative decoding; a second run skips every stage."""
     import yaml
-
     from conftest import write_token_dataset
+
     from megatron_prune.data.sft import arithmetic_problems, write_jsonl
 
     problems = arithmetic_problems(12, seed=3)

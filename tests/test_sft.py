@@ -7,7 +7,6 @@ import re
 
 import pytest
 import torch
-
 from distributed_utils import run_ranks
 
 

@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import write_token_dataset
 from test_slurm import REPO, _job_env, _sbatch_wait, slurm  # noqa: F401  (slurm: the session fixture)
 

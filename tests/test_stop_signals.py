@@ -12,7 +12,6 @@ import signal
 import sys
 
 import pytest
-
 from conftest import convert_hf, write_token_dataset
 from distributed_utils import run_ranks
 from stop_utils import CliRun

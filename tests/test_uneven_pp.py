@@ -14,7 +14,6 @@ import random
 
 import pytest
 import torch
-
 from conftest import make_hf_model, write_token_dataset
 from distributed_utils import run_ranks
 from test_conversion import TOL, hf_logits, megatron_logits, sample_tokens

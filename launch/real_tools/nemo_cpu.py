@@ -9,9 +9,8 @@ NeMo's own checkpoint code (io.json, model.yaml, strict dist-checkpoint loading,
 import contextlib
 
 import torch
-from torch.overrides import TorchFunctionMode
-
 from megatron.core.transformer.transformer_config import TransformerConfig
+from torch.overrides import TorchFunctionMode
 
 _FUSIONS = ("apply_rope_fusion", "bias_activation_fusion", "masked_softmax_fusion", "persist_layer_norm",
             "gradient_accumulation_fusion", "bias_dropout_fusion", "cross_entropy_loss_fusion")

@@ -412,9 +412,7 @@ def load_foreign_into(model: torch.nn.Module, ckpt: ForeignCheckpoint) -> None:
     """
     from megatron.core import dist_checkpointing
     from megatron.core import parallel_state as ps
-    from megatron.core.dist_checkpointing import ShardedTensor
-
-    from megatron.core.dist_checkpointing import ShardedObject
+    from megatron.core.dist_checkpointing import ShardedObject, ShardedTensor
     from torch.distributed.checkpoint import FileSystemReader
 
     state = model.sharded_state_dict(prefix=ckpt.prefix)

@@ -15,7 +15,6 @@ rank, some of them ``BaseException`` (torch's ``CheckpointException``). Here the
 from __future__ import annotations
 
 import errno
-import os
 import shutil
 from pathlib import Path
 from typing import Optional

@@ -262,7 +262,12 @@ class Trainer:
         return batches
 
     def _loss(self, output, batch: dict, hidden: dict):
-        from megatron_prune.distill.losses import combine_losses, intermediate_state_loss, kd_logits_loss, masked_token_mean
+        from megatron_prune.distill.losses import (
+            combine_losses,
+            intermediate_state_loss,
+            kd_logits_loss,
+            masked_token_mean,
+        )
         from megatron_prune.forward import token_losses
 
         cfg, mask = self.cfg, batch["loss_mask"]

@@ -48,12 +48,13 @@ def check_merge(ckpts: Sequence[str], out: str, method: str, t: float | Sequence
 def merge(ckpts: Sequence[str], out: str, method: str = "slerp", t: float | Sequence[float] = 0.5,
           weights: Optional[Sequence[float]] = None, base: Optional[str] = None, tp: int = 1, pp: int = 1,
           overwrite: bool = False) -> Path:
+    import torch
+
     from megatron_prune.checkpoint import save_checkpoint, tokenizer_dir
     from megatron_prune.merge import merge_into
     from megatron_prune.model import build_model
     from megatron_prune.runtime import init_distributed, log0
     from megatron_prune.runtime.progress import progress
-    import torch
 
     meta = check_merge(ckpts, out, method, t, weights, base, tp, pp, overwrite)
     init_distributed(tp, pp)

@@ -43,9 +43,8 @@ def product(recipe: Recipe, stage: Stage) -> Path:
 
         return out / f"{STEP_PREFIX}{_steps(stage):07d}"
     if stage.verb == "search":
-        from megatron_prune.pipelines.search import collect
-
         from megatron_prune.distill.trainer import latest_step_dir
+        from megatron_prune.pipelines.search import collect
 
         winner = collect(out)["winner"] if (out / "search.json").is_file() else None
         run_dir = out / "candidates" / (winner or "WINNER") / "distill"

@@ -27,8 +27,7 @@ from typing import Optional
 from megatron_prune import inputs
 from megatron_prune.checkpoint.outputs import check_output_path, write_json_atomic
 from megatron_prune.runtime.stop import StopRequested, stop_on_signals
-from megatron_prune.search import (Budget, SearchSpace, candidate_name, candidates, default_space, reachable,
-                                   target_spec)
+from megatron_prune.search import Budget, SearchSpace, candidate_name, candidates, default_space, reachable, target_spec
 
 STAGES = ("all", "zero-shot", "distill", "report")
 
@@ -223,7 +222,6 @@ def _distill_one(ckpt, scores_file, out_dir, source, arch, name, depth_metric, v
     from megatron_prune.distill.config import TrainConfig
     from megatron_prune.distill.trainer import latest_step_dir, train
     from megatron_prune.evaluate import lm_loss
-    from megatron_prune.importance import ImportanceScores
     from megatron_prune.pipelines.prune import prune
     from megatron_prune.runtime import init_distributed, is_rank0, log0
 

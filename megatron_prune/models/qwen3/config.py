@@ -5,8 +5,14 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from megatron_prune.arch import ArchError, ModelArch
-from megatron_prune.models.common import (check_full_attention, check_silu, hf_config_kwargs, hf_rope,
-                                          hf_shape_fields, local_or_te_spec)
+from megatron_prune.models.common import (
+    check_full_attention,
+    check_silu,
+    hf_config_kwargs,
+    hf_rope,
+    hf_shape_fields,
+    local_or_te_spec,
+)
 
 MODEL_TYPES = ("qwen3",)
 NEMO_CLASSES = {
