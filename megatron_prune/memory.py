@@ -32,12 +32,12 @@ from dataclasses import asdict, dataclass
 from typing import Optional
 
 from megatron_prune.arch import ArchError, ModelArch
+from megatron_prune.distill.losses import KL_CHUNK_ELEMENTS  # rows x vocab-shard elements per KL chunk
 from megatron_prune.runtime.stages import split_for
 
 GiB = 1024 ** 3
 RECOMPUTE = ("none", "selective", "full")
 PRECISIONS = ("bf16", "fp32")
-KL_CHUNK_ELEMENTS = 1 << 22  # rows x vocab-shard elements per chunk of the KL loss (distill/losses.py)
 
 
 @dataclass(frozen=True)

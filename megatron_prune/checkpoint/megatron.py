@@ -57,11 +57,6 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
 def read_meta(ckpt_dir: str | os.PathLike) -> CheckpointMeta:
     """Read and check our metadata; raises CheckpointError with the fix when something is wrong."""
     path = Path(ckpt_dir)

@@ -21,6 +21,8 @@ import torch
 from megatron.core.datasets.indexed_dataset import DType, IndexedDataset, IndexedDatasetBuilder
 from tqdm import tqdm
 
+from megatron_prune.runtime.distributed import is_rank0
+
 __all__ = ["IndexedInfo", "fixed_length_windows", "read_indexed_info", "tokenize_jsonl"]
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -42,12 +44,6 @@ class IndexedInfo:
     num_docs: int
     num_tokens: int
     seconds: float
-
-
-def _rank0() -> bool:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank() == 0
-    return os.environ.get("RANK", "0") == "0"
 
 
 def _tokenizer_fingerprint(tokenizer_dir: Path) -> str:
@@ -113,7 +109,7 @@ def tokenize_jsonl(jsonl: str | os.PathLike, tokenizer_dir: str | os.PathLike, o
     out_prefix.parent.mkdir(parents=True, exist_ok=True)
     tmp_prefix = out_prefix.with_name(f".{out_prefix.name}.tmp{os.getpid()}")
     if show_progress is None:
-        show_progress = _rank0() and sys.stderr.isatty()
+        show_progress = is_rank0() and sys.stderr.isatty()
 
     t0 = time.perf_counter()
     num_docs = num_tokens = 0

@@ -39,19 +39,18 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from megatron_prune.memory import KL_CHUNK_ELEMENTS
-
 # A finite "minus infinity" for padding columns: exp(x - max) underflows to exactly 0 and differences of two
 # filled entries are exactly 0 (so no inf - inf = nan).
 _NEG = -1e30
-# Row chunk size for the reductions, in elements of the shard: bounds the temporaries to ~16 MiB each.
-_CHUNK_ELEMS = KL_CHUNK_ELEMENTS  # 1 << 22; memory.py counts the temporaries with it
+# Row chunk size for the reductions, in elements of the shard: bounds the temporaries to ~16 MiB each
+# (the memory planner, memory.py, counts the temporaries with it).
+KL_CHUNK_ELEMENTS = 1 << 22
 
 
 # --------------------------------------------------------------------------------------------------------
 # tensor-parallel plumbing
 # --------------------------------------------------------------------------------------------------------
-def _tp_group(group):
+def tp_group_rank_world(group):
     """(group, rank, world) of the tensor-parallel group; ``group=None`` means megatron's TP group when
     megatron's model-parallel state is initialised, otherwise a single rank (no communication)."""
     if group is None:
@@ -63,13 +62,13 @@ def _tp_group(group):
     return group, dist.get_rank(group), dist.get_world_size(group)
 
 
-def _all_reduce(t: torch.Tensor, group, world: int, op=dist.ReduceOp.SUM) -> torch.Tensor:
+def tp_all_reduce(t: torch.Tensor, group, world: int, op=dist.ReduceOp.SUM) -> torch.Tensor:
     if world > 1:
         dist.all_reduce(t, op=op, group=group)
     return t
 
 
-def _n_valid(shard: int, rank: int, vocab_size: Optional[int]) -> int:
+def valid_columns(shard: int, rank: int, vocab_size: Optional[int]) -> int:
     """How many leading columns of this rank's shard are real vocabulary (the rest are padding)."""
     if vocab_size is None:
         return shard
@@ -84,13 +83,13 @@ def _shifted(logits: torch.Tensor, tau: float, n_valid: int, group, world: int):
     if n_valid < x.shape[1]:
         x[:, n_valid:] = _NEG
     m = x.amax(dim=-1)
-    _all_reduce(m, group, world, dist.ReduceOp.MAX)
+    tp_all_reduce(m, group, world, dist.ReduceOp.MAX)
     x.sub_(m.unsqueeze(-1))
     return x
 
 
 def _chunks(rows: int, cols: int, chunk_rows: Optional[int]):
-    step = chunk_rows or max(1, _CHUNK_ELEMS // max(1, cols))
+    step = chunk_rows or max(1, KL_CHUNK_ELEMENTS // max(1, cols))
     for i in range(0, rows, step):
         yield slice(i, min(rows, i + step))
 
@@ -121,9 +120,9 @@ class _VocabParallelKL(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, student, teacher, tau, scale, vocab_size, group, reverse, chunk_rows):
-        group, rank, world = _tp_group(group)
+        group, rank, world = tp_group_rank_world(group)
         lead, shard = student.shape[:-1], student.shape[-1]
-        n_valid = _n_valid(shard, rank, vocab_size)
+        n_valid = valid_columns(shard, rank, vocab_size)
         s = _shifted(student, tau, n_valid, group, world)  # buffer 1
         t = _shifted(teacher, tau, n_valid, group, world)  # buffer 2
         rows = s.shape[0]
@@ -136,7 +135,7 @@ class _VocabParallelKL(torch.autograd.Function):
             stats[1, c] = et.sum(-1, dtype=torch.float64)
             stats[2, c] = _rowdot(es, s[c] - t[c]) if reverse else _rowdot(et, t[c] - s[c])
             del es, et
-        _all_reduce(stats, group, world)
+        tp_all_reduce(stats, group, world)
         log_zs, log_zt = stats[0].log(), stats[1].log()
         if reverse:  # KL = E_ps[s - t] - log Zs + log Zt
             kl = stats[2] / stats[0] - log_zs + log_zt
@@ -213,7 +212,7 @@ class _ReduceSum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group, world):
         x = x.clone()
-        _all_reduce(x, group, world)
+        tp_all_reduce(x, group, world)
         return x
 
     @staticmethod
@@ -230,9 +229,9 @@ def teacher_topk(
     rank are all-gathered, and the top-k of those ``tp * k`` is the global top-k. Returns ``(values, ids)``,
     each ``[..., k]``, identical on every TP rank, sorted by decreasing value.
     """
-    group, rank, world = _tp_group(group)
+    group, rank, world = tp_group_rank_world(group)
     shard = teacher_logits.shape[-1]
-    n_valid = _n_valid(shard, rank, vocab_size)
+    n_valid = valid_columns(shard, rank, vocab_size)
     total = vocab_size if vocab_size is not None else shard * world
     if not 0 < k <= total:
         raise ValueError(f"top-k needs 0 < k <= vocab size ({total}), got k={k}")
@@ -262,7 +261,7 @@ def gather_vocab_columns(logits: torch.Tensor, ids: torch.Tensor, *, group=None)
     Each id lives on exactly one rank: every rank picks the ones it owns (zeros elsewhere) and an all-reduce
     sums them; the gradient goes back to the owning rank's shard only.
     """
-    group, rank, world = _tp_group(group)
+    group, rank, world = tp_group_rank_world(group)
     shard = logits.shape[-1]
     local = ids - rank * shard
     owned = (local >= 0) & (local < shard)

@@ -47,19 +47,19 @@ def topk_logprobs(logits: torch.Tensor, k: int, *, vocab_size: Optional[int] = N
     """``(logprobs, ids)`` ``[..., k]``: the global top-``k`` of this rank's vocab shard ``[..., V_padded/tp]``
     and ``log_softmax`` over the real vocabulary at those ids, float32, sorted by decreasing value, identical
     on every TP rank. Only ``k`` candidates per token and rank and two scalars per token are communicated."""
-    from megatron_prune.distill.losses import _all_reduce, _n_valid, _tp_group, teacher_topk
+    from megatron_prune.distill.losses import teacher_topk, tp_all_reduce, tp_group_rank_world, valid_columns
 
     vals, ids = teacher_topk(logits, k, vocab_size=vocab_size, group=group)
-    group, rank, world = _tp_group(group)
+    group, rank, world = tp_group_rank_world(group)
     x = logits.detach().float()
-    n_valid = _n_valid(x.shape[-1], rank, vocab_size)
+    n_valid = valid_columns(x.shape[-1], rank, vocab_size)
     if n_valid < x.shape[-1]:
         x = x.clone()
         x[..., n_valid:] = float("-inf")
     m = x.amax(-1)
-    _all_reduce(m, group, world, dist.ReduceOp.MAX)  # a shard of padding only has -inf: the max is global
+    tp_all_reduce(m, group, world, dist.ReduceOp.MAX)  # a shard of padding only has -inf: the max is global
     sum_exp = (x - m.unsqueeze(-1)).exp().sum(-1, dtype=torch.float64)
-    _all_reduce(sum_exp, group, world)
+    tp_all_reduce(sum_exp, group, world)
     lse = m.double() + sum_exp.log()
     return (vals.double() - lse.unsqueeze(-1)).float(), ids
 

@@ -117,9 +117,6 @@ class PrunePlan:
         plan.validate()
         return plan
 
-    def is_identity(self) -> bool:
-        return self.source_arch == self.target_arch
-
     def validate(self) -> None:
         """Check the kept indices against both shapes (catches hand-edited plans)."""
         s, t = self.source_arch, self.target_arch

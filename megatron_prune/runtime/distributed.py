@@ -36,10 +36,6 @@ class ParallelLayout:
     vpp: int = 1  # virtual pipeline stages (model chunks) per rank: megatron's interleaved schedule when > 1
 
     @property
-    def is_first_stage(self) -> bool:
-        return self.pp_rank == 0
-
-    @property
     def is_last_stage(self) -> bool:
         return self.pp_rank == self.pp - 1
 
@@ -178,7 +174,10 @@ def destroy() -> None:
 
 
 def is_rank0() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
+    """Global rank 0; before torch.distributed starts, the launcher's RANK says (torchrun sets it)."""
+    if dist.is_initialized():
+        return dist.get_rank() == 0
+    return os.environ.get("RANK", "0") == "0"
 
 
 def log0(*args, **kwargs) -> None:
