@@ -4,7 +4,7 @@
     python bench/bench_distill_step.py --quick    # tiny shapes, a few seconds per step
     python bench/bench_distill_step.py --tp 2     # on 2 spawned gloo ranks
 
-Both runs use the real trainer (``megatron_prune.distill.trainer.Trainer``) on the same student checkpoint,
+Both runs use the real trainer (``megatron_prune.training.trainer.Trainer``) on the same student checkpoint,
 data and batch; the distillation step adds the frozen teacher's forward and the vocab-parallel KL. Steps
 alternate (distill, train, train, distill, ...) after one warm-up step each; medians are printed. The ratio is
 what distillation costs over plain training; the teacher's forward is the expected bulk of it.
@@ -40,8 +40,8 @@ def _make_checkpoints(root: str, quick: bool) -> None:
 
 
 def _time_steps(root: str, teacher: bool, tp: int, steps: int, seq_len: int, gbs: int) -> list[float]:
-    from megatron_prune.distill.config import TrainConfig
-    from megatron_prune.distill.trainer import Trainer
+    from megatron_prune.training.config import TrainConfig
+    from megatron_prune.training.trainer import Trainer
 
     cfg = TrainConfig(student=f"{root}/student", teacher=f"{root}/teacher" if teacher else None,
                       data=[f"{root}/data"], out=f"{root}/run_{'kd' if teacher else 'ce'}_tp{tp}", tp=tp,

@@ -49,8 +49,8 @@ def bench(tmp: str, layers: int, hidden: int, draft_layers: int, new: int, promp
 
     from megatron_prune.checkpoint import load_model
     from megatron_prune.generation import SamplingParams, generate
+    from megatron_prune.generation.speculative import SpecStats, speculative_generate, target_alone
     from megatron_prune.runtime import init_distributed
-    from megatron_prune.specdec import SpecStats, speculative_generate, target_alone
 
     init_distributed(1, 1)
     target_ckpt, draft_ckpt = make_models(Path(tmp), layers, hidden, draft_layers)

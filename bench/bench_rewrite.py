@@ -4,7 +4,7 @@ the code side by side (e.g. before/after a change), same teacher, same examples,
 The teacher is SmolLM2-135M-Instruct (converted once into --work, as bench_generate_vs_hf.py does); the examples
 are the arithmetic word problems of `megatron-prune data --corpus sft`, each rendered as selfdistill renders it
 (system prompt, instruction, reference answer) and generated greedily with selfdistill's stop tokens, batch
---batch-size, at most --max-new-tokens, exactly as megatron_prune/selfdistill.py calls
+--batch-size, at most --max-new-tokens, exactly as megatron_prune/generation/rewrite.py calls
 ``megatron_prune.generation.generate``. Each code version runs in its own process (PYTHONPATH=that folder),
 --repeats times, alternating.
 
@@ -32,8 +32,8 @@ def worker(ckpt: str, examples: int, max_new_tokens: int, batch_size: int) -> di
     from megatron_prune.checkpoint import load_model, tokenizer_dir
     from megatron_prune.data.sft import arithmetic_problems, end_of_turn_ids, load_tokenizer
     from megatron_prune.generation import SamplingParams, generate
+    from megatron_prune.generation.rewrite import prompt_ids, rewrite_messages
     from megatron_prune.runtime import init_distributed
-    from megatron_prune.selfdistill import prompt_ids, rewrite_messages
 
     init_distributed(1, 1)
     tok = load_tokenizer(tokenizer_dir(ckpt))

@@ -8,7 +8,7 @@ For each shape a rank resets its peak resident set, loads the model from a check
 fills megatron's KV cache (``StaticInferenceContext`` through our generation engine's ``BatchRunner``) with
 ``seq_len`` tokens of every sequence, one position per forward as in decoding (a long prefill chunk adds its
 attention scores, a working set the count leaves out on purpose); the peak resident set above the start is the measurement.
-The estimate is ``megatron_prune.search.inference_memory`` (exact parameter count x 4 bytes + 2 x layers x query
+The estimate is ``megatron_prune.prune.search_space.inference_memory`` (exact parameter count x 4 bytes + 2 x layers x query
 groups x kv_channels x tokens x batch x 4 bytes) plus the runtime's own memory (the same run on a model of a few
 thousand parameters). glibc is told to return every block above 128 KiB on free, so the resident set follows
 the live tensors.
@@ -71,7 +71,7 @@ def _fill_cache(ckpt: str, seq_len: int, batch: int) -> int:
 
 
 def main(argv=None) -> list[tuple]:
-    from megatron_prune.search import inference_memory, kv_cache_bytes
+    from megatron_prune.prune.search_space import inference_memory, kv_cache_bytes
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")

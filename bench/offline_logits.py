@@ -82,8 +82,8 @@ def _full_logits_bytes(root: str, out: str, samples: int, seq_len: int) -> int:
 
 
 def _time_steps(root: str, logits_dir, k: int, steps: int, seq_len: int, gbs: int) -> list[float]:
-    from megatron_prune.distill.config import TrainConfig
-    from megatron_prune.distill.trainer import Trainer
+    from megatron_prune.training.config import TrainConfig
+    from megatron_prune.training.trainer import Trainer
 
     cfg = TrainConfig(student=f"{root}/student", teacher=None if logits_dir else f"{root}/teacher",
                       teacher_logits=logits_dir, data=[f"{root}/data"], kd_loss="topk", kd_top_k=k,

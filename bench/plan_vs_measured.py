@@ -4,9 +4,9 @@
     python bench/plan_vs_measured.py --quick    # smaller shapes, about a minute
 
 For each layout (TP1, TP2, PP2, DP2 on spawned gloo ranks) every rank resets its peak resident set
-(VmHWM) after the imports, builds the real trainer (``megatron_prune.distill.trainer.Trainer``: teacher and
+(VmHWM) after the imports, builds the real trainer (``megatron_prune.training.trainer.Trainer``: teacher and
 student loaded from their checkpoints, megatron's DDP grad buffers and Adam), runs a few steps, and reports
-its peak RSS minus the RSS it started from. The estimate is ``megatron_prune.memory.estimate_memory`` for the
+its peak RSS minus the RSS it started from. The estimate is ``megatron_prune.runtime.memory.estimate_memory`` for the
 same shapes and layout on the CPU path (fp32, megatron's local spec, no sequence parallelism, no
 distributed optimizer over gloo). What `plan` calls the overhead (on a GPU the CUDA context, NCCL and the
 allocator; ``--overhead-gib``) is measured here by the same run on a model of a few thousand parameters:
@@ -61,8 +61,8 @@ def _follow_live_tensors() -> None:
 
 def _measure(root: str, tp: int, pp: int, seq_len: int, mbs: int, gbs: int, steps: int) -> int:
     """Peak resident bytes of this rank over building the trainer and ``steps`` steps, above where it started."""
-    from megatron_prune.distill.config import TrainConfig
-    from megatron_prune.distill.trainer import Trainer
+    from megatron_prune.training.config import TrainConfig
+    from megatron_prune.training.trainer import Trainer
 
     _follow_live_tensors()
     start = rss_bytes()
@@ -77,7 +77,7 @@ def _measure(root: str, tp: int, pp: int, seq_len: int, mbs: int, gbs: int, step
 
 
 def estimate(quick: bool, tp: int, pp: int, dp: int, seq_len: int, mbs: int, gbs: int) -> int:
-    from megatron_prune.memory import Layout, estimate_memory
+    from megatron_prune.runtime.memory import Layout, estimate_memory
 
     teacher, student = shapes(quick)
     layout = Layout(tp=tp, pp=pp, dp=dp, micro_batch_size=mbs, num_microbatches=gbs // (mbs * dp), seq_len=seq_len,

@@ -84,7 +84,7 @@ def main(argv=None):
 
     from megatron_prune.checkpoint import load_model
     from megatron_prune.data import calibration_windows, fixed_length_windows
-    from megatron_prune.evaluate import lm_loss
+    from megatron_prune.evaluation.lm_loss import lm_loss
     from megatron_prune.importance import ImportanceScores, compute_importance
     from megatron_prune.prune import PruneTarget, apply_plan, make_plan
     from megatron_prune.runtime import init_distributed
@@ -127,9 +127,9 @@ def main(argv=None):
 
     # 3. after a short distillation
     if args.distill_steps:
-        from megatron_prune.distill.config import TrainConfig
-        from megatron_prune.distill.trainer import latest_step_dir, train
         from megatron_prune.prune.checkpoint import prune_checkpoint
+        from megatron_prune.training.config import TrainConfig
+        from megatron_prune.training.trainer import latest_step_dir, train
 
         distill_seeds = args.distill_seeds or args.calib_seeds[:1]
         seed0 = scores[args.calib_seeds[0]]

@@ -165,7 +165,7 @@ def main(argv=None):
 
     from megatron_prune.checkpoint import load_model
     from megatron_prune.data import calibration_windows, fixed_length_windows
-    from megatron_prune.evaluate import lm_loss
+    from megatron_prune.evaluation.lm_loss import lm_loss
     from megatron_prune.importance import ImportanceScores
     from megatron_prune.prune import PruneTarget, apply_plan, make_plan
     from megatron_prune.runtime import init_distributed

@@ -73,7 +73,7 @@ _DISTILL_FLAGS = (
 def _train_default(name: str):
     import dataclasses
 
-    from megatron_prune.distill.config import TrainConfig
+    from megatron_prune.training.config import TrainConfig
 
     return {f.name: f.default for f in dataclasses.fields(TrainConfig)}[name]
 
@@ -512,7 +512,7 @@ def run(args: argparse.Namespace) -> None:
         (distill if args.command == "distill" else train)(args.config, **overrides)
     elif args.command == "search":
         from megatron_prune.pipelines.search import DistillSettings, search
-        from megatron_prune.search import Budget, SearchSpace, parse_count, parse_values
+        from megatron_prune.prune.search_space import Budget, SearchSpace, parse_count, parse_values
 
         budget = Budget(params=parse_count(args.params, "--params") if args.params else None,
                         non_embedding_params=parse_count(args.non_embedding_params, "--non-embedding-params")
@@ -524,7 +524,7 @@ def run(args: argparse.Namespace) -> None:
         space = None
         if any(axes.values()):
             from megatron_prune.inputs import checkpoint
-            from megatron_prune.search import default_space
+            from megatron_prune.prune.search_space import default_space
 
             base = default_space(checkpoint(args.ckpt).arch, args.tp, args.pp)
             space = SearchSpace(**{k: parse_values(v, k.replace("_", "-")) if v else getattr(base, k)
@@ -543,7 +543,7 @@ def run(args: argparse.Namespace) -> None:
         run_recipe(args.recipe, workdir=args.workdir, dry_run=args.dry_run, overrides=args.overrides,
                    only=[s for s in args.stages.split(",") if s] if args.stages else None)
     elif args.command == "plan":
-        from megatron_prune.pipelines.plan import plan
+        from megatron_prune.pipelines.memory_plan import plan
 
         plan(args.student, teacher=args.teacher, tp=args.tp, pp=args.pp, vpp=args.vpp, cp=args.cp, dp=args.dp,
              micro_batch_size=args.micro_batch_size, global_batch_size=args.global_batch_size, seq_len=args.seq_len,

@@ -388,7 +388,7 @@ def test_mha_heads_target_suggests_query_groups(inputs):
 
 
 def test_every_option_has_help_and_shows_its_default():
-    from megatron_prune.distill.config import TrainConfig
+    from megatron_prune.training.config import TrainConfig
 
     train_defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
     parser = cli.build_parser()

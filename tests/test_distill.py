@@ -47,8 +47,8 @@ def setup(tiny_llama_dir, tmp_path_factory):
 
 
 def _one_step(root, out, tp, pp, kd_loss):
-    from megatron_prune.distill.config import TrainConfig
-    from megatron_prune.distill.trainer import train
+    from megatron_prune.training.config import TrainConfig
+    from megatron_prune.training.trainer import train
 
     cfg = TrainConfig(teacher=str(root / "teacher"), student=str(root / "student"), data=[str(root / "data")],
                       out=str(out), tp=tp, pp=pp, seq_len=16, micro_batch_size=1, global_batch_size=4, steps=1,
@@ -107,8 +107,8 @@ def test_teacher_is_frozen_and_not_saved(setup, tmp_path):
 
 
 def _distill_with_correction(root, out):
-    from megatron_prune.distill.config import TrainConfig
-    from megatron_prune.distill.trainer import train
+    from megatron_prune.training.config import TrainConfig
+    from megatron_prune.training.trainer import train
 
     cfg = TrainConfig(teacher=str(root / "teacher"), student=str(root / "student"), data=[str(root / "data")],
                       out=str(out), seq_len=16, micro_batch_size=2, global_batch_size=4, steps=1, lr=1e-3,
@@ -216,9 +216,9 @@ def _stop_on_one_rank(root, out):
     """DP2: only rank 1 gets SIGTERM (during step 2); both must stop after step 2 with one checkpoint."""
     import torch.distributed as dist
 
-    from megatron_prune.distill.config import TrainConfig
-    from megatron_prune.distill.trainer import Trainer
     from megatron_prune.runtime.stop import StopRequested
+    from megatron_prune.training.config import TrainConfig
+    from megatron_prune.training.trainer import Trainer
 
     cfg = TrainConfig(teacher=str(root / "teacher"), student=str(root / "student"), data=[str(root / "data")],
                       out=str(out), seq_len=16, micro_batch_size=1, global_batch_size=4, steps=5, lr=1e-3,
@@ -249,8 +249,8 @@ def test_a_signal_on_one_rank_stops_every_rank_at_the_same_step(setup, tmp_path)
 
 
 def _one_step_intermediate(root, out):
-    from megatron_prune.distill.config import TrainConfig
-    from megatron_prune.distill.trainer import train
+    from megatron_prune.training.config import TrainConfig
+    from megatron_prune.training.trainer import train
 
     cfg = TrainConfig(teacher=str(root / "teacher"), student=str(root / "student"), data=[str(root / "data")],
                       out=str(out), seq_len=16, micro_batch_size=4, global_batch_size=4, steps=1, lr=1e-3,
@@ -269,7 +269,7 @@ def test_intermediate_state_loss_uses_the_dynamic_weight(setup, tmp_path):
 def test_yaml_recipe_and_bad_options(tmp_path):
     from pathlib import Path
 
-    from megatron_prune.distill.config import TrainConfig
+    from megatron_prune.training.config import TrainConfig
 
     recipe = Path(__file__).parents[1] / "examples" / "distill_smollm2.yaml"
     cfg = TrainConfig.from_yaml(recipe, steps=7, tp=2)

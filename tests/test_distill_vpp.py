@@ -45,7 +45,7 @@ def setup(tmp_path_factory):
 
 
 def _cfg(root, out, pp=1, vpp=1, states=False, adam=False, **kw):
-    from megatron_prune.distill.config import TrainConfig
+    from megatron_prune.training.config import TrainConfig
 
     if kw.get("eval_every"):
         kw["valid_data"] = str(root / "data")
@@ -68,7 +68,7 @@ def _proj(ckpt):
 
 def _train(cfg, keep_batches: bool = False) -> dict:
     """Run to the end; the last record, plus the projection as this rank holds it (and the first micro-batches)."""
-    from megatron_prune.distill.trainer import Trainer
+    from megatron_prune.training.trainer import Trainer
 
     trainer = Trainer(cfg)
     batches = trainer._microbatches() if keep_batches else None
@@ -81,7 +81,7 @@ def _train(cfg, keep_batches: bool = False) -> dict:
 
 def _first_step_only(cfg) -> dict:
     """A run of cfg.steps steps that stops (and saves) after step 1, as a preempted job does."""
-    from megatron_prune.distill.trainer import Trainer
+    from megatron_prune.training.trainer import Trainer
 
     trainer = Trainer(cfg)
     record = trainer.train_step()
@@ -236,8 +236,8 @@ def test_resume_across_vpp_and_pp1_reproduces_the_uninterrupted_run(runs, resume
 
 def test_bad_layouts_are_refused_with_the_fix(runs, setup):
     from megatron_prune.checkpoint import read_meta
-    from megatron_prune.distill.trainer import _check_layout
     from megatron_prune.pipelines.train import check_training
+    from megatron_prune.training.trainer import _check_layout
 
     msg = runs["bad_microbatches"]  # raised before the (missing) student checkpoint was read
     assert msg is not None and "multiple of PP=2" in msg and "--global-batch-size" in msg and "multiple of 2" in msg

@@ -11,7 +11,7 @@ from distributed_utils import run_ranks
 
 def _eval(ckpt, windows, tp, pp):
     from megatron_prune.checkpoint import load_model
-    from megatron_prune.evaluate import lm_loss
+    from megatron_prune.evaluation.lm_loss import lm_loss
     from megatron_prune.runtime import init_distributed
 
     init_distributed(tp, pp)

@@ -12,7 +12,7 @@ from distributed_utils import run_ranks
 
 def test_humaneval_checks_run_in_subprocesses():
     from megatron_prune.data.sft import humaneval_tasks
-    from megatron_prune.evaluate_sft import humaneval_passed
+    from megatron_prune.evaluation.sft_tasks import humaneval_passed
 
     tasks = humaneval_tasks()
     assert len(tasks) == 164
@@ -32,7 +32,7 @@ def test_humaneval_checks_run_in_subprocesses():
 
 
 def test_arithmetic_accuracy():
-    from megatron_prune.evaluate_sft import arithmetic_accuracy
+    from megatron_prune.evaluation.sft_tasks import arithmetic_accuracy
 
     recs = [{"answer": 7}, {"answer": 12}, {"answer": 3}, {"answer": 5}]
     answers = ["4 + 3 = 7\n#### 7", "#### 13", "the answer is 3", "nothing"]
@@ -41,7 +41,7 @@ def test_arithmetic_accuracy():
 
 def _kl(student_ckpt, teacher_ckpt, windows):
     from megatron_prune.checkpoint import load_model
-    from megatron_prune.evaluate_sft import kl_to_teacher
+    from megatron_prune.evaluation.sft_tasks import kl_to_teacher
     from megatron_prune.runtime import init_distributed
 
     init_distributed(1, 1)

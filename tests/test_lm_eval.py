@@ -165,8 +165,8 @@ def stops(hf):
 def _adapter_layouts(ckpt, mc, docs, gen, tasks_dir):
     from lm_eval.api.instance import Instance
 
-    from megatron_prune import lm_eval_tasks as lt
-    from megatron_prune.lm_eval_adapter import MegatronLM, load_for_lm_eval
+    from megatron_prune.evaluation import lm_eval_tasks as lt
+    from megatron_prune.evaluation.lm_eval_model import MegatronLM, load_for_lm_eval
 
     out = {}
     for tp, pp in [(1, 1), (2, 1), (1, 2)]:  # (1, 1) on two ranks: DP2
@@ -307,7 +307,7 @@ def test_cli_bad_include_path(tiny_chat_ckpt, tmp_path, capsys):
 
 
 def test_unknown_task_and_download_errors(tasks_dir, tmp_path):
-    from megatron_prune import lm_eval_tasks as lt
+    from megatron_prune.evaluation import lm_eval_tasks as lt
 
     with pytest.raises(lt.TaskError, match=r"(?s)mp_mcc: did you mean mp_mc.*hellaswg: did you mean hellaswag"):
         lt.task_manager(["mp_mcc", "hellaswg"], tasks_dir)  # builds lm-eval's full index once

@@ -132,7 +132,7 @@ def test_task_arithmetic(merged):
 
 def test_different_shapes_refused(two_ckpts, tmp_path):
     from megatron_prune.checkpoint import CheckpointError
-    from megatron_prune.merge import check_same_shape
+    from megatron_prune.checkpoint.merging import check_same_shape
 
     a, b, _ = two_ckpts
     other = tmp_path / "other"

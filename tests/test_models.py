@@ -63,7 +63,7 @@ def test_axes_are_the_names_target_search_and_scores_use():
     from megatron_prune.importance.scores import AXIS_SCORES
     from megatron_prune.models import AXES
     from megatron_prune.prune.plan import TARGET_ALIASES, PruneTarget
-    from megatron_prune.search import SearchSpace
+    from megatron_prune.prune.search_space import SearchSpace
 
     names = {a.name for a in AXES}
     assert names == {f.name for f in dataclasses.fields(SearchSpace)}

@@ -122,8 +122,8 @@ def test_offline_loss_and_gradients_equal_the_online_top_k_at_tp2(setup, files):
 
 
 def _train(root, out, tp, teacher_logits=None, steps=STEPS, **kw):
-    from megatron_prune.distill.config import TrainConfig
-    from megatron_prune.distill.trainer import train
+    from megatron_prune.training.config import TrainConfig
+    from megatron_prune.training.trainer import train
 
     cfg = TrainConfig(teacher=None if teacher_logits else str(root / "teacher"), teacher_logits=teacher_logits,
                       student=str(root / "student"), data=[str(root / "data")], out=str(out), tp=tp, seq_len=SEQ,

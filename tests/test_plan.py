@@ -39,7 +39,7 @@ def params_per_rank_worker(arch_kwargs):
 
 @pytest.mark.parametrize("tied", [False, True])
 def test_parameters_per_rank_equal_the_built_model(tied):
-    from megatron_prune.memory import stage_param_count
+    from megatron_prune.runtime.memory import stage_param_count
 
     arch = tiny_arch(tie_embeddings=tied)
     for stage, count in run_ranks(params_per_rank_worker, 4, {"tie_embeddings": tied}):
@@ -75,7 +75,7 @@ def saved_activation_worker(tp, seq, batch, gated):
 
 @pytest.mark.parametrize("tp,gated", [(1, True), (2, True), (1, False)])
 def test_activation_estimate_matches_saved_tensors(tp, gated):
-    from megatron_prune.memory import Layout, layer_activation_bytes
+    from megatron_prune.runtime.memory import Layout, layer_activation_bytes
 
     seq, batch = 96, 2
     measured = run_ranks(saved_activation_worker, tp, tp, seq, batch, gated)
@@ -88,7 +88,7 @@ def test_activation_estimate_matches_saved_tensors(tp, gated):
 
 def test_mixed_precision_bytes_per_parameter():
     """megatron's distributed-optimizer accounting: 18 bytes per parameter, 6 + 12/d with the optimizer sharded."""
-    from megatron_prune.memory import Layout, estimate_memory, stage_param_count
+    from megatron_prune.runtime.memory import Layout, estimate_memory, stage_param_count
 
     arch = tiny_arch()
     P = stage_param_count(arch, 1, 1, 0)
@@ -105,7 +105,7 @@ def test_mixed_precision_bytes_per_parameter():
 
 def test_public_70b_recipe_fits_and_smaller_layouts_do_not():
     """NeMo 2's llama3_70b pretrain recipe (TP4 PP4 VPP5 CP2, seq 8192, micro batch 1) runs on 80 GB H100s."""
-    from megatron_prune.pipelines.plan import PlanDoesNotFit, plan
+    from megatron_prune.pipelines.memory_plan import PlanDoesNotFit, plan
 
     out = plan(LLAMA_70B, tp=4, pp=4, vpp=5, cp=2, dp=4, seq_len=8192, global_batch_size=64)
     assert out["asked"][1].total <= 80 * 1024 ** 3

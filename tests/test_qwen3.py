@@ -196,8 +196,8 @@ def test_linear_merge_equals_naive_average_of_hf_tensors(q3_tiny, q3_ckpts, tmp_
 
 
 def _distill_step(teacher, student, data, out, tp, pp):
-    from megatron_prune.distill.config import TrainConfig
-    from megatron_prune.distill.trainer import train
+    from megatron_prune.training.config import TrainConfig
+    from megatron_prune.training.trainer import train
 
     cfg = TrainConfig(teacher=str(teacher), student=str(student), data=[str(data)], out=str(out), tp=tp, pp=pp,
                       seq_len=16, micro_batch_size=1, global_batch_size=4, steps=1, optimizer="sgd", lr=1.0,

@@ -49,7 +49,7 @@ def test_70b_family_shapes_and_layouts_fit():
     """70B -> 34B -> 8B: the 8B has Llama-3.1-8B's published size (8.03B), and every distillation stage's layout
     (with the data parallelism of the node counts in the recipe's header) fits an 80 GiB H100 by the planner."""
     from megatron_prune.arch import ModelArch
-    from megatron_prune.pipelines.plan import plan
+    from megatron_prune.pipelines.memory_plan import plan
     from megatron_prune.prune import PruneTarget, target_arch
     from megatron_prune.recipe import load_recipe
 

@@ -57,7 +57,7 @@ def tiny_source(**kw):
 
 
 def test_candidates_match_naive_enumeration_and_built_models():
-    from megatron_prune.search import Budget, SearchSpace, candidates, inference_memory, kv_cache_bytes
+    from megatron_prune.prune.search_space import Budget, SearchSpace, candidates, inference_memory, kv_cache_bytes
 
     source = tiny_source()
     space = SearchSpace(layers=[2, 3, 4], hidden=[32, 48, 64], ffn=[32, 64, 96], heads=[4, 8], query_groups=[2, 4])
@@ -85,7 +85,7 @@ def test_candidates_match_naive_enumeration_and_built_models():
 
 def test_budget_errors():
     from megatron_prune.arch import ArchError
-    from megatron_prune.search import Budget, parse_count
+    from megatron_prune.prune.search_space import Budget, parse_count
 
     with pytest.raises(ArchError, match="at least one constraint"):
         Budget()
@@ -125,7 +125,7 @@ def _convert_and_score(hf_dir, root):
 
 def _search(root, out, **kw):
     from megatron_prune.pipelines.search import DistillSettings, search
-    from megatron_prune.search import Budget, SearchSpace
+    from megatron_prune.prune.search_space import Budget, SearchSpace
 
     args = dict(space=SearchSpace(hidden=[48, 64], ffn=[64, 96], heads=[4, 8]), top_k=2, eval_seq_len=16,
                 eval_windows=8, micro_batch_size=4)

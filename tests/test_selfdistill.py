@@ -33,14 +33,14 @@ CHAT = {"messages": [{"role": "user", "content": "Name a colour."}, {"role": "as
     ("Red, green and", False, CHAT, "truncated"),
 ])
 def test_filters(text, finished, record, rule):
-    from megatron_prune.selfdistill import judge
+    from megatron_prune.generation.rewrite import judge
 
     assert judge(text, finished, record) == rule
 
 
 def test_decide_with_the_real_tokenizer(smol_tokenizer_dir):
     from megatron_prune.data.sft import end_of_turn_ids, load_tokenizer
-    from megatron_prune.selfdistill import decide, rewrite_messages
+    from megatron_prune.generation.rewrite import decide, rewrite_messages
 
     tok = load_tokenizer(smol_tokenizer_dir)
     stop = end_of_turn_ids(tok)

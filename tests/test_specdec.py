@@ -34,8 +34,8 @@ def _prompts():
 def _run(target_ckpt, draft_ckpt, tp, pp):
     from megatron_prune.checkpoint import load_model
     from megatron_prune.generation import SamplingParams, generate
+    from megatron_prune.generation.speculative import speculative_generate
     from megatron_prune.runtime import init_distributed
-    from megatron_prune.specdec import speculative_generate
 
     init_distributed(tp, pp)
     target, tmeta = load_model(target_ckpt, use_te=False)
@@ -74,7 +74,7 @@ def test_greedy_specdec_equals_target(target_and_draft, tp, pp, world):
 def _first_token_frequencies(p, q, k, n, seed=0):
     """Run draft-then-verify n times on context-free toy distributions; frequencies of the first emitted token."""
     from megatron_prune.generation.sampling import draw
-    from megatron_prune.specdec import verify
+    from megatron_prune.generation.speculative import verify
 
     g = torch.Generator().manual_seed(seed)
     counts = torch.zeros(p.shape[-1], dtype=torch.float64)
@@ -101,7 +101,7 @@ def test_rejection_sampling_output_is_p(k):
 
 def test_bonus_token_drawn_from_p():
     """When q == p every draft is accepted and the extra token comes from p's last row."""
-    from megatron_prune.specdec import verify
+    from megatron_prune.generation.speculative import verify
 
     q = torch.tensor([[0.25, 0.25, 0.25, 0.25]] * 2, dtype=torch.float64)
     last = torch.tensor([0.7, 0.0, 0.1, 0.2], dtype=torch.float64)
@@ -117,7 +117,7 @@ def test_bonus_token_drawn_from_p():
 
 
 def test_greedy_verify_matches_naive():
-    from megatron_prune.specdec import verify
+    from megatron_prune.generation.speculative import verify
 
     p = torch.randn(4, 6, generator=torch.Generator().manual_seed(0)).softmax(-1)
     arg = p.argmax(-1)

@@ -93,7 +93,7 @@ def test_memory_planner_follows_the_split():
     """Per-stage parameters of the planner: 26 layers at PP=4 sum to the PP=1 count, and the stages hold
     [6, 7, 7, 6] layers (the deeper middle stages are counted, not ceil(26 / 4) everywhere)."""
     from megatron_prune.arch import ModelArch
-    from megatron_prune.memory import Layout, stage_param_count
+    from megatron_prune.runtime.memory import Layout, stage_param_count
 
     arch = ModelArch(num_layers=26, hidden_size=64, ffn_hidden_size=96, num_attention_heads=8, num_query_groups=4,
                      vocab_size=1000)
@@ -140,7 +140,7 @@ def setup(tmp_path_factory):
 
 
 def _train_cfg(root, out, student, teacher=None, pp=1, vpp=1):
-    from megatron_prune.distill.config import TrainConfig
+    from megatron_prune.training.config import TrainConfig
 
     return TrainConfig(teacher=teacher and str(teacher), student=str(student), data=[str(root / "data")], out=str(out),
                        pp=pp, vpp=vpp, seq_len=16, micro_batch_size=1, global_batch_size=4, steps=1, optimizer="sgd",
@@ -149,7 +149,7 @@ def _train_cfg(root, out, student, teacher=None, pp=1, vpp=1):
 
 
 def _train(cfg) -> dict:
-    from megatron_prune.distill.trainer import Trainer
+    from megatron_prune.training.trainer import Trainer
 
     return Trainer(cfg).run()[-1]
 

@@ -1,4 +1,5 @@
-"""Knowledge distillation of pruned students (Minitron): losses (and, later, the trainer)."""
+"""Knowledge distillation of pruned students (Minitron): the losses, teacher-student pairs and offline teacher
+logits; the trainer that runs them is megatron_prune.training."""
 
 from megatron_prune.distill.losses import (
     combine_losses,

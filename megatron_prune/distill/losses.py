@@ -43,7 +43,7 @@ from torch import nn
 # filled entries are exactly 0 (so no inf - inf = nan).
 _NEG = -1e30
 # Row chunk size for the reductions, in elements of the shard: bounds the temporaries to ~16 MiB each
-# (the memory planner, memory.py, counts the temporaries with it).
+# (the memory planner, runtime/memory.py, counts the temporaries with it).
 KL_CHUNK_ELEMENTS = 1 << 22
 
 

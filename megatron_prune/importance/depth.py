@@ -107,12 +107,12 @@ def lm_loss_drop(model: torch.nn.Module, arch, windows: torch.Tensor, micro_batc
                  block_sizes=(1,), desc=None) -> tuple[float, dict[int, torch.Tensor]]:
     """LM loss with each block of n contiguous layers skipped, minus the loss of the full model.
 
-    ``windows`` [n, s + 1] (inputs + next-token labels, as for :func:`megatron_prune.evaluate.lm_loss`).
+    ``windows`` [n, s + 1] (inputs + next-token labels, as for :func:`megatron_prune.evaluation.lm_loss.lm_loss`).
     Returns (base loss, {n: [L - n + 1] loss increase when layers l..l+n-1 are removed}). One evaluation per
     block, so it costs (number of blocks + 1) forward passes; the stage that owns a skipped layer replaces
     that layer's forward by the identity on the residual stream, every other stage runs unchanged.
     """
-    from megatron_prune.evaluate import lm_loss
+    from megatron_prune.evaluation.lm_loss import lm_loss
     from megatron_prune.model import layer_offset
     from megatron_prune.runtime.progress import progress
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 from typing import Optional
 
 from megatron_prune.checkpoint.outputs import check_output_path
-from megatron_prune.distill.config import TrainConfig
+from megatron_prune.training.config import TrainConfig
 
 
 def distill(config: Optional[str] = None, **overrides) -> None:
     """Run knowledge distillation from a YAML file of TrainConfig fields plus keyword overrides."""
-    from megatron_prune.distill.trainer import train
     from megatron_prune.pipelines.train import check_training
+    from megatron_prune.training.trainer import train
 
     cfg = TrainConfig.from_yaml(config, **overrides)
     check_output_path(cfg.out, {"student checkpoint": cfg.student, "teacher checkpoint": cfg.teacher,

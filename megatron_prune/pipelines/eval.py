@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Optional
 
 from megatron_prune import inputs
-from megatron_prune.evaluate import EvalResult, lm_loss
+from megatron_prune.evaluation.lm_loss import EvalResult, lm_loss
 from megatron_prune.runtime.stop import stop_on_signals
 
 
@@ -57,7 +57,12 @@ def evaluate_tasks(ckpt: str | Path, sft_data: Optional[str | Path] = None, arit
     """
     from megatron_prune.checkpoint import load_model, tokenizer_dir
     from megatron_prune.data.sft import humaneval_tasks, load_tokenizer, read_sft_jsonl
-    from megatron_prune.evaluate_sft import arithmetic_accuracy, generate_answers, humaneval_passed, kl_to_teacher
+    from megatron_prune.evaluation.sft_tasks import (
+        arithmetic_accuracy,
+        generate_answers,
+        humaneval_passed,
+        kl_to_teacher,
+    )
     from megatron_prune.runtime import init_distributed, log0
 
     records = read_sft_jsonl(sft_data) if sft_data else []
@@ -110,10 +115,10 @@ def evaluate_lm_eval(ckpt: str | Path, tasks, include_path=None, num_fewshot: Op
     full lm-eval results (plus ``lm_loss``) to ``out`` as JSON and logs a table; returns a compact summary
     on rank 0 (None elsewhere).
     """
-    from megatron_prune import lm_eval_tasks as lt
     from megatron_prune.checkpoint import tokenizer_dir
     from megatron_prune.checkpoint.outputs import write_json_atomic
-    from megatron_prune.lm_eval_adapter import MegatronLM
+    from megatron_prune.evaluation import lm_eval_tasks as lt
+    from megatron_prune.evaluation.lm_eval_model import MegatronLM
     from megatron_prune.runtime import is_rank0, log0
 
     names = lt.parse_task_names(tasks)

@@ -51,7 +51,7 @@ def merge(ckpts: Sequence[str], out: str, method: str = "slerp", t: float | Sequ
     import torch
 
     from megatron_prune.checkpoint import save_checkpoint, tokenizer_dir
-    from megatron_prune.merge import merge_into
+    from megatron_prune.checkpoint.merging import merge_into
     from megatron_prune.model import build_model
     from megatron_prune.runtime import init_distributed, log0
     from megatron_prune.runtime.progress import progress

@@ -20,7 +20,7 @@ from megatron_prune.recipe import OUTPUT_KEY, TRAINING_VERBS, Recipe, RecipeErro
 
 # ------------------------------------------------------------------------------------------ outputs
 def _steps(stage: Stage) -> int:
-    from megatron_prune.distill.config import TrainConfig
+    from megatron_prune.training.config import TrainConfig
 
     o = stage.options
     cfg = TrainConfig(student="-", data=["-"], out="-", steps=o.get("steps"), tokens=o.get("tokens"),
@@ -39,12 +39,12 @@ def product(recipe: Recipe, stage: Stage) -> Path:
     """What later stages get when they name this stage: the checkpoint, score file, data directory, ..."""
     out = output_path(recipe, stage)
     if stage.verb in TRAINING_VERBS:
-        from megatron_prune.distill.trainer import STEP_PREFIX
+        from megatron_prune.training.trainer import STEP_PREFIX
 
         return out / f"{STEP_PREFIX}{_steps(stage):07d}"
     if stage.verb == "search":
-        from megatron_prune.distill.trainer import latest_step_dir
         from megatron_prune.pipelines.search import collect
+        from megatron_prune.training.trainer import latest_step_dir
 
         winner = collect(out)["winner"] if (out / "search.json").is_file() else None
         run_dir = out / "candidates" / (winner or "WINNER") / "distill"
@@ -150,7 +150,7 @@ def run_stage(recipe: Recipe, stage: Stage) -> None:
 
 def _run_search(o: dict, out: str, tp: int, pp: int) -> None:
     from megatron_prune.pipelines.search import DistillSettings, search
-    from megatron_prune.search import Budget, SearchSpace, parse_count
+    from megatron_prune.prune.search_space import Budget, SearchSpace, parse_count
 
     budget = Budget(**{k: parse_count(o.pop(k)) for k in ("params", "non_embedding_params") if k in o},
                     tolerance=o.pop("tolerance", 0.05))

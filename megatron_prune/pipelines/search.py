@@ -26,8 +26,16 @@ from typing import Optional
 
 from megatron_prune import inputs
 from megatron_prune.checkpoint.outputs import check_output_path, write_json_atomic
+from megatron_prune.prune.search_space import (
+    Budget,
+    SearchSpace,
+    candidate_name,
+    candidates,
+    default_space,
+    reachable,
+    target_spec,
+)
 from megatron_prune.runtime.stop import StopRequested, stop_on_signals
-from megatron_prune.search import Budget, SearchSpace, candidate_name, candidates, default_space, reachable, target_spec
 
 STAGES = ("all", "zero-shot", "distill", "report")
 
@@ -185,7 +193,7 @@ def _zero_shot(ckpt, scores_file, out_dir, source, found, names, depth_metric, v
     """Every candidate pruned in memory from the one loaded source model and evaluated on held-out data."""
     from megatron_prune.checkpoint import load_model
     from megatron_prune.data import fixed_length_windows
-    from megatron_prune.evaluate import lm_loss
+    from megatron_prune.evaluation.lm_loss import lm_loss
     from megatron_prune.importance import ImportanceScores
     from megatron_prune.prune import PruneTarget, apply_plan, make_plan
     from megatron_prune.runtime import init_distributed, is_rank0, log0
@@ -219,11 +227,11 @@ def _distill_one(ckpt, scores_file, out_dir, source, arch, name, depth_metric, v
                  seq_len, windows_n, mbs, tp, pp) -> None:
     from megatron_prune.checkpoint import load_model
     from megatron_prune.data import fixed_length_windows
-    from megatron_prune.distill.config import TrainConfig
-    from megatron_prune.distill.trainer import latest_step_dir, train
-    from megatron_prune.evaluate import lm_loss
+    from megatron_prune.evaluation.lm_loss import lm_loss
     from megatron_prune.pipelines.prune import prune
     from megatron_prune.runtime import init_distributed, is_rank0, log0
+    from megatron_prune.training.config import TrainConfig
+    from megatron_prune.training.trainer import latest_step_dir, train
 
     cand = out_dir / "candidates" / name
     if (cand / "result.json").is_file():

@@ -36,8 +36,8 @@ def selfdistill(teacher: str | Path, data: str | Path, out: str | Path, max_new_
     from megatron_prune.checkpoint import load_model, tokenizer_dir
     from megatron_prune.data.sft import load_tokenizer
     from megatron_prune.generation import SamplingParams
+    from megatron_prune.generation.rewrite import self_distill
     from megatron_prune.runtime import init_distributed, log0
-    from megatron_prune.selfdistill import self_distill
 
     params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, max_new_tokens=max_new_tokens)
     records = check_selfdistill(teacher, data, out, batch_size, chunk_size, tp, pp, overwrite)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Optional
 
 from megatron_prune import inputs
-from megatron_prune.distill.config import TrainConfig
+from megatron_prune.training.config import TrainConfig
 
 
 def sft_records(path, name: str = "--data") -> list[dict]:
@@ -43,7 +43,7 @@ def check_sft(cfg: TrainConfig) -> None:
 def sft(config: Optional[str] = None, **overrides) -> list[dict]:
     """Fine-tune ``student`` on SFT JSONL files (instruction or chat form) through the distillation trainer."""
     from megatron_prune.data.sft import is_sft_data
-    from megatron_prune.distill.trainer import train as run_trainer
+    from megatron_prune.training.trainer import train as run_trainer
 
     cfg = TrainConfig.from_yaml(config, **overrides)
     if cfg.teacher:

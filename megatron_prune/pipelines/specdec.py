@@ -45,10 +45,10 @@ def specdec(target_ckpt, draft_ckpt, prompts_file, ks: Sequence[int] = (1, 2, 4)
     from megatron_prune.checkpoint import load_model
     from megatron_prune.generation import SamplingParams
     from megatron_prune.generation.prompts import stop_token_ids
+    from megatron_prune.generation.speculative import SpecStats, speculative_generate, target_alone
     from megatron_prune.pipelines.generate import encode_file, load_tokenizer
     from megatron_prune.runtime import init_distributed, is_rank0, log0
     from megatron_prune.runtime.progress import progress
-    from megatron_prune.specdec import SpecStats, speculative_generate, target_alone
     check_specdec(target_ckpt, draft_ckpt, prompts_file, ks, tp, pp, chat, out, limit)
     params = params or SamplingParams()
     tokenizer = load_tokenizer(target_ckpt)

@@ -6,7 +6,7 @@ from typing import Optional
 
 from megatron_prune import inputs
 from megatron_prune.checkpoint.outputs import check_output_path
-from megatron_prune.distill.config import TrainConfig
+from megatron_prune.training.config import TrainConfig
 
 
 def check_training(cfg: TrainConfig) -> None:
@@ -56,7 +56,7 @@ def _is_positive_number(s: str) -> bool:
 
 def train(config: Optional[str] = None, **overrides) -> None:
     """Train with the LM loss only, from a YAML file of TrainConfig fields plus keyword overrides."""
-    from megatron_prune.distill.trainer import train as run_trainer
+    from megatron_prune.training.trainer import train as run_trainer
 
     cfg = TrainConfig.from_yaml(config, **overrides)
     check_output_path(cfg.out, {"student checkpoint": cfg.student, "teacher checkpoint": cfg.teacher})

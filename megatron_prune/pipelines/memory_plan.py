@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Optional
 
 from megatron_prune.arch import ArchError, ModelArch
-from megatron_prune.memory import GiB, Layout, MemoryEstimate, candidate_layouts, estimate_memory
+from megatron_prune.runtime.memory import GiB, Layout, MemoryEstimate, candidate_layouts, estimate_memory
 
 SHAPE_KEYS = {"layers": "num_layers", "hidden": "hidden_size", "ffn": "ffn_hidden_size",
               "heads": "num_attention_heads", "groups": "num_query_groups", "query_groups": "num_query_groups",

@@ -20,9 +20,9 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from megatron_prune.distill.config import TrainConfig
 from megatron_prune.runtime.device import on_gpu as _on_gpu
 from megatron_prune.runtime.stop import StopRequested, stop_on_signals
+from megatron_prune.training.config import TrainConfig
 
 STEP_PREFIX = "step_"
 
@@ -353,7 +353,7 @@ class Trainer:
         return record
 
     def validate(self) -> float:
-        from megatron_prune.evaluate import lm_loss
+        from megatron_prune.evaluation.lm_loss import lm_loss
 
         return lm_loss(self.student, self.arch, self.valid_windows, self.cfg.micro_batch_size, desc=None).lm_loss
 
