@@ -31,7 +31,7 @@ setup(
         "lm-eval==0.4.13",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout", "mergekit==0.1.5"],
+        "test": ["pytest>=8", "pytest-timeout", "mergekit==0.1.5", "ruff==0.17.6"],
         "gpu": ["transformer-engine[pytorch]>=2.0"],
     },
     entry_points={"console_scripts": ["megatron-prune=megatron_prune.cli:main"]},
