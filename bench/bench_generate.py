@@ -2,7 +2,8 @@
 
 A synthetic Llama (random weights) as the target and, as the draft, the same model cut to its first layers
 (a depth-pruned target, as in the self-data-distillation recipe; the layers past the draft's make small
-residual updates, as trained layers do, so the draft agrees with the target often). Greedy, TP1 on the CPU; a few minutes.
+residual updates, as trained layers do, so the draft agrees with the target often). Greedy, TP1 on the CPU; a few
+minutes.
 
     PYTHONPATH=. python bench/bench_generate.py [--layers 8 --hidden 256 --draft-layers 2 --new 48]
 """

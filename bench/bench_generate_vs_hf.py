@@ -26,6 +26,7 @@ import os
 import statistics
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -125,12 +126,12 @@ def run(args) -> list[dict]:
         for batch in [int(b) for b in args.batches.split(",")]:
             prompts = make_prompts(name, hf_dir, args.prompts if batch > 1 else args.b1_prompts)
             sides = {
-                "ours": lambda: generate(ours, meta.arch, prompts, params, batch_size=batch, desc=None),
-                "transformers": lambda: hf_generate(hf, prompts, batch, args.new),
+                "ours": partial(generate, ours, meta.arch, prompts, params, batch_size=batch, desc=None),
+                "transformers": partial(hf_generate, hf, prompts, batch, args.new),
             }
             if args.megatron_attention:
-                sides["megatron_attention"] = lambda: generate(ours, meta.arch, prompts, params, batch_size=batch,
-                                                               desc=None, fast_attention=False)
+                sides["megatron_attention"] = partial(generate, ours, meta.arch, prompts, params, batch_size=batch,
+                                                      desc=None, fast_attention=False)
             warm = prompts[:1]
             generate(ours, meta.arch, warm, SamplingParams(max_new_tokens=2), desc=None)
             hf_generate(hf, warm, 1, 2)
@@ -159,7 +160,7 @@ def run(args) -> list[dict]:
                 row["first_difference"] = f"prompt {first}, new token {pos}: ours {a[pos]}, transformers {b[pos]}"
             rows.append(row)
             print(fmt(row), flush=True)
-        del hf, ours
+        del hf, ours, sides  # the partials in sides hold the models too
     return rows
 
 
@@ -170,7 +171,8 @@ def fmt(r: dict) -> str:
          f"{'yes' if r['identical'] else 'NO'}")
     if "ratio_megatron_attention" in r:
         s += (f"\n{'':<8} megatron's own attention + KV cache: {r['megatron_attention_tok_s']:7.1f} tok/s -> ratio "
-              f"{r['ratio_megatron_attention']:.2f}x, identical: {'yes' if r['identical_megatron_attention'] else 'NO'}")
+              f"{r['ratio_megatron_attention']:.2f}x, identical: "
+              f"{'yes' if r['identical_megatron_attention'] else 'NO'}")
     if "first_difference" in r:
         s += f"\n{'':<8} first difference: {r['first_difference']}"
     return s

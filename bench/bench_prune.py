@@ -63,7 +63,8 @@ def _random_plan(arch):
     L = arch.num_layers
     scores = ImportanceScores(
         arch=arch.to_dict(), seq_agg="mean", batch_agg="l2", num_samples=1, seq_len=1,
-        mlp=torch.rand(L, arch.ffn_hidden_size, generator=g), heads=torch.rand(L, arch.num_attention_heads, generator=g),
+        mlp=torch.rand(L, arch.ffn_hidden_size, generator=g),
+        heads=torch.rand(L, arch.num_attention_heads, generator=g),
         query_groups=torch.rand(L, arch.num_query_groups, generator=g),
         embedding=torch.rand(arch.hidden_size, generator=g),
         embedding_layers=torch.rand(L, 2, arch.hidden_size, generator=g), block_influence=torch.rand(L, generator=g),

@@ -7,9 +7,10 @@ its KV cache is full (issue 11).
 For each shape a rank resets its peak resident set, loads the model from a checkpoint (fp32, the CPU dtype), and
 fills megatron's KV cache (``StaticInferenceContext`` through our generation engine's ``BatchRunner``) with
 ``seq_len`` tokens of every sequence, one position per forward as in decoding (a long prefill chunk adds its
-attention scores, a working set the count leaves out on purpose); the peak resident set above the start is the measurement.
-The estimate is ``megatron_prune.prune.search_space.inference_memory`` (exact parameter count x 4 bytes + 2 x layers x query
-groups x kv_channels x tokens x batch x 4 bytes) plus the runtime's own memory (the same run on a model of a few
+attention scores, a working set the count leaves out on purpose); the peak resident set above the start is the
+measurement.
+The estimate is ``megatron_prune.prune.search_space.inference_memory`` (exact parameter count x 4 bytes
++ 2 x layers x query groups x kv_channels x tokens x batch x 4 bytes) plus the runtime's own memory (the same run on a model of a few
 thousand parameters). glibc is told to return every block above 128 KiB on free, so the resident set follows
 the live tensors.
 """
@@ -36,13 +37,18 @@ def shapes(quick: bool) -> dict:
     if quick:
         return {"runtime": ModelArch(num_layers=2, hidden_size=32, ffn_hidden_size=64, num_attention_heads=4,
                                      num_query_groups=1, vocab_size=256),
-                "6 x 256, 2 groups": ModelArch(num_layers=6, hidden_size=256, ffn_hidden_size=768, num_query_groups=2, **base),
-                "4 x 256, 8 heads (MHA)": ModelArch(num_layers=4, hidden_size=256, ffn_hidden_size=512, num_query_groups=8, **base)}
+                "6 x 256, 2 groups": ModelArch(num_layers=6, hidden_size=256, ffn_hidden_size=768, num_query_groups=2,
+                                               **base),
+                "4 x 256, 8 heads (MHA)": ModelArch(num_layers=4, hidden_size=256, ffn_hidden_size=512,
+                                                    num_query_groups=8, **base)}
     return {"runtime": ModelArch(num_layers=2, hidden_size=32, ffn_hidden_size=64, num_attention_heads=4,
                                  num_query_groups=1, vocab_size=256),
-            "12 x 512, 2 groups": ModelArch(num_layers=12, hidden_size=512, ffn_hidden_size=1536, num_query_groups=2, **base),
-            "8 x 768, 4 groups": ModelArch(num_layers=8, hidden_size=768, ffn_hidden_size=2048, num_query_groups=4, **base),
-            "6 x 512, 8 heads (MHA)": ModelArch(num_layers=6, hidden_size=512, ffn_hidden_size=1024, num_query_groups=8, **base)}
+            "12 x 512, 2 groups": ModelArch(num_layers=12, hidden_size=512, ffn_hidden_size=1536, num_query_groups=2,
+                                            **base),
+            "8 x 768, 4 groups": ModelArch(num_layers=8, hidden_size=768, ffn_hidden_size=2048, num_query_groups=4,
+                                           **base),
+            "6 x 512, 8 heads (MHA)": ModelArch(num_layers=6, hidden_size=512, ffn_hidden_size=1024,
+                                                num_query_groups=8, **base)}
 
 
 def _save(root: str, quick: bool) -> None:

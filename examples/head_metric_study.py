@@ -64,7 +64,8 @@ def random_heads(scores, seed: int):
     heads = torch.rand(scores.heads.shape, generator=g)
     from megatron_prune.importance.width import query_group_scores
 
-    return dataclasses.replace(scores, heads=heads, query_groups=query_group_scores(heads, scores.arch["num_query_groups"]))
+    return dataclasses.replace(scores, heads=heads,
+                               query_groups=query_group_scores(heads, scores.arch["num_query_groups"]))
 
 
 def main(argv=None):
@@ -163,7 +164,8 @@ def main(argv=None):
 def _summary(values):
     if len(values) == 1:
         return f"{values[0]:.3f}"
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f} (min {min(values):.3f}, max {max(values):.3f})"
+    return (f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f} "
+            f"(min {min(values):.3f}, max {max(values):.3f})")
 
 
 def render(results) -> str:
@@ -180,8 +182,8 @@ def render(results) -> str:
         lines.append(f"| {target} | " + " | ".join(cells) + " |")
     if results.get("distilled"):
         seeds = cfg.get("distill_seeds") or cfg["calib_seeds"][:1]
-        lines += ["", f"### After {cfg['distill_steps']} distillation steps ({cfg['distill_target']}): LM loss, mean ± sd "
-                  f"over calibration seeds {seeds} (random: over random choices)", "",
+        lines += ["", f"### After {cfg['distill_steps']} distillation steps ({cfg['distill_target']}): "
+                  f"LM loss, mean ± sd over calibration seeds {seeds} (random: over random choices)", "",
                   "| head choice | LM loss |", "|---|---|"]
         for metric in (*METRICS, "random"):
             vals = [r["loss"] for k, r in results["distilled"].items() if k.split()[0] == metric]

@@ -172,7 +172,8 @@ def write_hf(config: dict, state: dict, pieces, out: Path) -> None:
     from transformers import AutoTokenizer
 
     out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in state.items() if k != "lm_head.weight" or not config["tie_word_embeddings"]},
+    save_file({k: v.contiguous() for k, v in state.items()
+               if k != "lm_head.weight" or not config["tie_word_embeddings"]},
               str(out / "model.safetensors"), metadata={"format": "pt"})
     umask = os.umask(0)
     os.umask(umask)
@@ -257,7 +258,8 @@ def main(argv=None):
     write_hf(config, state, pieces, out)
     n_params = sum(v.numel() for k, v in state.items())
     print(f"wrote {out}: Llama, {config['num_hidden_layers']} layers, hidden {config['hidden_size']}, "
-          f"{config['num_attention_heads']} heads / {config['num_key_value_heads']} KV heads, {n_params / 1e6:.1f}M parameters")
+          f"{config['num_attention_heads']} heads / {config['num_key_value_heads']} KV heads, "
+          f"{n_params / 1e6:.1f}M parameters")
     if args.check_node:
         if not args.npm_package:
             raise SystemExit("--check-node needs --npm-package")

@@ -55,7 +55,8 @@ def main(argv=None) -> None:
                      + f" | {cell(recovered, '{:.0%}') if name not in ('teacher', 'pruned') and recovered else '-'} |")
     table = "\n".join(lines)
 
-    spec_lines = ["| draft | k | acceptance rate | mean accepted length | speed-up vs teacher alone |", "|---|---|---|---|---|"]
+    spec_lines = ["| draft | k | acceptance rate | mean accepted length | speed-up vs teacher alone |",
+                  "|---|---|---|---|---|"]
     spec = {}
     for f in sorted(work.glob("specdec-*.json")):
         report = json.loads(f.read_text())

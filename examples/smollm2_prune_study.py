@@ -140,7 +140,8 @@ def main(argv=None):
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     work = Path(args.workdir)
     (work / "scores").mkdir(parents=True, exist_ok=True)
-    evals = dict(e.split("=", 1) for e in (args.eval or [f"shakespeare={Path(args.calib).parent / 'shakespeare_valid'}"]))
+    evals = dict(e.split("=", 1)
+                 for e in (args.eval or [f"shakespeare={Path(args.calib).parent / 'shakespeare_valid'}"]))
     results_file = work / "results.json"
     results = json.loads(results_file.read_text()) if results_file.is_file() else {}
     results.setdefault("config", {}).update({k: v for k, v in vars(args).items() if k != "eval"}, evals=evals)
@@ -181,7 +182,8 @@ def main(argv=None):
     if wanted:
         t = time.time()
         windows = calibration_windows(args.calib, args.calib_samples, args.seq_len, args.seed)[:, :-1]
-        agg_scores = aggregation_sweep(model, arch, windows, main_scores, work / "scores", args.micro_batch_size, wanted)
+        agg_scores = aggregation_sweep(model, arch, windows, main_scores, work / "scores", args.micro_batch_size,
+                                       wanted)
         results["timings_s"].setdefault("aggregation_sweep", round(time.time() - t, 1))
         save()
 
@@ -285,13 +287,16 @@ def render(results, main_scores, arch, eval_names) -> str:
             out.append("| " + " | ".join(cells) + " |")
         return out
 
-    lines += ["### Width and depth", ""] + table(("base", "width", "depth"),
-                                                  ("dropped layers", lambda r: str(r["dropped_layers"]) if r["dropped_layers"] else "")) + [""]
+    lines += ["### Width and depth", ""] + table(
+        ("base", "width", "depth"),
+        ("dropped layers", lambda r: str(r["dropped_layers"]) if r["dropped_layers"] else "")) + [""]
     if any(r["group"] == "agg" for r in V.values()):
         lines += ["### Aggregation (width prune, batch x sequence)", ""] + table(
-            ("agg",), ("kept hidden / FFN shared with default", lambda r: "{hidden:.0%} / {ffn:.0%}".format(**r["overlap_with_default"]))) + [""]
+            ("agg",), ("kept hidden / FFN shared with default",
+                       lambda r: "{hidden:.0%} / {ffn:.0%}".format(**r["overlap_with_default"]))) + [""]
     if any(r["group"] == "random" for r in V.values()):
-        lines += ["### Random-score baselines", ""] + table(("random",), ("dropped layers", lambda r: str(r["dropped_layers"]) if r["dropped_layers"] else "")) + [""]
+        lines += ["### Random-score baselines", ""] + table(
+            ("random",), ("dropped layers", lambda r: str(r["dropped_layers"]) if r["dropped_layers"] else "")) + [""]
     L = arch.num_layers
     fmt = lambda t: " ".join(f"{float(x):.3f}" for x in t)  # noqa: E731
     lines += ["### Depth scores per layer (layer 0 first)", "",

@@ -126,5 +126,6 @@ def test_common_state_missing_names_the_megatron_release(ckpt, tmp_path):
     (newer / "metadata.json").write_text(json.dumps({k: v for k, v in meta.items() if not k.startswith("common_")}))
     with pytest.raises(RuntimeError, match=r"is corrupt.*common\.pt"):
         run_ranks(_load, 1, damaged)
-    with pytest.raises(RuntimeError, match=r"written by megatron-core 0\.19 or later.*read it with megatron-core >= 0\.19"):
+    with pytest.raises(RuntimeError,
+                       match=r"written by megatron-core 0\.19 or later.*read it with megatron-core >= 0\.19"):
         run_ranks(_load, 1, newer)

@@ -119,7 +119,8 @@ def _ours_then_hf(ckpt: str, hf_dir: str) -> dict:
     after_ours = torch_state()
     out = _hf_numbers(hf_dir)
     out["ours"] = ours
-    out["leaks"] = [k for k in before if not (after_ours[k] is before[k] or (k == "modes" and after_ours[k] == before[k]))]
+    out["leaks"] = [k for k in before
+                    if not (after_ours[k] is before[k] or (k == "modes" and after_ours[k] == before[k]))]
     return out
 
 

@@ -184,7 +184,8 @@ def test_resume_after_a_kill_reproduces_the_uninterrupted_run(setup, full_run, t
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming at step" in resumed.stdout
     assert _losses(tmp_path / "killed") == _losses(full_run[0])
-    assert sorted(p.name for p in (tmp_path / "killed").glob("step_*")) == ["step_0000004", "step_0000006"]  # keep-last 2
+    # keep-last 2
+    assert sorted(p.name for p in (tmp_path / "killed").glob("step_*")) == ["step_0000004", "step_0000006"]
 
 
 def test_sigterm_saves_the_step_in_flight_and_the_rerun_continues(setup, full_run, tmp_path):

@@ -103,7 +103,7 @@ def _naive_state_loss(root, batches) -> float:
         states = {}
         hooks = []
         for side, model in (("s", student), ("t", teacher)):
-            def keep(name):
+            def keep(name, states=states):
                 return lambda _m, _i, out: states.__setitem__(name, out[0] if isinstance(out, tuple) else out)
             hooks.append(model.embedding.register_forward_hook(keep((side, "emb"))))
             for i, layer in enumerate(model.decoder.layers):
@@ -243,7 +243,8 @@ def test_bad_layouts_are_refused_with_the_fix(runs, setup):
     assert msg is not None and "multiple of PP=2" in msg and "--global-batch-size" in msg and "multiple of 2" in msg
     with pytest.raises(ValueError, match=r"--vpp\) 2 needs pp \(--pp\) >= 2"):
         _cfg(setup, setup / "x", pp=1, vpp=2).validate()
-    with pytest.raises(ValueError, match=r"--student has 4 layers, which cannot be split over --pp 2 --vpp 4.*fit: \[2\]"):
+    with pytest.raises(ValueError,
+                       match=r"--student has 4 layers, which cannot be split over --pp 2 --vpp 4.*fit: \[2\]"):
         check_training(_cfg(setup, setup / "x", pp=2, vpp=4))
     student, teacher = read_meta(setup / "student").arch, read_meta(setup / "teacher").arch
     # 6 layers at PP2 x VPP2: stages [4, 2] (of unequal depth, runtime/stages.py); 7 cannot be split into even stages

@@ -72,7 +72,8 @@ def _save_on_a_full_disk(ckpt, out_root):
             except CheckpointError as e:
                 messages[name] = str(e)
         dist.barrier()
-        messages[name + "_left"] = sorted(p.name for p in Path(out_root).iterdir() if p.name.startswith((name, f".{name}")))
+        messages[name + "_left"] = sorted(p.name for p in Path(out_root).iterdir()
+                                          if p.name.startswith((name, f".{name}")))
     # a truncated shard, read at DP2: every rank names the file
     damaged = Path(out_root) / "damaged"
     if rank == 0:

@@ -3,6 +3,8 @@ reproducible and the same at every layout, top-k/top-p masks == naive code."""
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 from distributed_utils import run_ranks
@@ -43,7 +45,7 @@ def _generate_layouts(ckpt, prompts):
     for tp, pp in [(1, 1), (2, 1), (1, 2)]:
         init_distributed(tp, pp)
         model, meta = load_model(ckpt, use_te=False)
-        run = lambda params, **kw: generate(model, meta.arch, prompts, params, desc=None, **kw)  # noqa: E731
+        run = partial(generate, model, meta.arch, prompts, desc=None)  # run(params, **kw)
         plain_before = _plain_forward(model, prompts)
         r = {"megatron_attention": run(greedy, batch_size=4, fast_attention=False),
              "cache": run(greedy, batch_size=4), "no_cache": run(greedy, batch_size=4, use_cache=False),

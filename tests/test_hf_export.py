@@ -32,8 +32,8 @@ CASES = [
     # the demo's width target on SmolLM2 (576 = 9 x 64 -> hidden=448, 9 heads, 3 groups, ffn 1536 -> 1024), scaled down
     ("demo-width-standin", "llama", dict(hidden_size=72, num_attention_heads=9, num_key_value_heads=3, head_dim=8,
                                          tie_word_embeddings=True), "hidden=56,ffn=64", "mistral"),
-    ("mistral-explicit-head-dim", "mistral", dict(head_dim=16, sliding_window=None), "hidden=40,heads=6,groups=3,ffn=64",
-     "mistral"),
+    ("mistral-explicit-head-dim", "mistral", dict(head_dim=16, sliding_window=None),
+     "hidden=40,heads=6,groups=3,ffn=64", "mistral"),
     ("qwen2-biases-tied", "qwen2", dict(tie_word_embeddings=True), "hidden=36,heads=4,query_groups=2,ffn=64", "qwen2"),
     ("llama31-rope-scaling", "llama", dict(rope_parameters=LLAMA31_ROPE, max_position_embeddings=16384),
      "hidden=42,query_groups=2,ffn=80", "mistral"),

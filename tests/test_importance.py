@@ -152,8 +152,8 @@ def test_depth_scores_match_naive_transformers(reference, hf_activations):
     L = len(X) - 1
     bi = torch.stack([1 - torch.nn.functional.cosine_similarity(X[i], X[i + 1], dim=-1).mean() for i in range(L)])
 
-    def d(l, n):
-        a, b = X[l][:, -1], X[l + n][:, -1]
+    def d(layer, n):
+        a, b = X[layer][:, -1], X[layer + n][:, -1]
         cos = (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1))
         return (torch.arccos(cos.clamp(-1, 1)) / math.pi).mean()
 
@@ -163,7 +163,7 @@ def test_depth_scores_match_naive_transformers(reference, hf_activations):
         assert_close(s.block_influence, bi, f"block influence {key}")
         assert sorted(s.angular) == list(range(1, L))
         for n in range(1, L + 1):
-            want = torch.stack([d(l, n) for l in range(L - n + 1)])
+            want = torch.stack([d(layer, n) for layer in range(L - n + 1)])
             assert_close(s.angular_distance(n), want, f"angular n={n} {key}")
             if n in s.angular:
                 assert_close(s.angular[n], want, f"angular dict n={n}")

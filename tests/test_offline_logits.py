@@ -136,10 +136,11 @@ def test_a_run_from_the_file_has_the_online_loss_history(setup, files, tmp_path)
     (online,) = run_ranks(_train, 1, setup, tmp_path / "online", 1)
     (offline,) = run_ranks(_train, 1, setup, tmp_path / "offline", 1, str(files / "fp32"))
     student_tp2 = run_ranks(_train, 2, setup, tmp_path / "offline_tp2", 2, str(files / "fp32"))[0]
-    assert len(online) == STEPS and len({l for _, l, _ in online}) == STEPS and all(kd > 0 for _, _, kd in online)
+    assert len(online) == STEPS and len({loss for _, loss, _ in online}) == STEPS and all(kd > 0 for _, _, kd in online)
     for run in (offline, student_tp2):
         assert [s for s, _, _ in run] == [s for s, _, _ in online]
-        np.testing.assert_allclose([(l, kd) for _, l, kd in run], [(l, kd) for _, l, kd in online], rtol=1e-5)
+        np.testing.assert_allclose([(loss, kd) for _, loss, kd in run], [(loss, kd) for _, loss, kd in online],
+                                   rtol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------- bad inputs
@@ -165,7 +166,8 @@ def test_a_file_that_does_not_match_the_run_is_refused_with_the_fix(setup, files
     unfinished.mkdir()
     (unfinished / "options.json").write_text("{}")
     cases = [
-        (dict(teacher_logits=str(tmp_path / "missing")), r"does not exist; write it first with `megatron-prune teacher-logits"),
+        (dict(teacher_logits=str(tmp_path / "missing")),
+         r"does not exist; write it first with `megatron-prune teacher-logits"),
         (dict(teacher_logits=str(unfinished)), r"unfinished write: run the same `teacher-logits` command again"),
         (dict(teacher_logits=str(bad_vocab)), r"vocabulary of 2000 tokens, the student has 1000"),
         (dict(seq_len=32), r"--seq-len 16, the run uses 32; pass --seq-len 16"),

@@ -146,7 +146,7 @@ def test_estimate_is_within_15_percent_of_the_measured_peak_on_cpu():
     assert out.returncode == 0, out.stderr[-3000:]
     rows = [line.split("|")[1:-1] for line in out.stdout.splitlines() if line.startswith("| TP")]
     assert [r[0].strip() for r in rows] == ["TP1 PP1 DP1", "TP2 PP1 DP1", "TP1 PP2 DP1", "TP1 PP1 DP2"], out.stdout
-    for layout, est, runtime, measured, _ in rows:
+    for _layout, est, runtime, measured, _ in rows:
         predicted = float(est) + float(runtime)
         assert abs(float(measured) - predicted) <= 0.15 * predicted, out.stdout
     # the layouts really differ, so agreement is not an accident of one shape

@@ -186,14 +186,17 @@ def fake_scores(arch, seed=0):
     L = arch.num_layers
     return ImportanceScores(
         arch=arch.to_dict(), seq_agg="mean", batch_agg="l2", num_samples=1, seq_len=1,
-        mlp=torch.rand(L, arch.ffn_hidden_size, generator=g), heads=torch.rand(L, arch.num_attention_heads, generator=g),
-        query_groups=torch.rand(L, arch.num_query_groups, generator=g), embedding=torch.rand(arch.hidden_size, generator=g),
+        mlp=torch.rand(L, arch.ffn_hidden_size, generator=g),
+        heads=torch.rand(L, arch.num_attention_heads, generator=g),
+        query_groups=torch.rand(L, arch.num_query_groups, generator=g),
+        embedding=torch.rand(arch.hidden_size, generator=g),
         embedding_layers=torch.rand(L, 2, arch.hidden_size, generator=g), block_influence=torch.rand(L, generator=g),
         angle_matrix=torch.zeros(L + 1, L + 1),
         angular={n: torch.rand(L - n + 1, generator=g) for n in range(1, L)})
 
 
-TINY = dict(num_layers=4, hidden_size=64, ffn_hidden_size=96, num_attention_heads=8, num_query_groups=4, vocab_size=1000)
+TINY = dict(num_layers=4, hidden_size=64, ffn_hidden_size=96, num_attention_heads=8, num_query_groups=4,
+            vocab_size=1000)
 
 
 def test_plan_keeps_the_top_scored_units():

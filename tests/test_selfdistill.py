@@ -48,7 +48,8 @@ def test_decide_with_the_real_tokenizer(smol_tokenizer_dir):
     assert im_end in stop
     enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
     rec, rule = decide(ARITH, enc("Four more: 3 + 4 = 7\n#### 7") + [im_end], tok, stop)
-    assert rule == "rewritten" and rec == {**ARITH, "output": "Four more: 3 + 4 = 7\n#### 7"} and ARITH["output"] != rec["output"]
+    assert (rule == "rewritten" and rec == {**ARITH, "output": "Four more: 3 + 4 = 7\n#### 7"}
+            and ARITH["output"] != rec["output"])
     assert decide(ARITH, enc("3 + 4 = 7\n#### 7"), tok, stop) == (ARITH, "truncated")  # no end of turn
     assert decide(ARITH, enc("#### 9") + [im_end], tok, stop) == (ARITH, "wrong_answer")
     assert decide(ARITH, enc("#### 9") + [im_end], tok, stop, on_reject="drop") == (None, "wrong_answer")
@@ -90,7 +91,8 @@ def test_killed_run_resumes_to_the_same_file(tiny_chat_ckpt, full_run, tmp_path)
     env = ENV
     out = tmp_path / "killed.jsonl"
     parts = tmp_path / "killed.jsonl.parts"
-    proc = subprocess.Popen(_cmd(tiny_chat_ckpt, data, out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    proc = subprocess.Popen(_cmd(tiny_chat_ckpt, data, out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=env)
     while proc.poll() is None and len(list(parts.glob("chunk_*.jsonl"))) < 3:
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)

@@ -165,7 +165,8 @@ def _naive_step(root):
     items = [ds[i] for i in range(GBS)]
     tokens, labels = torch.stack([it["tokens"] for it in items]), torch.stack([it["labels"] for it in items])
     mask = torch.stack([it["loss_mask"] for it in items])
-    model = transformers.AutoModelForCausalLM.from_pretrained(root / "hf", dtype=torch.float32, attn_implementation="eager")
+    model = transformers.AutoModelForCausalLM.from_pretrained(root / "hf", dtype=torch.float32,
+                                                              attn_implementation="eager")
     logits = model(tokens).logits
     ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none")
     loss = (ce * mask.reshape(-1)).sum() / mask.sum()
@@ -196,4 +197,5 @@ def test_sft_rejects_indexed_data_and_teacher(sft_setup, tmp_path):
     with pytest.raises(ValueError, match="takes SFT JSONL"):
         sft(student=str(sft_setup / "ckpt"), data=["some/prefix"], out=str(tmp_path / "r"), steps=1)
     with pytest.raises(ValueError, match="without a teacher"):
-        sft(student=str(sft_setup / "ckpt"), teacher="x", data=[str(sft_setup / "train.jsonl")], out=str(tmp_path), steps=1)
+        sft(student=str(sft_setup / "ckpt"), teacher="x", data=[str(sft_setup / "train.jsonl")], out=str(tmp_path),
+            steps=1)

@@ -122,7 +122,8 @@ def main() -> int:
     # ---- ours -> NeMo ------------------------------------------------------------------------------
     cases = {
         "llama": ("llama", {}),
-        "llama31": ("llama", {"max_position_embeddings": 16384, "rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+        "llama31": ("llama", {"max_position_embeddings": 16384,
+                              "rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
                                                   "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                                   "original_max_position_embeddings": 8192}}),
         "mistral": ("mistral", {"head_dim": 12, "sliding_window": None}),

@@ -10,4 +10,5 @@ from megatron_prune.checkpoint.megatron import (
     tokenizer_dir,
 )
 
-__all__ = ["CheckpointError", "CheckpointMeta", "load_into", "load_model", "read_meta", "save_checkpoint", "tokenizer_dir"]
+__all__ = ["CheckpointError", "CheckpointMeta", "load_into", "load_model", "read_meta", "save_checkpoint",
+           "tokenizer_dir"]

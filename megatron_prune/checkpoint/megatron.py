@@ -61,7 +61,8 @@ def read_meta(ckpt_dir: str | os.PathLike) -> CheckpointMeta:
     """Read and check our metadata; raises CheckpointError with the fix when something is wrong."""
     path = Path(ckpt_dir)
     if not path.exists():
-        raise CheckpointError(f"checkpoint {path} does not exist; check the path (or create it with `megatron-prune convert`)")
+        raise CheckpointError(f"checkpoint {path} does not exist; check the path "
+                              "(or create it with `megatron-prune convert`)")
     meta_path = path / METADATA_FILE
     if not meta_path.is_file():
         hint = ""

@@ -84,7 +84,8 @@ def check_same_shape(ckpts: Sequence[str]):
     metas = [read_meta(c) for c in ckpts]
     for c, m in zip(ckpts[1:], metas[1:]):
         if m.arch != metas[0].arch:
-            raise CheckpointError(f"cannot merge {ckpts[0]} with {c}: their shapes differ ({metas[0].arch.differences(m.arch)}); "
+            raise CheckpointError(f"cannot merge {ckpts[0]} with {c}: their shapes differ "
+                                  f"({metas[0].arch.differences(m.arch)}); "
                                   "merging needs checkpoints of one architecture (prune both the same way first)")
     return metas[0]
 

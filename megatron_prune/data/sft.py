@@ -37,7 +37,8 @@ def to_messages(record: dict, where: str = "record") -> list[dict]:
         for m in msgs:
             if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") \
                     or not isinstance(m.get("content"), str):
-                raise ValueError(f"{where}: each message needs role system/user/assistant and a string content, got {m!r}")
+                raise ValueError(f"{where}: each message needs role system/user/assistant and a string content, "
+                                 f"got {m!r}")
         if msgs[-1]["role"] != "assistant":
             raise ValueError(f"{where}: the last message must be the assistant's answer (role 'assistant')")
         return [{"role": m["role"], "content": m["content"]} for m in msgs]
@@ -207,7 +208,8 @@ def build_sft_dataset(paths: Sequence[str | os.PathLike], tok_dir: str | os.Path
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     ds = SFTDataset(examples, seq_len, pad, seed=seed, pack=pack)
     answer = int(ds.mask.sum())
-    log0(f"SFT data: {len(examples)} examples -> {len(ds)} samples of {seq_len} tokens ({'packed' if pack else 'padded'}), "
+    log0(f"SFT data: {len(examples)} examples -> {len(ds)} samples of {seq_len} tokens "
+         f"({'packed' if pack else 'padded'}), "
          f"{answer} answer tokens ({answer / ds.tokens.numel():.0%} of all)")
     return ds
 
@@ -254,13 +256,15 @@ def _problem(rng: random.Random) -> dict:
         ans = a + b - c
         q = (f"{name} has {a} {item}. {other} gives {name} {b} more, and then {name} loses {c}. "
              f"How many {item} does {name} have now?")
-        steps = f"{name} starts with {a} and gets {b} more: {a} + {b} = {a + b}.\nAfter losing {c}: {a + b} - {c} = {ans}."
+        steps = (f"{name} starts with {a} and gets {b} more: {a} + {b} = {a + b}.\n"
+                 f"After losing {c}: {a + b} - {c} = {ans}.")
     elif kind == 1:
         boxes, per, extra = rng.randint(2, 12), rng.randint(3, 15), rng.randint(0, 20)
         ans = boxes * per + extra
         q = (f"{name} buys {boxes} boxes of {item} with {per} {item} in each box, and already had {extra} {item}. "
              f"How many {item} does {name} have in total?")
-        steps = f"The boxes hold {boxes} x {per} = {boxes * per} {item}.\nWith the {extra} already there: {boxes * per} + {extra} = {ans}."
+        steps = (f"The boxes hold {boxes} x {per} = {boxes * per} {item}.\n"
+                 f"With the {extra} already there: {boxes * per} + {extra} = {ans}.")
     elif kind == 2:
         per, people = rng.randint(2, 12), rng.randint(2, 9)
         total = per * people
@@ -307,7 +311,8 @@ def humaneval_tasks() -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-HUMANEVAL_INSTRUCTION = "Complete the following Python function. Answer with the whole function in a ```python code block.\n\n```python\n{prompt}```"
+HUMANEVAL_INSTRUCTION = ("Complete the following Python function. Answer with the whole function in a ```python code "
+                         "block.\n\n```python\n{prompt}```")
 
 
 def humaneval_record(task: dict) -> dict:
@@ -335,7 +340,8 @@ def write_sft_corpus(out_dir: str | os.PathLike, num_arithmetic: int = 800, held
             (heldout if i % every == every - 1 else train).append(humaneval_record(task))
     random.Random(seed).shuffle(train)
     out = Path(out_dir)
-    return {"train": write_jsonl(train, out / "sft_train.jsonl"), "heldout": write_jsonl(heldout, out / "sft_heldout.jsonl")}
+    return {"train": write_jsonl(train, out / "sft_train.jsonl"),
+            "heldout": write_jsonl(heldout, out / "sft_heldout.jsonl")}
 
 
 __all__ = ["ANSWER_PREFIX", "SFTDataset", "arithmetic_problems", "build_sft_dataset", "end_of_turn_ids",

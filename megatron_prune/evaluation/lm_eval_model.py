@@ -229,7 +229,7 @@ class MegatronLM(TemplateLM):
                 prompts[i] = ids or [self.prefix_token_id]
             tail = 4 * max((len(s) for s in until), default=1) + 2  # tokens that can hold a stop string
 
-            def stop_when(new: list[int]) -> bool:
+            def stop_when(new: list[int], tail: int = tail, until: list[str] = until) -> bool:
                 text = self.tok_decode(new[-tail:], skip_special_tokens=False)
                 return any(s in text for s in until)
 

@@ -48,7 +48,8 @@ def lm_loss(model: torch.nn.Module, arch: ModelArch, windows: torch.Tensor, micr
     group = ps.get_pipeline_model_parallel_world_size() if len(chunks) > 1 else 1
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     mine = windows[dp_rank::dp]
-    batches = [{"tokens": w[:, :-1].contiguous(), "labels": w[:, 1:].contiguous()} for w in mine.split(micro_batch_size)]
+    batches = [{"tokens": w[:, :-1].contiguous(), "labels": w[:, 1:].contiguous()}
+               for w in mine.split(micro_batch_size)]
     seq_len = windows.shape[1] - 1
     device = next(chunks[0].parameters()).device
     total = torch.zeros(2, dtype=torch.float64)

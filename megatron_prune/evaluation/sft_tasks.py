@@ -107,7 +107,8 @@ def kl_to_teacher(model, teacher, arch, windows: torch.Tensor, micro_batch_size:
     for b in batches:  # one micro-batch per call: batches may differ in size at the end
         t_logits = run_forward(teacher, [b], 1, seq, len(b["tokens"]), lambda out, _b: out.float())
         kl = run_forward(model, [b], 1, seq, len(b["tokens"]),
-                         lambda out, _b: forward_kl(out.float(), t_logits[0], vocab_size=arch.vocab_size))
+                         lambda out, _b, t_logits=t_logits: forward_kl(out.float(), t_logits[0],
+                                                                       vocab_size=arch.vocab_size))
         stats = broadcast_from_last_stage([(kl[0].sum().item(), kl[0].numel())] if kl else None)
         total += torch.tensor(stats[0], dtype=torch.float64)
     if dist.is_initialized() and dp > 1:

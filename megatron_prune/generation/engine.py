@@ -167,7 +167,8 @@ def generate_batch(model, arch, prompts: list[list[int]], indices: list[int], pa
     done = torch.zeros(b, dtype=torch.bool)
     logits = runner.feed(tokens, keep)
     for step in range(params.max_new_tokens):
-        chosen = next_tokens(logits, params, generators).cpu() if logits is not None else torch.zeros(b, dtype=torch.long)
+        chosen = (next_tokens(logits, params, generators).cpu() if logits is not None
+                  else torch.zeros(b, dtype=torch.long))
         chosen = share_from_last_stage(chosen.to(runner.device)).cpu()
         for i in (~done).nonzero().flatten().tolist():
             out[i].append(int(chosen[i]))

@@ -216,7 +216,8 @@ def _plain_layer(layer) -> bool:
             and isinstance(layer.pre_cross_attn_layernorm, IdentityOp)
             and not getattr(layer, "recompute_input_layernorm", False)
             and not getattr(layer, "recompute_pre_mlp_layernorm", False) and not getattr(layer, "recompute_mlp", False)
-            and not getattr(c, "inference_fuse_tp_communication", False) and getattr(c, "mlp_chunks_for_prefill", 1) <= 1
+            and not getattr(c, "inference_fuse_tp_communication", False)
+            and getattr(c, "mlp_chunks_for_prefill", 1) <= 1
             and not getattr(c, "apply_residual_connection_post_layernorm", False)
             and not getattr(c, "fp32_residual_connection", False))
 
@@ -233,8 +234,8 @@ def _tp_size(m) -> int:
 
 def use_fast_generation(model: torch.nn.Module) -> int:
     """Make megatron's ``TransformerLayer``, ``SelfAttention``, ``ColumnParallelLinear`` and ``RowParallelLinear``
-    modules of ``model`` their generation subclasses (in place, idempotent); returns how many modules were changed now. Outside a
-    generation forward they behave exactly as before."""
+    modules of ``model`` their generation subclasses (in place, idempotent); returns how many modules were changed
+    now. Outside a generation forward they behave exactly as before."""
     from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
     from megatron.core.transformer.attention import SelfAttention
     from megatron.core.transformer.transformer_layer import TransformerLayer

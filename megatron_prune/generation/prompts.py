@@ -30,7 +30,8 @@ def read_prompt_records(path: str | os.PathLike, vocab_size: Optional[int] = Non
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{n}: not valid JSON ({e}); write {fix}") from e
             if not isinstance(rec, dict) or not any(k in rec for k in ("prompt", "messages", "tokens", "instruction")):
-                raise ValueError(f"{path}:{n}: has none of the keys prompt / messages / tokens / instruction; write {fix}")
+                raise ValueError(f"{path}:{n}: has none of the keys prompt / messages / tokens / instruction; "
+                                 f"write {fix}")
             if "tokens" in rec:
                 tokens = rec["tokens"]
                 if not isinstance(tokens, list) or not tokens or not all(type(t) is int and t >= 0 for t in tokens):

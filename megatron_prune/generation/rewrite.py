@@ -136,8 +136,8 @@ def _assemble(records: list[dict], starts: list[int], parts: Path, out: Path, st
 
 
 def self_distill(model, arch, tokenizer, records: list[dict], out: str | os.PathLike, params,
-                 chunk_size: int = 64, batch_size: int = 8, on_reject: str = "original", settings: Optional[dict] = None,
-                 overwrite: bool = False) -> dict:
+                 chunk_size: int = 64, batch_size: int = 8, on_reject: str = "original",
+                 settings: Optional[dict] = None, overwrite: bool = False) -> dict:
     """Rewrite ``records`` with ``model`` (every rank calls this); writes ``out`` and ``out``.stats.json.
 
     Returns the statistics: examples, written, rewritten (rewrite kept), original (original answer kept),

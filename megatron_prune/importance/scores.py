@@ -83,9 +83,9 @@ class ImportanceScores:
             tensors[f"loss_drop.{int(n)}"] = t.detach().float().cpu().contiguous()
         for name, t in self.head_variants.items():
             tensors[f"head_metric.{name}"] = t.detach().float().cpu().clone()  # may share memory with heads
-        meta = {"head_metric": self.head_metric, "format_version": FORMAT_VERSION, "arch": self.arch, "seq_agg": self.seq_agg,
-                "batch_agg": self.batch_agg, "num_samples": self.num_samples, "seq_len": self.seq_len,
-                "base_lm_loss": self.base_lm_loss, "extra": self.extra}
+        meta = {"head_metric": self.head_metric, "format_version": FORMAT_VERSION, "arch": self.arch,
+                "seq_agg": self.seq_agg, "batch_agg": self.batch_agg, "num_samples": self.num_samples,
+                "seq_len": self.seq_len, "base_lm_loss": self.base_lm_loss, "extra": self.extra}
         tmp = path.with_name(f".{path.name}.tmp")
         path.parent.mkdir(parents=True, exist_ok=True)
         try:

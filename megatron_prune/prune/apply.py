@@ -24,7 +24,8 @@ _LAYER_RE = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 def _tp():
     from megatron.core import parallel_state as ps
 
-    return ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_group()
+    return (ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank(),
+            ps.get_tensor_model_parallel_group())
 
 
 def select_tp_sharded(local: torch.Tensor, axis: int, index: list[int]) -> torch.Tensor:

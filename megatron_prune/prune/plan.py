@@ -79,8 +79,9 @@ class PruneTarget:
                 raise
             except ValueError:
                 example = {"drop_layers": "drop_layers=3:4:5", "depth_metric": "depth_metric=angular"}
-                raise PlanError(f"target {name}={value!r} is not valid: {name} takes "
-                                f"{'layer indices separated by colons' if key == 'drop_layers' else 'a name' if key == 'depth_metric' else 'a whole number'}, "
+                takes = ("layer indices separated by colons" if key == "drop_layers"
+                         else "a name" if key == "depth_metric" else "a whole number")
+                raise PlanError(f"target {name}={value!r} is not valid: {name} takes {takes}, "
                                 f"e.g. {example.get(key, name + '=1024')}") from None
         if not values:
             raise PlanError(f"target {spec!r} is empty; give KEY=VALUE items, e.g. hidden=448,ffn=1024")
@@ -152,7 +153,8 @@ def target_arch(source: ModelArch, target: PruneTarget) -> ModelArch:
             raise PlanError("give either layers=N or drop_layers=..., not both")
         bad = [i for i in target.drop_layers if not 0 <= i < source.num_layers]
         if bad or len(set(target.drop_layers)) != len(target.drop_layers):
-            raise PlanError(f"drop_layers {list(target.drop_layers)} must be distinct layers in [0, {source.num_layers})")
+            raise PlanError(f"drop_layers {list(target.drop_layers)} must be distinct layers "
+                            f"in [0, {source.num_layers})")
         layers = source.num_layers - len(target.drop_layers)
     elif target.num_layers is not None:
         layers = target.num_layers
@@ -165,7 +167,8 @@ def target_arch(source: ModelArch, target: PruneTarget) -> ModelArch:
         if value <= 0:
             raise PlanError(f"target {key}={value} must be positive")
         if value > getattr(source, key):
-            raise PlanError(f"target {key}={value} is larger than the source's {getattr(source, key)}: pruning only removes")
+            raise PlanError(f"target {key}={value} is larger than the source's {getattr(source, key)}: "
+                            "pruning only removes")
     per_group = source.heads_per_group
     hint = ""
     if target.num_query_groups is None and heads % per_group == 0:

@@ -95,7 +95,8 @@ def default_space(source: ModelArch, tp: int = 1, pp: int = 1, min_fraction: flo
     h, f = source.hidden_size, source.ffn_hidden_size
     ffn_step = 256 if f >= 2048 else 64
     groups = source.num_query_groups
-    heads = [k * groups for k in range(1, source.heads_per_group + 1) if k * groups >= min_fraction * source.num_attention_heads]
+    heads = [k * groups for k in range(1, source.heads_per_group + 1)
+             if k * groups >= min_fraction * source.num_attention_heads]
     return SearchSpace(layers=[source.num_layers], hidden=_multiples(h, 64, int(min_fraction * h)),
                        ffn=_multiples(f, ffn_step, int(min_fraction * f)), heads=heads or [source.num_attention_heads],
                        query_groups=[groups])

@@ -12,8 +12,9 @@ its tensor-parallel RNG tracker. On a CPU-only machine each is redirected to the
    ``torch`` are untouched. megatron modules imported later are scoped as they load (an import hook that acts on
    ``megatron.core.*`` names only).
 2. Tensor methods (``t.cuda()``, ``t.type()``) cannot be scoped by a namespace. The megatron functions whose
-   bytecode calls ``x.cuda(...)`` or ``x.type()`` on an object other than the ``torch`` module are wrapped: while one runs, a :class:`TensorMethodsOnCpu` torch-function mode is on the stack (pushed on entry,
-   popped on exit, also on an exception), and nowhere else.
+   bytecode calls ``x.cuda(...)`` or ``x.type()`` on an object other than the ``torch`` module are wrapped: while
+   one runs, a :class:`TensorMethodsOnCpu` torch-function mode is on the stack (pushed on entry, popped on exit,
+   also on an exception), and nowhere else.
 3. megatron's ``tensor_parallel.random._get/_set_cuda_rng_state`` are replaced (megatron's own module attributes).
 
 Nothing of torch is patched and no function mode stays on the stack: after our code has run, ``torch.cuda.*``,

@@ -21,8 +21,9 @@ s = seq_len / cp, t = TP, t_sp = t with sequence parallelism else 1 (a = heads, 
       q and k, v repeated to every head, attention output       4*s*b*a*kv*e / t
       fc1 output, its SiLU, product, fc2 input                  5*s*b*f*e / t
       attention probabilities                                   a*s*s*b*e / t
-    (without the gate, both f-terms shrink to 2: fc1 output and activation output). Selective recomputation drops the attention probabilities;
-    full recomputation keeps only each layer's input plus one layer's activations during its recompute.
+    (without the gate, both f-terms shrink to 2: fc1 output and activation output). Selective recomputation drops
+    the attention probabilities; full recomputation keeps only each layer's input plus one layer's activations
+    during its recompute.
 """
 
 from __future__ import annotations
@@ -127,7 +128,8 @@ def stage_param_count(arch: ModelArch, tp: int, pp: int, stage: int, vpp: int = 
 
 def layer_activation_bytes(arch: ModelArch, layout: Layout, act_bytes: int) -> int:
     """Activations one layer keeps for backward, for one micro-batch, on one TP rank (see the module doc)."""
-    s, b, h, f, kv = layout.seq_len // layout.cp, layout.micro_batch_size, arch.hidden_size, arch.ffn_hidden_size, arch.kv_channels
+    s, b, h, f, kv = (layout.seq_len // layout.cp, layout.micro_batch_size, arch.hidden_size, arch.ffn_hidden_size,
+                      arch.kv_channels)
     a, g, t = arch.num_attention_heads, arch.num_query_groups, layout.tp
     t_sp = t if layout.sp else 1
     if layout.implementation == "te":

@@ -77,7 +77,8 @@ def run_ranks(fn, world_size: int, *args, threads: Optional[int] = None, timeout
     ctx = _context()
     store = _host_store(timeout)  # kept alive (and its port held) until every rank has finished
     with tempfile.TemporaryDirectory() as outdir:
-        procs = [ctx.Process(target=_entry, args=(fn, r, world_size, store.port, outdir, threads, args, dict(os.environ)))
+        procs = [ctx.Process(target=_entry,
+                             args=(fn, r, world_size, store.port, outdir, threads, args, dict(os.environ)))
                  for r in range(world_size)]
         for p in procs:
             p.start()
@@ -89,5 +90,6 @@ def run_ranks(fn, world_size: int, *args, threads: Optional[int] = None, timeout
                 p.kill()
                 msgs.append(f"rank process {p.pid} timed out after {timeout}s")
         if msgs or any(p.exitcode != 0 for p in procs):
-            raise RuntimeError("distributed worker failed:\n" + "\n".join(msgs or [f"exit codes {[p.exitcode for p in procs]}"]))
+            raise RuntimeError("distributed worker failed:\n"
+                               + "\n".join(msgs or [f"exit codes {[p.exitcode for p in procs]}"]))
         return [torch.load(Path(outdir) / f"rank{r}.pt", weights_only=False) for r in range(world_size)]

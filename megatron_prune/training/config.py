@@ -92,7 +92,8 @@ class TrainConfig:
     def validate(self) -> None:
         """Check every field before anything is loaded; messages name the field and its flag."""
         if (self.steps is None) == (self.tokens is None):
-            raise ValueError("give exactly one of steps or tokens (--steps / --tokens, or steps: / tokens: in the YAML)")
+            raise ValueError("give exactly one of steps or tokens "
+                             "(--steps / --tokens, or steps: / tokens: in the YAML)")
         at_least = {"steps": 1, "tokens": 1, "tp": 1, "pp": 1, "vpp": 1, "seq_len": 1, "micro_batch_size": 1,
                     "global_batch_size": 1, "log_every": 1, "eval_samples": 1, "keep_last": 1, "warmup_steps": 0,
                     "eval_every": 0, "save_every": 0, "teacher_correction_steps": 0, "lr": 0, "min_lr": 0,

@@ -65,8 +65,9 @@ def _check_layout(cfg: TrainConfig, student, teacher) -> None:
                              f"indices, got {pair!r}")
         s_layer, t_layer = pair
         if not (0 <= s_layer < student.num_layers and 0 <= t_layer < teacher.num_layers):
-            raise ValueError(f"intermediate_layers pair {list(pair)}: the student has layers 0..{student.num_layers - 1}"
-                             f" and the teacher 0..{teacher.num_layers - 1}; use indices in range")
+            raise ValueError(f"intermediate_layers pair {list(pair)}: the student has layers "
+                             f"0..{student.num_layers - 1} and the teacher 0..{teacher.num_layers - 1}; "
+                             "use indices in range")
 
 
 class Trainer:
@@ -143,7 +144,8 @@ class Trainer:
         self.steps = cfg.train_steps()
         self.scheduler = OptimizerParamScheduler(
             self.optimizer, init_lr=0.0, max_lr=cfg.lr, min_lr=cfg.min_lr,
-            lr_warmup_steps=min(cfg.warmup_steps, self.steps - 1), lr_decay_steps=self.steps,  # megatron: warmup < decay
+            # megatron: warmup < decay
+            lr_warmup_steps=min(cfg.warmup_steps, self.steps - 1), lr_decay_steps=self.steps,
             lr_decay_style=cfg.lr_decay_style, start_wd=cfg.weight_decay, end_wd=cfg.weight_decay,
             wd_incr_steps=self.steps, wd_incr_style="constant")
         self.step = 0
@@ -154,7 +156,8 @@ class Trainer:
         if self.teacher is not None:
             from megatron_prune.distill.pair import EMBEDDING, DistillationPair
 
-            pairs = ([(EMBEDDING, EMBEDDING)] if cfg.embedding_loss else []) + [tuple(p) for p in cfg.intermediate_layers]
+            pairs = (([(EMBEDDING, EMBEDDING)] if cfg.embedding_loss else [])
+                     + [tuple(p) for p in cfg.intermediate_layers])
             self.model = [DistillationPair(s, t, self.arch.hidden_size, self.teacher_arch.hidden_size, pairs)
                           for s, t in zip(self.ddp, self.teacher)]
         else:
@@ -234,9 +237,11 @@ class Trainer:
         if self.proj is not None:
             extra["proj"] = {"weights": self.proj.state_dict(), "optimizer": self.proj_opt.state_dict()}
         path = self.out / f"{STEP_PREFIX}{self.step:07d}"
-        provenance = {"parent": str(Path(self.cfg.student).absolute()), "teacher": self.cfg.teacher or self.cfg.teacher_logits,
+        provenance = {"parent": str(Path(self.cfg.student).absolute()),
+                      "teacher": self.cfg.teacher or self.cfg.teacher_logits,
                       "step": self.step, "tokens": self.step * self.cfg.global_batch_size * self.cfg.seq_len,
-                      "mode": "distill" if self.cfg.teacher or self.cfg.teacher_logits else ("sft" if self.sft else "train")}
+                      "mode": ("distill" if self.cfg.teacher or self.cfg.teacher_logits
+                               else ("sft" if self.sft else "train"))}
         save_checkpoint(self.student, self.arch, path, tokenizer_src=tokenizer_dir(self.cfg.student),
                         provenance=provenance, extra_state=extra, overwrite=True)
         log0(f"saved step {self.step} to {path}")
@@ -287,7 +292,8 @@ class Trainer:
         kd = masked_token_mean(kd, mask)
         is_loss = None
         if self.proj is not None:
-            is_loss = intermediate_state_loss(hidden["student"], hidden["teacher"], self.proj, cfg.intermediate_loss, mask)
+            is_loss = intermediate_state_loss(hidden["student"], hidden["teacher"], self.proj, cfg.intermediate_loss,
+                                              mask)
         total, alpha = combine_losses(kd, lm * cfg.ce_weight if cfg.ce_weight else None, is_loss)
         # clones: megatron's schedule divides the returned loss by the number of micro-batches in place
         logs = {"loss": total.detach().clone(), "kd": kd.detach().clone(), "lm": lm.detach().clone()}
@@ -342,7 +348,8 @@ class Trainer:
         record = {}
         if self._ps.is_pipeline_last_stage():
             keys = logs[0].keys() if logs else []
-            vec = torch.stack([torch.stack([l[k].float() for l in logs]).mean() for k in keys]) if logs else torch.zeros(0)
+            vec = (torch.stack([torch.stack([log[k].float() for log in logs]).mean() for k in keys]) if logs
+                   else torch.zeros(0))
             if self.dp > 1:
                 dist.all_reduce(vec, group=self._ps.get_data_parallel_group())
                 vec /= self.dp
@@ -369,9 +376,11 @@ class Trainer:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(str(self.out / "tensorboard"))
-        what = f"distilling {cfg.teacher or cfg.teacher_logits} -> {cfg.student}" if cfg.teacher or cfg.teacher_logits else f"{'SFT of' if self.sft else 'training'} {cfg.student}"
+        what = (f"distilling {cfg.teacher or cfg.teacher_logits} -> {cfg.student}" if cfg.teacher or cfg.teacher_logits
+                else f"{'SFT of' if self.sft else 'training'} {cfg.student}")
         log0(f"{what}: {self.steps} steps x {cfg.global_batch_size} x {cfg.seq_len} tokens, TP={cfg.tp} PP={cfg.pp} "
-             + (f"VPP={cfg.vpp} " if cfg.vpp > 1 else "") + f"DP={self.dp}" + (f", resuming at step {self.step} from {self.resume_from}" if self.resume_from else ""))
+             + (f"VPP={cfg.vpp} " if cfg.vpp > 1 else "") + f"DP={self.dp}"
+             + (f", resuming at step {self.step} from {self.resume_from}" if self.resume_from else ""))
         if self.valid_windows is not None and self.step == 0:
             self._log({"step": 0, "valid_lm": self.validate()})
         bar = progress(self.steps, "train", unit="step")

@@ -19,7 +19,8 @@ MODEL_TYPES = ("llama", "mistral", "qwen2")
 # NeMo 2 (model class, config class) per kind; "llama31" is a Llama with Llama-3.1 RoPE scaling
 NEMO_CLASSES = {
     "llama": ("nemo.collections.llm.gpt.model.llama.LlamaModel", "nemo.collections.llm.gpt.model.llama.LlamaConfig"),
-    "llama31": ("nemo.collections.llm.gpt.model.llama.LlamaModel", "nemo.collections.llm.gpt.model.llama.Llama31Config"),
+    "llama31": ("nemo.collections.llm.gpt.model.llama.LlamaModel",
+                "nemo.collections.llm.gpt.model.llama.Llama31Config"),
     "mistral": ("nemo.collections.llm.gpt.model.mistral.MistralModel",
                 "nemo.collections.llm.gpt.model.mistral.MistralConfig7B"),
     "qwen2": ("nemo.collections.llm.gpt.model.qwen2.Qwen2Model", "nemo.collections.llm.gpt.model.qwen2.Qwen2Config"),
