@@ -10,9 +10,9 @@ fills megatron's KV cache (``StaticInferenceContext`` through our generation eng
 attention scores, a working set the count leaves out on purpose); the peak resident set above the start is the
 measurement.
 The estimate is ``megatron_prune.prune.search_space.inference_memory`` (exact parameter count x 4 bytes
-+ 2 x layers x query groups x kv_channels x tokens x batch x 4 bytes) plus the runtime's own memory (the same run on a model of a few
-thousand parameters). glibc is told to return every block above 128 KiB on free, so the resident set follows
-the live tensors.
++ 2 x layers x query groups x kv_channels x tokens x batch x 4 bytes) plus the runtime's own memory (the same
+run on a model of a few thousand parameters). glibc is told to return every block above 128 KiB on free, so
+the resident set follows the live tensors.
 """
 
 from __future__ import annotations

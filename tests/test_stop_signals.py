@@ -285,7 +285,8 @@ def test_search_stopped_in_the_zero_shot_ranking_keeps_the_finished_candidates(r
     argv = ["search", root / "ckpt", "--scores", scores, "--out", out, "--valid-data", root / "data", "--params",
             "200000", "--tolerance", "0.2", "--hidden", "48,64", "--ffn", "64,96", "--heads", "4,8", "--stage",
             "zero-shot", "--seq-len", 16, "--eval-windows", 8]
-    code, stderr = _stop_while_writing(tmp_path / "logs", "megatron_prune.evaluation.lm_loss:lm_loss", argv, pause_at_call=2)
+    code, stderr = _stop_while_writing(tmp_path / "logs", "megatron_prune.evaluation.lm_loss:lm_loss", argv,
+                                       pause_at_call=2)
     assert code == EXIT_STOPPED, stderr[-3000:]
     candidates = len(json.loads((out / "search.json").read_text())["candidates"])
     assert candidates > 2
