@@ -39,6 +39,11 @@ def _add_layout(p: argparse.ArgumentParser) -> None:
                    help="layers on the last pipeline stage (as in Megatron-LM); default: automatic")
 
 
+def _add_ep(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ep", type=int, default=1, help="expert-parallel size of a Mixture-of-Experts model: the experts "
+                   "split over this many data-parallel ranks (launch TP*PP*EP processes; default 1)")
+
+
 def _add_vpp(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vpp", type=int, default=None, help="virtual pipeline stages per rank: megatron's interleaved "
                    "schedule, needs --pp >= 2 and every stage's layers divisible by VPP (default 1)")
@@ -101,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight dtype (auto: float32 on import, the checkpoint's dtype on export)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     _add_layout(p)
+    _add_ep(p)
 
     p = sub.add_parser("data", help="turn an offline real-text corpus into Megatron indexed datasets",
                        description="Write a corpus as JSONL (train/valid split by document) and tokenize each split "
@@ -444,7 +450,8 @@ def run(args: argparse.Namespace) -> None:
     if args.command == "convert":
         from megatron_prune.pipelines.convert import convert
 
-        out = convert(args.src, args.out, to=args.to, tp=args.tp, pp=args.pp, dtype=args.dtype, overwrite=args.overwrite)
+        out = convert(args.src, args.out, to=args.to, tp=args.tp, pp=args.pp, dtype=args.dtype, overwrite=args.overwrite,
+                      ep=args.ep)
         _print_json({"written": str(out)})
     elif args.command == "data":
         from megatron_prune.pipelines.data import prepare_data

@@ -100,6 +100,11 @@ def run_forward(
 
     forward_backward = get_forward_backward_func()
     chunks = model if isinstance(model, list) else [model]
+    # eval mode: forward only (a MoE router adds no load-balancing loss, and megatron's MoE layer refuses TP > 1
+    # without sequence parallelism only in training)
+    was_training = [chunk.training for chunk in chunks]
+    for chunk in chunks:
+        chunk.eval()
     with torch.no_grad():
         forward_backward(
             forward_step_func=forward_step,
@@ -110,6 +115,8 @@ def run_forward(
             micro_batch_size=micro_batch_size,
             forward_only=True,
         )
+    for chunk, training in zip(chunks, was_training, strict=True):
+        chunk.train(training)
     return results
 
 

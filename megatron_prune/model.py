@@ -40,6 +40,12 @@ def build_model(arch: ModelArch, dtype: torch.dtype = torch.float32, use_te: boo
     pp = ps.get_pipeline_model_parallel_world_size()
     if use_te is None:
         use_te = transformer_engine_available()
+    if arch.num_experts is not None:  # the TE spec's experts are one grouped GEMM; the local spec's a list of MLPs
+        from megatron_prune.runtime.compat import moe_without_te
+
+        moe_without_te()
+        config_overrides.setdefault("moe_grouped_gemm", use_te)
+        config_overrides.setdefault("expert_model_parallel_size", ps.get_expert_model_parallel_world_size())
     if vp_stage is not None:
         config_overrides["virtual_pipeline_model_parallel_size"] = ps.get_virtual_pipeline_model_parallel_world_size()
         # the interleaved schedule's steady state sends an activation and a gradient to the same peer at PP=2;
@@ -119,3 +125,12 @@ def layer_offset(arch: ModelArch) -> int:
     from megatron_prune.runtime.stages import current_split
 
     return sum(current_split(arch.num_layers)[:ps.get_pipeline_model_parallel_rank()])
+
+
+def expert_offset(arch: ModelArch) -> int:
+    """Global index of this rank's first local expert (0 for a dense model and at expert-parallel size 1)."""
+    from megatron.core import parallel_state as ps
+
+    if arch.num_experts is None:
+        return 0
+    return ps.get_expert_model_parallel_rank() * (arch.num_experts // ps.get_expert_model_parallel_world_size())

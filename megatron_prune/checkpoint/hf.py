@@ -20,6 +20,7 @@ import torch.distributed as dist
 from megatron_prune.arch import ArchError, ModelArch
 from megatron_prune.checkpoint.outputs import follow_umask, replace_dir
 from megatron_prune.models import family_of
+from megatron_prune.models.family import expert_index
 from megatron_prune.runtime.compat import dtype_kwargs, set_config_dtype
 
 TOKENIZER_FILES = (
@@ -113,14 +114,21 @@ def _span(total: int, tp: int, rank: int) -> slice:
     return slice(rank * n, (rank + 1) * n)
 
 
-def hf_tensor_for_param(name: str, param_shape: torch.Size, arch: ModelArch, hf: HFWeights,
-                        layer_offset: int, tp: int, tp_rank: int) -> torch.Tensor:
-    """The value of megatron parameter ``name`` (local layer numbering) on TP rank ``tp_rank``, read from the
-    Hugging Face tensors its family's parameter table names (only this rank's slices are read)."""
+def _hf_names(name: str, arch: ModelArch, layer_offset: int, expert_offset: int):
+    """(table row, Hugging Face names) of megatron parameter ``name`` (local layer and expert numbering)."""
     row, layer = family_of(arch).param(name)
     if name == "output_layer.weight" and arch.tie_embeddings:
         row = family_of(arch).param("embedding.word_embeddings.weight")[0]
-    sources = family_of(arch).hf_names(row, None if layer is None else layer + layer_offset)
+    expert = expert_index(name)[1]
+    return row, family_of(arch).hf_names(row, None if layer is None else layer + layer_offset,
+                                         None if expert is None else expert + expert_offset)
+
+
+def hf_tensor_for_param(name: str, param_shape: torch.Size, arch: ModelArch, hf: HFWeights,
+                        layer_offset: int, tp: int, tp_rank: int, expert_offset: int = 0) -> torch.Tensor:
+    """The value of megatron parameter ``name`` (local layer and expert numbering) on TP rank ``tp_rank``, read
+    from the Hugging Face tensors its family's parameter table names (only this rank's slices are read)."""
+    row, sources = _hf_names(name, arch, layer_offset, expert_offset)
     if row.fused == "gate_up" and not arch.gated:
         sources = sources[-1:]  # a non-gated MLP has only up_proj
     if row.dims[0] == "vocab":  # vocab rows of this TP rank; padding rows past the true vocab stay 0
@@ -153,13 +161,13 @@ def load_hf_into_model(model: torch.nn.Module, arch: ModelArch, hf_dir: str | os
     """Fill this rank's shard of a GPTModel (built for ``arch`` at the current TP/PP) from HF safetensors."""
     from megatron.core import parallel_state as ps
 
-    from megatron_prune.model import layer_offset
+    from megatron_prune.model import expert_offset, layer_offset
 
     hf = HFWeights(hf_dir)
     tp, tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
-    offset = layer_offset(arch)
+    offset, experts = layer_offset(arch), expert_offset(arch)
     for name, param in model.named_parameters():
-        value = hf_tensor_for_param(name, param.shape, arch, hf, offset, tp, tp_rank)
+        value = hf_tensor_for_param(name, param.shape, arch, hf, offset, tp, tp_rank, experts)
         if value.shape != param.shape:
             raise ArchError(f"{name}: Hugging Face gives shape {tuple(value.shape)}, "
                             f"model expects {tuple(param.shape)}")
@@ -169,11 +177,10 @@ def load_hf_into_model(model: torch.nn.Module, arch: ModelArch, hf_dir: str | os
 # ---------------------------------------------------------------------------------------------------
 # megatron -> HF (at TP=1)
 # ---------------------------------------------------------------------------------------------------
-def hf_tensors_for_param(name: str, value: torch.Tensor, arch: ModelArch,
-                         layer_offset: int) -> Iterator[tuple[str, torch.Tensor]]:
+def hf_tensors_for_param(name: str, value: torch.Tensor, arch: ModelArch, layer_offset: int,
+                         expert_offset: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
     """(HF name, tensor) pairs for one unsharded (TP=1) megatron parameter, from its family's table."""
-    row, layer = family_of(arch).param(name)
-    names = family_of(arch).hf_names(row, None if layer is None else layer + layer_offset)
+    row, names = _hf_names(name, arch, layer_offset, expert_offset)
     if name == "output_layer.weight" and arch.tie_embeddings:
         return  # tied: Hugging Face has only embed_tokens
     if row.dims[0] == "vocab":
@@ -250,14 +257,14 @@ def _write_hf_dir(model: torch.nn.Module, arch: ModelArch, config, tmp: Path,
     from megatron.core import parallel_state as ps
     from safetensors.torch import save_file
 
-    from megatron_prune.model import layer_offset
+    from megatron_prune.model import expert_offset, layer_offset
 
     rank = dist.get_rank() if dist.is_initialized() else 0
     pp, pp_rank = ps.get_pipeline_model_parallel_world_size(), ps.get_pipeline_model_parallel_rank()
-    offset = layer_offset(arch)
+    offset, experts = layer_offset(arch), expert_offset(arch)
     tensors = {}
     for name, param in model.named_parameters():
-        for hf_name, value in hf_tensors_for_param(name, param.detach(), arch, offset):
+        for hf_name, value in hf_tensors_for_param(name, param.detach(), arch, offset, experts):
             tensors[hf_name] = value.to(dtype or param.dtype).contiguous().clone()
     filename = f"model-{pp_rank + 1:05d}-of-{pp:05d}.safetensors"
     writes_file = ps.get_data_parallel_rank() == 0  # data-parallel replicas hold the same stage

@@ -4,11 +4,11 @@
 from __future__ import annotations
 
 from megatron_prune.arch import ArchError
-from megatron_prune.models import llama, qwen3
+from megatron_prune.models import llama, mixtral, qwen3, qwen3_moe
 from megatron_prune.models.axes import AXES, Axis
 from megatron_prune.models.family import Family, Param
 
-FAMILIES: tuple[Family, ...] = (llama.FAMILY, qwen3.FAMILY)
+FAMILIES: tuple[Family, ...] = (llama.FAMILY, qwen3.FAMILY, mixtral.FAMILY, qwen3_moe.FAMILY)
 
 SUPPORTED_HF_MODEL_TYPES = tuple(t for f in FAMILIES for t in f.model_types)
 

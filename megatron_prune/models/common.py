@@ -81,12 +81,16 @@ def hf_config_kwargs(arch) -> dict:
 
 
 def local_or_te_spec(arch, use_te: bool, qk_layernorm: bool = False):
-    """megatron-core's dense GPT layer spec: Transformer Engine's, or the local one (CPU, importance hooks)."""
+    """megatron-core's GPT layer spec: Transformer Engine's, or the local one (CPU, importance hooks). A MoE
+    shape (``arch.num_experts``) gets megatron's MoE layer: TE's grouped-GEMM experts on a GPU, the sequential
+    local experts (one MLP each) otherwise."""
     from megatron.core.models.gpt.gpt_layer_specs import (
         get_gpt_layer_local_spec,
         get_gpt_layer_with_transformer_engine_spec,
     )
 
+    experts = getattr(arch, "num_experts", None)
     if use_te:
-        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
-    return get_gpt_layer_local_spec(normalization=arch.normalization, qk_layernorm=qk_layernorm)
+        return get_gpt_layer_with_transformer_engine_spec(num_experts=experts, moe_grouped_gemm=experts is not None,
+                                                          qk_layernorm=qk_layernorm)
+    return get_gpt_layer_local_spec(num_experts=experts, normalization=arch.normalization, qk_layernorm=qk_layernorm)

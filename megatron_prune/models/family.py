@@ -17,10 +17,24 @@ from typing import Any, Callable, Optional
 #   "qkv"     rows of megatron's fused QKV, per query group [q heads of g, k of g, v of g]: kept groups and heads
 #   "heads"   columns of the attention output projection, head by head: kept groups and heads
 #   "vocab"   vocabulary rows (padded in megatron, never pruned)
+#   "experts" one row per expert (the MoE router's weight): kept_experts[layer]
+#   "moe_ffn" FFN neurons of one expert: kept_moe_ffn[layer][expert]
 #   None      not touched by any axis (e.g. Qwen3's per-head q/k norms, one head_dim-sized vector)
-DIM_KINDS = ("hidden", "ffn", "qkv", "heads", "vocab", None)
+DIM_KINDS = ("hidden", "ffn", "qkv", "heads", "vocab", "experts", "moe_ffn", None)
 
 _LAYER_RE = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+# a MoE layer's expert parameters carry the (local) expert index: the local spec's ``local_experts.<e>.`` and
+# Transformer Engine's grouped GEMM's ``.weight<e>``; the table spells both with ``{e}``
+_EXPERT_RES = (re.compile(r"(local_experts\.)(\d+)(\.)"), re.compile(r"(\.weight)(\d+)()$"))
+
+
+def expert_index(name: str) -> tuple[str, Optional[int]]:
+    """(``name`` with its expert index replaced by ``{e}``, the index); (name, None) outside the experts."""
+    for pattern in _EXPERT_RES:
+        m = pattern.search(name)
+        if m:
+            return name[:m.start()] + m.group(1) + "{e}" + m.group(3) + name[m.end():], int(m.group(2))
+    return name, None
 
 
 @dataclass(frozen=True)
@@ -31,7 +45,8 @@ class Param:
     ``layer=False``, the whole name (``embedding.word_embeddings.weight``). ``hf``: the Hugging Face tensors it
     is made of (inside ``model.layers.<i>.`` for layer parameters), in the order ``fused`` stacks them:
     ``"qkv"`` interleaves q/k/v per query group, ``"gate_up"`` stacks gate over up (a non-gated MLP uses the
-    last name only), None is one tensor. ``tp_dim``: the dimension split over tensor-parallel ranks (None:
+    last name only), None is one tensor. Names of expert parameters hold ``{e}``, the expert's index (local in
+    megatron, global in Hugging Face). ``tp_dim``: the dimension split over tensor-parallel ranks (None:
     replicated). ``dims``: the pruning kind of each dimension (DIM_KINDS).
     """
 
@@ -76,16 +91,16 @@ class Family:
     def param(self, name: str) -> tuple[Param, Optional[int]]:
         """The table row of megatron parameter ``name`` and its (local) layer index, None outside layers."""
         m = _LAYER_RE.match(name)
-        row = self._by_name.get((True, m.group(2))) if m else self._by_name.get((False, name))
+        row = self._by_name.get((True, expert_index(m.group(2))[0])) if m else self._by_name.get((False, name))
         if row is None:
             raise KeyError(f"megatron parameter {name} is not in the {self.name} family's parameter table "
                            f"(megatron_prune/models/{self.name}/params.py)")
         return row, (int(m.group(1)) if m else None)
 
-    def hf_names(self, row: Param, layer: Optional[int]) -> list[str]:
-        """The full Hugging Face names of ``row`` in (global) layer ``layer``."""
+    def hf_names(self, row: Param, layer: Optional[int], expert: Optional[int] = None) -> list[str]:
+        """The full Hugging Face names of ``row`` in (global) layer ``layer`` (and global ``expert``)."""
         prefix = self.hf_layer_prefix.format(layer) if row.layer else ""
-        return [prefix + n for n in row.hf]
+        return [prefix + (n.format(e=expert) if "{e}" in n else n) for n in row.hf]
 
 
 def family_from_config(name: str, config, params: tuple[Param, ...]) -> Family:

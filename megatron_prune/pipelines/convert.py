@@ -45,12 +45,12 @@ def detect_source(path: str | Path) -> str:
 
 
 def hf_to_megatron(hf_dir: str | Path, out: str | Path, tp: int = 1, pp: int = 1, dtype: torch.dtype = torch.float32,
-                   overwrite: bool = False, provenance: Optional[dict] = None) -> Path:
-    """Each rank builds its TP/PP shard, reads only its slices of the safetensors, and saves."""
-    init_distributed(tp, pp)
+                   overwrite: bool = False, provenance: Optional[dict] = None, ep: int = 1) -> Path:
+    """Each rank builds its TP/PP(/EP) shard, reads only its slices of the safetensors, and saves."""
+    init_distributed(tp, pp, ep=ep)
     arch = ModelArch.from_hf_config(read_hf_config(hf_dir))
     inputs.pipeline_split(arch, pp, "SRC")  # a GGUF's shape is known only now; the stage-size flags size this model
-    log0(f"converting {hf_dir}: {arch.describe()} -> {out} at TP={tp} PP={pp}")
+    log0(f"converting {hf_dir}: {arch.describe()} -> {out} at TP={tp} PP={pp}" + (f" EP={ep}" if ep > 1 else ""))
     model = build_model(arch, dtype=dtype)
     load_hf_into_model(model, arch, hf_dir)
     prov = {"source": str(Path(hf_dir).absolute()), "source_format": "huggingface"}
@@ -80,9 +80,11 @@ def _launch_world_size() -> int:
     return detect_launch_env().world_size
 
 
-def check_convert(src, out, to: Optional[str], tp: int, pp: int, dtype: str, overwrite: bool) -> tuple[str, str]:
+def check_convert(src, out, to: Optional[str], tp: int, pp: int, dtype: str, overwrite: bool,
+                  ep: int = 1) -> tuple[str, str]:
     """Every input of `convert`, before any process group or weight; returns (source kind, target format)."""
     inputs.layout(tp, pp)
+    inputs.positive("--ep", ep)
     kind = detect_source(src)
     to = to or ("hf" if kind == "megatron" else "megatron")
     if to not in ("megatron", "hf", "nemo"):
@@ -97,6 +99,9 @@ def check_convert(src, out, to: Optional[str], tp: int, pp: int, dtype: str, ove
     if to == "nemo" and kind in ("nemo2", "bridge"):
         raise inputs.InputError(f"SRC {src} is already a NeMo 2 / Megatron-Bridge checkpoint; convert it with --to "
                                 f"megatron or --to hf")
+    if ep != 1 and not (kind == "hf" and to == "megatron"):
+        raise inputs.InputError("--ep sets the expert-parallel layout of an import from Hugging Face (a checkpoint "
+                                "loads at any EP); drop --ep")
     if to == "hf" and (tp != 1 or pp != 1):
         raise inputs.InputError(
             "--tp/--pp set the layout of an import; an export to Hugging Face loads the checkpoint at TP=1 with one "
@@ -105,7 +110,7 @@ def check_convert(src, out, to: Optional[str], tp: int, pp: int, dtype: str, ove
     if to in ("megatron", "nemo") and kind == "hf":
         try:
             arch = ModelArch.from_hf_config(read_hf_config(src))
-            arch.check_parallel(tp, pp)
+            arch.check_parallel(tp, pp, ep)
         except (ArchError, ValueError) as e:
             raise inputs.InputError(f"SRC {src}: {e}") from e
         inputs.pipeline_split(arch, pp, f"SRC {src}")
@@ -115,12 +120,13 @@ def check_convert(src, out, to: Optional[str], tp: int, pp: int, dtype: str, ove
 
 @stop_on_signals(immediate=True)  # a conversion has nothing to resume: a stop signal ends it, nothing is written
 def convert(src: str | Path, out: str | Path, to: Optional[str] = None, tp: int = 1, pp: int = 1,
-            dtype: str = "auto", overwrite: bool = False) -> Path:
+            dtype: str = "auto", overwrite: bool = False, ep: int = 1) -> Path:
     """Convert ``src`` (gguf, hf or megatron) to ``to`` ("megatron" or "hf").
 
-    ``dtype="auto"``: float32 when importing, the checkpoint's own dtype when exporting.
+    ``dtype="auto"``: float32 when importing, the checkpoint's own dtype when exporting. ``ep``: the
+    expert-parallel size of an import of a Mixture-of-Experts model.
     """
-    kind, to = check_convert(src, out, to, tp, pp, dtype, overwrite)
+    kind, to = check_convert(src, out, to, tp, pp, dtype, overwrite, ep)
     check_output_path(out, {"source": src})
     torch_dtype = None if dtype == "auto" else getattr(torch, dtype)
     if kind in ("nemo2", "bridge") or to == "nemo":
@@ -147,5 +153,5 @@ def convert(src: str | Path, out: str | Path, to: Optional[str] = None, tp: int 
             if is_rank0():
                 shutil.rmtree(staging, ignore_errors=True)
     if kind == "hf":
-        return hf_to_megatron(src, out, tp, pp, import_dtype, overwrite)
+        return hf_to_megatron(src, out, tp, pp, import_dtype, overwrite, ep=ep)
     return megatron_to_hf(src, out, dtype=torch_dtype, overwrite=overwrite)

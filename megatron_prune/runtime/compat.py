@@ -94,3 +94,30 @@ def rope_config_kwargs(config_cls, rope_parameters: dict) -> dict:
     if rope_parameters.get("rope_type", "default") != "default":
         kwargs["rope_scaling"] = {k: v for k, v in rope_parameters.items() if k != "rope_theta"}
     return kwargs
+
+
+def moe_without_te() -> None:
+    """Two megatron-core 0.16 MoE paths that assume CUDA and Transformer Engine, made to run on the CPU too:
+
+    - the router GEMM tests ``te_general_gemm is not None``, a name bound only when TE imports: without TE every
+      MoE forward raises NameError. Bound to None (megatron's own torch.mm path then runs).
+    - the all-to-all dispatcher turns its split sizes into numpy arrays only when they are on a GPU
+      (``maybe_move_tensor_to_cpu(..., as_numpy=True)``); CPU tensors stay tensors and gloo's all_to_all_single
+      refuses them. CPU tensors are converted too (what the GPU path returns).
+    """
+    from megatron.core.transformer.moe import moe_utils, token_dispatcher
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+    original = moe_utils.maybe_move_tensor_to_cpu
+    if getattr(original, "_cpu_numpy", False):
+        return
+
+    def maybe_move_tensor_to_cpu(tensor, as_numpy=False, record_stream=False):
+        if as_numpy and torch.is_tensor(tensor) and not tensor.is_cuda:
+            return tensor.numpy()
+        return original(tensor, as_numpy=as_numpy, record_stream=record_stream)
+
+    maybe_move_tensor_to_cpu._cpu_numpy = True
+    moe_utils.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
+    token_dispatcher.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu

@@ -34,6 +34,7 @@ class ParallelLayout:
     dp_rank: int
     device: torch.device
     vpp: int = 1  # virtual pipeline stages (model chunks) per rank: megatron's interleaved schedule when > 1
+    ep: int = 1  # expert-parallel size (MoE): the experts split over this many data-parallel ranks
 
     @property
     def is_last_stage(self) -> bool:
@@ -95,9 +96,11 @@ def launch_rank() -> int:
     return detect_launch_env().rank
 
 
-def init_distributed(tp: int = 1, pp: int = 1, seed: int = 1234, vpp: int = 1) -> ParallelLayout:
+def init_distributed(tp: int = 1, pp: int = 1, seed: int = 1234, vpp: int = 1, ep: int = 1) -> ParallelLayout:
     """Start torch.distributed and megatron's model-parallel groups for ``tp`` x ``pp``.
 
+    ``ep`` > 1 (Mixture of Experts): each expert lives on one of ``ep`` ranks of the data-parallel group (the
+    rest of the model is replicated there), split over TP like a dense MLP (expert-tensor-parallel size = TP).
     ``vpp`` > 1 splits each pipeline rank's layers into that many virtual stages (model chunks, see
     model.build_chunks) run by megatron's interleaved 1F1B schedule. Safe to call again with the same
     layout; a different layout re-creates megatron's groups.
@@ -137,16 +140,21 @@ def init_distributed(tp: int = 1, pp: int = 1, seed: int = 1234, vpp: int = 1) -
             f"world size {world} is not divisible by TP*PP = {tp}*{pp}; launch {tp * pp}*k processes "
             f"(e.g. torchrun --nproc-per-node {tp * pp}) or change --tp/--pp"
         )
+    if ep < 1 or world % (tp * pp * ep) != 0:
+        raise ValueError(f"world size {world} is not divisible by TP*PP*EP = {tp}*{pp}*{ep}; launch "
+                         f"{tp * pp * ep}*k processes or change --ep")
     if ps.model_parallel_is_initialized():
         if (
             ps.get_tensor_model_parallel_world_size() != tp
             or ps.get_pipeline_model_parallel_world_size() != pp
             or (ps.get_virtual_pipeline_model_parallel_world_size() or 1) != vpp
+            or ps.get_expert_model_parallel_world_size() != ep
         ):
             ps.destroy_model_parallel()
     if not ps.model_parallel_is_initialized():
         ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                                     virtual_pipeline_model_parallel_size=vpp if vpp > 1 else None)
+                                     virtual_pipeline_model_parallel_size=vpp if vpp > 1 else None,
+                                     expert_model_parallel_size=ep)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
     torch.manual_seed(seed)
     device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
@@ -161,6 +169,7 @@ def init_distributed(tp: int = 1, pp: int = 1, seed: int = 1234, vpp: int = 1) -
         dp_rank=ps.get_data_parallel_rank(),
         device=device,
         vpp=vpp,
+        ep=ep,
     )
 
 
