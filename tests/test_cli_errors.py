@@ -298,6 +298,7 @@ def _cases(r: Path):
         (["plan", ck, "--gpu-memory-gib", "0"], ["--gpu-memory-gib", "positive"]),
         (["plan", ck, "--gpus-per-node", "0"], ["--gpus-per-node", ">= 1"]),
         (["plan", ck, "--global-batch-size", "0"], ["--global-batch-size", ">= 1"]),
+        (["plan", ck, "--vpp", "2"], ["--vpp 2 needs --pp >= 2"]),
         # demo
         (["demo", "--workdir", str(r / "a_file")], ["--workdir", "is a file"]),
         (["demo", "--workdir", out, "--set", "search.top_k"], ["--set", "STAGE.KEY=VALUE"]),

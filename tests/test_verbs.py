@@ -39,8 +39,6 @@ def test_a_recipe_stage_takes_the_verbs_options_under_the_same_names_and_default
                 assert option.name not in recipe, (name, option.name)
             else:
                 assert recipe[option.name].default == option.default, (name, option.name)
-        shared = cli_names & set(recipe)
-        assert verb.defaults(RECIPE)["out"] is None or "out" not in shared
         # what is only on one side is marked so in the table, never renamed (samples stays samples)
         assert {o.name for o in verb.options if o.where == RECIPE} == set(recipe) - cli_names, name
     assert "samples" in VERBS["importance"].recipe_options() and "lm_loss_drop" in VERBS["importance"].recipe_options()

@@ -57,8 +57,7 @@ def evaluate_tasks(ckpt: str | Path, sft_data: Optional[str | Path] = None, arit
     """
     from megatron_prune.checkpoint import load_model, tokenizer_dir
     from megatron_prune.data.sft import humaneval_tasks, load_tokenizer, read_sft_jsonl
-    from megatron_prune.evaluate_sft import (arithmetic_accuracy, generate_answers, humaneval_passed,
-                                             kl_to_teacher)
+    from megatron_prune.evaluate_sft import arithmetic_accuracy, generate_answers, humaneval_passed, kl_to_teacher
     from megatron_prune.runtime import init_distributed, log0
 
     records = read_sft_jsonl(sft_data) if sft_data else []

@@ -59,11 +59,12 @@ def check_generate(ckpt, prompts_file, out, tp: int, pp: int, batch_size: int, c
 @stop_on_signals(immediate=True)  # nothing worth resuming: a stop signal ends it, the output is never half-written
 def generate_file(ckpt, prompts_file, out, params, tp: int = 1, pp: int = 1, batch_size: int = 8,
                   use_cache: bool = True, chat: bool = True, stop: Optional[list[int]] = None) -> dict:
+    import time
+
     from megatron_prune.checkpoint import load_model
     from megatron_prune.generation import generate
     from megatron_prune.generation.prompts import stop_token_ids
     from megatron_prune.runtime import init_distributed, is_rank0, log0
-    import time
 
     check_generate(ckpt, prompts_file, out, tp, pp, batch_size, chat)
     tokenizer = load_tokenizer(ckpt)
@@ -78,7 +79,7 @@ def generate_file(ckpt, prompts_file, out, params, tp: int = 1, pp: int = 1, bat
                     use_cache=use_cache)
     seconds = time.time() - start
     rows = []
-    for i, (rec, p, o) in enumerate(zip(records, prompts, outs)):
+    for i, (rec, p, o) in enumerate(zip(records, prompts, outs, strict=True)):
         finished = bool(o) and o[-1] in stops
         text = tokenizer.decode(o[:-1] if finished else o, skip_special_tokens=True) if tokenizer else None
         rows.append({"index": i, **{k: v for k, v in rec.items() if k != "tokens"}, "prompt_tokens": len(p),

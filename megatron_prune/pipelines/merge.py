@@ -35,9 +35,10 @@ def check_merge(ckpts: Sequence[str], out: str, method: str, t: float | Sequence
                                 f"per checkpoint, in their order")
     named = [(c, f"CKPT {i + 1}") for i, c in enumerate(ckpts)] + ([(base, "--base")] if base else [])
     metas = [inputs.checkpoint(c, name) for c, name in named]
-    for (c, name), m in zip(named[1:], metas[1:]):
+    for (c, name), m in zip(named[1:], metas[1:], strict=True):
         if m.arch != metas[0].arch:
-            raise inputs.InputError(f"{name} {c} has another shape than {ckpts[0]} ({metas[0].arch.differences(m.arch)})"
+            raise inputs.InputError(f"{name} {c} has another shape than {ckpts[0]} "
+                                    f"({metas[0].arch.differences(m.arch)})"
                                     f"; merging needs checkpoints of one architecture (prune them with one plan first)")
     inputs.checkpoint_fits(metas[0], tp, pp)
     inputs.output(out, "--out", overwrite=overwrite)
@@ -48,12 +49,13 @@ def check_merge(ckpts: Sequence[str], out: str, method: str, t: float | Sequence
 def merge(ckpts: Sequence[str], out: str, method: str = "slerp", t: float | Sequence[float] = 0.5,
           weights: Optional[Sequence[float]] = None, base: Optional[str] = None, tp: int = 1, pp: int = 1,
           overwrite: bool = False) -> Path:
+    import torch
+
     from megatron_prune.checkpoint import save_checkpoint, tokenizer_dir
     from megatron_prune.merge import merge_into
     from megatron_prune.model import build_model
     from megatron_prune.runtime import init_distributed, log0
     from megatron_prune.runtime.progress import progress
-    import torch
 
     meta = check_merge(ckpts, out, method, t, weights, base, tp, pp, overwrite)
     init_distributed(tp, pp)

@@ -118,7 +118,7 @@ def evaluate_family(recipe: Recipe, stage: Stage, o: dict) -> None:
 
 
 def _evaluate_one(ckpt: str, o: dict) -> dict:
-    r = evaluate(ckpt, o, o["tp"], o["pp"]) or {}
+    r = evaluate(ckpt, o) or {}
     if not o["tasks"]:
         return r
     # lm-evaluation-harness tasks: one column per task and metric, e.g. arc_easy/acc

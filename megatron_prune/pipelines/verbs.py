@@ -92,8 +92,13 @@ LAYOUT = (
     Option("decoder_last_pipeline_num_layers", "layers on the last pipeline stage (as in Megatron-LM); default: "
            "automatic", int, metavar="N", where=CLI),
 )
-# The MoE work's expert parallelism is one more entry here (Option("ep", "expert-parallel size", int, 1)) and a
-# keyword of the pipelines that take it.
+# Expert parallelism would be one more entry here, Option("ep", "expert-parallel size", int, 1): every verb then
+# has --ep (and a recipe stage `ep:`), and layout() hands it to every pipeline function, which takes ep=1.
+
+
+def layout(o: dict) -> dict:
+    """The parallel layout options of a verb's options (tp, pp): keywords of every pipeline function."""
+    return {option.name: o[option.name] for option in LAYOUT if option.where == BOTH}
 
 VPP = Option("vpp", "virtual pipeline stages per rank: megatron's interleaved schedule, needs --pp >= 2 and every "
              "stage's layers divisible by VPP (default 1)", int)
@@ -167,8 +172,7 @@ def _last_step(out: Path, o: dict) -> Path:
 def _convert(o: dict) -> dict:
     from megatron_prune.pipelines.convert import convert
 
-    return _output(convert(o["src"], o["out"], to=o["to"], tp=o["tp"], pp=o["pp"], dtype=o["dtype"],
-                           overwrite=o["overwrite"]))
+    return _output(convert(o["src"], o["out"], to=o["to"], dtype=o["dtype"], overwrite=o["overwrite"], **layout(o)))
 
 
 def _convert_stage(recipe, stage, o: dict) -> None:
@@ -240,13 +244,13 @@ DATA = Verb(
 
 
 # ------------------------------------------------------------------------------------------ eval
-def evaluate(ckpt: str, o: dict, tp: int, pp: int, out: Optional[str] = None) -> dict:
+def evaluate(ckpt: str, o: dict, out: Optional[str] = None) -> dict:
     """One checkpoint by the eval options: lm-eval tasks, SFT tasks / forgetting KL, or the held-out LM loss.
     Written to ``out`` as JSON when given."""
     from megatron_prune.pipelines.eval import evaluate_checkpoint, evaluate_lm_eval, evaluate_tasks
 
     common = dict(data_prefix=o["data"], seq_len=o["seq_len"], max_sequences=o["max_sequences"],
-                  micro_batch_size=o["micro_batch_size"], tp=tp, pp=pp)
+                  micro_batch_size=o["micro_batch_size"], **layout(o))
     if o["tasks"]:
         return evaluate_lm_eval(ckpt, o["tasks"], include_path=o["include_path"], num_fewshot=o["num_fewshot"],
                                 limit=o["limit"], batch_size=o["batch_size"], max_length=o["max_length"],
@@ -265,7 +269,7 @@ def evaluate(ckpt: str, o: dict, tp: int, pp: int, out: Optional[str] = None) ->
     if not o["data"]:
         raise ValueError("eval needs --data (LM loss), or --sft-data with --arithmetic/--humaneval")
     return evaluate_checkpoint(ckpt, o["data"], seq_len=o["seq_len"], micro_batch_size=o["micro_batch_size"],
-                               max_sequences=o["max_sequences"], tp=tp, pp=pp, out=out).to_dict()
+                               max_sequences=o["max_sequences"], out=out, **layout(o)).to_dict()
 
 
 SFT_TASK_OPTIONS = ("sft_data", "arithmetic", "humaneval", "kl_teacher")
@@ -280,7 +284,7 @@ def _eval(o: dict) -> dict:
     if o["tasks"] and sft_tasks(o):
         raise ValueError("--tasks runs lm-eval (and LM loss with --data); run --sft-data/--arithmetic/--humaneval/"
                          "--kl-teacher as a separate eval")
-    return evaluate(o["ckpt"], o, o["tp"], o["pp"], out=o["out"])
+    return evaluate(o["ckpt"], o, out=o["out"])
 
 
 def _eval_stage(recipe, stage, o: dict) -> None:
@@ -328,8 +332,8 @@ def _importance(o: dict) -> None:
 
     score_checkpoint(o["ckpt"], o["data"], o["out"], num_samples=o["samples"], seq_len=o["seq_len"],
                      micro_batch_size=o["micro_batch_size"], seq_agg=o["seq_agg"], batch_agg=o["batch_agg"],
-                     lm_loss_blocks=o["lm_loss_drop"], lm_loss_samples=o["lm_loss_samples"], tp=o["tp"], pp=o["pp"],
-                     seed=o["seed"], head_metric=o["head_metric"])
+                     lm_loss_blocks=o["lm_loss_drop"], lm_loss_samples=o["lm_loss_samples"], seed=o["seed"],
+                     head_metric=o["head_metric"], **layout(o))
 
 
 AGGREGATIONS = ("mean", "l2", "variance")
@@ -363,7 +367,7 @@ def _prune(o: dict) -> None:
     from megatron_prune.pipelines.prune import prune
 
     prune(o["ckpt"], o["out"], scores=o["scores"], target=o["target"], plan_file=o["plan"], plan_out=o["plan_out"],
-          tp=o["tp"], pp=o["pp"], overwrite=o["overwrite"])
+          overwrite=o["overwrite"], **layout(o))
 
 
 PRUNE = Verb(
@@ -466,7 +470,7 @@ def _trainer(verb: str) -> Callable[[dict], None]:
         fields = {f.name for f in dataclasses.fields(TrainConfig)}
         overrides = {k: v for k, v in o.items() if k in fields and v is not None}
         # a layout of 1 is the flags' default: a --config YAML's tp/pp stands
-        overrides.update(tp=o["tp"] if o["tp"] != 1 else None, pp=o["pp"] if o["pp"] != 1 else None)
+        overrides.update({k: v if v != 1 else None for k, v in layout(o).items()})
         pipeline(o.get("config"), **overrides)
 
     return run
@@ -527,9 +531,8 @@ def _search(o: dict) -> dict:
                                   lr=o["lr"], min_lr=o["lr"] / 10) if o["data"] else None
         eval_seq_len = o["seq_len"]
     result = search(o["ckpt"], o["scores"], o["out"], budget, o["valid_data"], distill, space=space, top_k=o["top_k"],
-                    depth_metric=o["depth_metric"], tp=o["tp"], pp=o["pp"], eval_seq_len=eval_seq_len,
-                    eval_windows=o["eval_windows"], stage=o["stage"], candidate=o["candidate"],
-                    max_candidates=o["max_candidates"])
+                    depth_metric=o["depth_metric"], eval_seq_len=eval_seq_len, eval_windows=o["eval_windows"],
+                    stage=o["stage"], candidate=o["candidate"], max_candidates=o["max_candidates"], **layout(o))
     return {"winner": result["winner"], "report": str(Path(o["out"]) / "report.md")}
 
 
@@ -609,8 +612,8 @@ SEARCH = Verb(
 def _generate(o: dict) -> dict:
     from megatron_prune.pipelines.generate import generate_file
 
-    return generate_file(o["ckpt"], o["prompts"], o["out"], sampling_params(o), tp=o["tp"], pp=o["pp"],
-                         batch_size=o["batch_size"], use_cache=not o["no_cache"], chat=not o["no_chat"])
+    return generate_file(o["ckpt"], o["prompts"], o["out"], sampling_params(o), batch_size=o["batch_size"],
+                         use_cache=not o["no_cache"], chat=not o["no_chat"], **layout(o))
 
 
 GENERATE = Verb(
@@ -632,7 +635,7 @@ def _specdec(o: dict) -> dict:
     from megatron_prune.pipelines.specdec import specdec
 
     return specdec(o["target"], o["draft"], o["prompts"], _number_list(o["k"], "--k", int), sampling_params(o),
-                   tp=o["tp"], pp=o["pp"], chat=not o["no_chat"], out=o["out"], limit=o["limit"])
+                   chat=not o["no_chat"], out=o["out"], limit=o["limit"], **layout(o))
 
 
 SPECDEC = Verb(
@@ -656,7 +659,7 @@ def _merge(o: dict) -> dict:
     t = _number_list(o["t"], "--t")
     weights = _number_list(o["weights"], "--weights") if o["weights"] is not None else None
     return _output(merge(o["ckpts"], o["out"], method=o["method"], t=t[0] if len(t) == 1 else t, weights=weights,
-                         base=o["base"], tp=o["tp"], pp=o["pp"], overwrite=o["overwrite"]))
+                         base=o["base"], overwrite=o["overwrite"], **layout(o)))
 
 
 MERGE = Verb(
@@ -681,8 +684,8 @@ def _selfdistill(o: dict) -> dict:
 
     return selfdistill(o["teacher"], o["data"], o["out"], max_new_tokens=o["max_new_tokens"],
                        temperature=o["temperature"], top_p=o["top_p"], top_k=o["top_k"], seed=o["seed"],
-                       batch_size=o["batch_size"], chunk_size=o["chunk_size"], on_reject=o["on_reject"], tp=o["tp"],
-                       pp=o["pp"], overwrite=o["overwrite"])
+                       batch_size=o["batch_size"], chunk_size=o["chunk_size"], on_reject=o["on_reject"],
+                       overwrite=o["overwrite"], **layout(o))
 
 
 def _selfdistill_complete(out: Path, o: dict) -> bool:
@@ -721,7 +724,7 @@ def _teacher_logits(o: dict) -> None:
 
     teacher_logits(o["teacher"], o["data"], o["out"], seq_len=o["seq_len"], top_k=o["top_k"], samples=o["samples"],
                    tokens=o["tokens"], dtype=o["dtype"], micro_batch_size=o["micro_batch_size"], seed=o["seed"],
-                   tp=o["tp"], pp=o["pp"], overwrite=o["overwrite"])
+                   overwrite=o["overwrite"], **layout(o))
 
 
 def _teacher_logits_options() -> tuple[Option, ...]:
@@ -754,7 +757,7 @@ TEACHER_LOGITS = Verb(
 def _plan(o: dict) -> None:
     from megatron_prune.pipelines.plan import plan
 
-    plan(o["student"], teacher=o["teacher"], tp=o["tp"], pp=o["pp"], vpp=o["vpp"], cp=o["cp"], dp=o["dp"],
+    plan(o["student"], teacher=o["teacher"], vpp=o["vpp"], cp=o["cp"], dp=o["dp"], **layout(o),
          micro_batch_size=o["micro_batch_size"], global_batch_size=o["global_batch_size"], seq_len=o["seq_len"],
          precision=o["precision"], fp8_teacher=o["fp8_teacher"],
          distributed_optimizer=not o["no_distributed_optimizer"], recompute=o["recompute"],
