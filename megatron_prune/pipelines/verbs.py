@@ -11,7 +11,8 @@ An option's name is its recipe key and, with dashes, its flag (``seq_len`` -> ``
 only in recipes (an eval stage's ``models``). ``tp``/``pp`` of a recipe stage are stage keys (a recipe may set
 them for all stages). Adding a verb: one ``Verb`` below plus its pipeline module (docs/design.md).
 
-This module imports no pipeline at import time: ``--help`` stays fast, and each run function imports its own.
+This module imports no pipeline module at import time (each run function imports its own), only TrainConfig for
+the training flags' defaults.
 """
 
 from __future__ import annotations
@@ -100,6 +101,7 @@ def layout(o: dict) -> dict:
     """The parallel layout options of a verb's options (tp, pp): keywords of every pipeline function."""
     return {option.name: o[option.name] for option in LAYOUT if option.where == BOTH}
 
+
 VPP = Option("vpp", "virtual pipeline stages per rank: megatron's interleaved schedule, needs --pp >= 2 and every "
              "stage's layers divisible by VPP (default 1)", int)
 
@@ -133,8 +135,8 @@ def _number_list(value, flag: str, kind=float) -> list:
     return numbers(value, flag, kind)
 
 
-def _output(o: dict) -> dict:
-    return {"written": str(o)}
+def _written(path) -> dict:
+    return {"written": str(path)}
 
 
 # ------------------------------------------------------------------------------------------ recipes: outputs
@@ -172,7 +174,7 @@ def _last_step(out: Path, o: dict) -> Path:
 def _convert(o: dict) -> dict:
     from megatron_prune.pipelines.convert import convert
 
-    return _output(convert(o["src"], o["out"], to=o["to"], dtype=o["dtype"], overwrite=o["overwrite"], **layout(o)))
+    return _written(convert(o["src"], o["out"], to=o["to"], dtype=o["dtype"], overwrite=o["overwrite"], **layout(o)))
 
 
 def _convert_stage(recipe, stage, o: dict) -> None:
@@ -459,14 +461,11 @@ def training_options(verb: str) -> tuple[Option, ...]:
 
 def _trainer(verb: str) -> Callable[[dict], None]:
     def run(o: dict) -> None:
+        import importlib
+
         from megatron_prune.distill.config import TrainConfig
 
-        if verb == "distill":
-            from megatron_prune.pipelines.distill import distill as pipeline
-        elif verb == "train":
-            from megatron_prune.pipelines.train import train as pipeline
-        else:
-            from megatron_prune.pipelines.sft import sft as pipeline
+        pipeline = getattr(importlib.import_module(f"megatron_prune.pipelines.{verb}"), verb)  # e.g. sft.sft
         fields = {f.name for f in dataclasses.fields(TrainConfig)}
         overrides = {k: v for k, v in o.items() if k in fields and v is not None}
         # a layout of 1 is the flags' default: a --config YAML's tp/pp stands
@@ -658,7 +657,7 @@ def _merge(o: dict) -> dict:
 
     t = _number_list(o["t"], "--t")
     weights = _number_list(o["weights"], "--weights") if o["weights"] is not None else None
-    return _output(merge(o["ckpts"], o["out"], method=o["method"], t=t[0] if len(t) == 1 else t, weights=weights,
+    return _written(merge(o["ckpts"], o["out"], method=o["method"], t=t[0] if len(t) == 1 else t, weights=weights,
                          base=o["base"], overwrite=o["overwrite"], **layout(o)))
 
 
