@@ -53,6 +53,17 @@ def arch_fits(arch, tp: int, pp: int, name: str = "CKPT", vpp: int = 1, main: bo
     pipeline_split(arch, pp, name, vpp, main)
 
 
+def training_models(student, teacher, tp: int, pp: int, vpp: int = 1) -> None:
+    """The architectures of a training run (``teacher`` None without one) shard at tp x pp (x vpp) and share one
+    vocabulary. The stage-size flags size the student."""
+    arch_fits(student, tp, pp, "--student", vpp)
+    if teacher is not None:
+        arch_fits(teacher, tp, pp, "--teacher", vpp, main=False)
+        if teacher.vocab_size != student.vocab_size:
+            raise InputError(f"--teacher vocabulary ({teacher.vocab_size}) differs from --student's "
+                             f"({student.vocab_size}); distill between models of one tokenizer")
+
+
 def stage_override(first, last, pp: int) -> None:
     """--decoder-first/last-pipeline-num-layers, before any model is read: positive, and only with --pp >= 2."""
     from megatron_prune.runtime.stages import FIRST_FLAG, LAST_FLAG
@@ -128,12 +139,21 @@ def existing_file(path, name: str, fix: str) -> Path:
     return p
 
 
+def free_output(path, name: str = "output", overwrite: bool = False, error: type = FileExistsError) -> Path:
+    """``path`` does not exist yet, or ``overwrite``. Checked with the other inputs by :func:`output`, and again
+    by whatever writes the output (it may be called directly, or something may have appeared since)."""
+    p = Path(path)
+    if p.exists() and not overwrite:
+        raise error(f"{name} {p} already exists; choose another path or pass --overwrite")
+    return p
+
+
 def output(path, name: str = "--out", overwrite: Optional[bool] = False, kind: str = "dir") -> Path:
     """An output path we may write: its parent exists (or can be created) and it does not exist yet (unless
     ``overwrite``; ``None``: an existing output is fine, e.g. a run directory to resume in)."""
     p = Path(path)
-    if p.exists() and overwrite is False:
-        raise InputError(f"{name} {p} already exists; choose another path or pass --overwrite")
+    if overwrite is False:
+        free_output(p, name, error=InputError)
     if kind == "file" and p.is_dir():
         raise InputError(f"{name} {p} is a directory; give a file name")
     if kind == "dir" and p.exists() and not p.is_dir():
@@ -177,7 +197,8 @@ def numbers(text: str, name: str, kind=float) -> list:
         values = []
     if not values:
         what = "whole numbers" if kind is int else "numbers"
-        raise InputError(f"{name} {text!r}: give comma-separated {what}, e.g. {name} {'1,2,4' if kind is int else '0.5'}")
+        example = "1,2,4" if kind is int else "0.5"
+        raise InputError(f"{name} {text!r}: give comma-separated {what}, e.g. {name} {example}")
     return values
 
 
@@ -232,7 +253,8 @@ def score_file(path, name: str = "--scores"):
     """A megatron-prune score file (read: it is small); returns the ImportanceScores."""
     from megatron_prune.importance import ImportanceScores
 
-    existing_file(path, name, "compute it with `megatron-prune importance` on this checkpoint (--data PREFIX --out FILE)")
+    existing_file(path, name, "compute it with `megatron-prune importance` on this checkpoint (--data PREFIX --out "
+                  "FILE)")
     try:
         return ImportanceScores.load(path)
     except Exception as e:  # safetensors raises its own error types for a file that is not safetensors

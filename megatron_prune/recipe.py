@@ -13,25 +13,23 @@
 
 A value that names an earlier stage stands for that stage's output (a checkpoint, a score file, ...), so
 chains read naturally (teacher -> mid -> small, the last one distilled from ``teacher``). Stages run in the
-order written. This module only parses and resolves; pipelines/run.py executes.
+order written. A stage takes exactly the options of its verb (pipelines/verbs.py), under the same names; a
+misspelt one fails here, before anything runs. This module only parses, checks and resolves; pipelines/run.py
+executes.
 """
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 import yaml
 
-VERBS = ("convert", "data", "importance", "prune", "distill", "train", "search", "selfdistill", "sft", "merge",
-         "generate", "specdec", "eval")
-TRAINING_VERBS = ("distill", "train", "sft")  # their `out` is a run directory; the checkpoint is its last step
-# the option of each verb that names its output; the default when a stage leaves it out
-OUTPUT_KEY = {verb: "out" for verb in VERBS}
-DEFAULT_OUT = {**{verb: "{name}-run" for verb in TRAINING_VERBS}, "convert": "{name}", "prune": "{name}",
-               "merge": "{name}", "eval": "{name}.json", "specdec": "{name}.json", "selfdistill": "{name}.jsonl",
-               "generate": "{name}.jsonl", "search": "{name}"}
+from megatron_prune.pipelines.verbs import RECIPE_VERBS, VERBS
+
+OUTPUT_KEY = "out"  # the option of every recipe verb that names its output (default: the verb's stage_out)
 
 
 class RecipeError(ValueError):
@@ -99,23 +97,44 @@ def load_recipe(path: str | Path, workdir: str | Path | None = None, overrides: 
     work = Path(workdir or doc.get("workdir") or Path("runs") / path.stem)
     recipe = Recipe(path=path, workdir=work)
     for name, spec in doc["stages"].items():
-        if not isinstance(spec, dict) or spec.get("verb") not in VERBS:
-            raise RecipeError(f"{path}: stage {name!r} needs `verb:` one of {', '.join(VERBS)}")
+        if not isinstance(spec, dict) or spec.get("verb") not in RECIPE_VERBS:
+            raise RecipeError(f"{path}: stage {name!r} needs `verb:` one of {', '.join(RECIPE_VERBS)}")
         options = {k: v for k, v in spec.items() if k not in ("verb", "tp", "pp")}
         verb = spec["verb"]
-        if OUTPUT_KEY[verb] not in options and verb in DEFAULT_OUT:
-            options[OUTPUT_KEY[verb]] = DEFAULT_OUT[verb].format(name=name)
-        if OUTPUT_KEY[verb] not in options:
-            raise RecipeError(f"{path}: stage {name!r} ({verb}) needs `{OUTPUT_KEY[verb]}:`")
+        check_options(path, name, verb, options)
+        options.setdefault(OUTPUT_KEY, VERBS[verb].stage_out.format(name=name))
         recipe.stages.append(Stage(name, verb, options, int(spec.get("tp", doc.get("tp", 1))),
                                    int(spec.get("pp", doc.get("pp", 1)))))
     names = [s.name for s in recipe.stages]
     for s in recipe.stages:  # references only to earlier stages (a stage's own output path is not one)
-        inputs = {k: v for k, v in s.options.items() if k != OUTPUT_KEY[s.verb]}
+        inputs = {k: v for k, v in s.options.items() if k != OUTPUT_KEY}
         for ref in references(inputs, names):
             if names.index(ref) >= names.index(s.name):
                 raise RecipeError(f"{path}: stage {s.name!r} uses {ref!r}, which runs later; order the stages")
     return recipe
+
+
+def check_options(path: Path, name: str, verb: str, options: dict) -> None:
+    """The stage sets only options of its verb (a misspelling names the closest one) and every required one."""
+    known = VERBS[verb].recipe_options()
+    for key, value in options.items():
+        where = f"{path}: stage {name!r} ({verb})"
+        if key not in known:
+            raise RecipeError(f"{where}: unknown option {key!r}; {_closest(key, list(known) + ['tp', 'pp'])}")
+        if known[key].keys is not None and isinstance(value, dict):
+            subkeys = known[key].keys()
+            for sub in value:
+                if sub not in subkeys:
+                    raise RecipeError(f"{where}: unknown option {key}.{sub}; {_closest(sub, subkeys)}")
+    for option in known.values():
+        needed = option.required or (option.positional and option.nargs not in ("?", "*"))
+        if needed and option.name != OUTPUT_KEY and option.name not in options:
+            raise RecipeError(f"{path}: stage {name!r} ({verb}) needs `{option.name}:`")
+
+
+def _closest(key: str, valid: list) -> str:
+    close = difflib.get_close_matches(key, valid, n=1)
+    return f"did you mean {close[0]!r}?" if close else f"the options of this verb are {', '.join(sorted(valid))}"
 
 
 def references(value: Any, names: list[str]) -> list[str]:

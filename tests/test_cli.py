@@ -39,7 +39,8 @@ def test_tp_that_does_not_fit_the_world_says_how_to_launch(tiny_llama_dir, tmp_p
 
 
 def test_tp_that_does_not_divide_the_heads(tiny_llama_dir, tmp_path):
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "3", "-m", "megatron_prune.cli",
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "3", "-m",
+                          "megatron_prune.cli",
                           "convert", str(tiny_llama_dir), str(tmp_path / "out"), "--tp", "3"],
                          capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert out.returncode != 0

@@ -100,7 +100,8 @@ def _cases(r: Path):
         (["data", "--tokenizer", ck, "--out", out], ["--tokenizer", "carries no tokenizer"]),
         (["data", "--tokenizer", str(r / "tok"), "--out", out, "--corpus", "wiki"], ["--corpus 'wiki'", "shakespeare"]),
         (["data", "--tokenizer", str(r / "tok"), "--out", out, "--jsonl", nope], ["--jsonl", "does not exist"]),
-        (["data", "--tokenizer", str(r / "tok"), "--out", out, "--valid-fraction", "1.5"], ["--valid-fraction", "[0, 1)"]),
+        (["data", "--tokenizer", str(r / "tok"), "--out", out, "--valid-fraction", "1.5"], ["--valid-fraction",
+                                                                                            "[0, 1)"]),
         (["data", "--tokenizer", str(r / "tok"), "--out", out, "--max-docs", "0"], ["--max-docs", "positive"]),
         (["data", "--tokenizer", str(r / "tok"), "--out", str(r / "a_file")], ["--out", "is a file"]),
         # eval
@@ -122,7 +123,8 @@ def _cases(r: Path):
          ["--data", "fewer than the 100", "--samples"]),
         (["importance", ck, "--data", data, "--out", str(r / "s"), "--samples", "2", "--lm-loss-drop", "4"],
          ["--lm-loss-drop", "[1, 3]"]),
-        (["importance", ck, "--data", data, "--out", str(r / "empty_dir"), "--samples", "2"], ["--out", "is a directory"]),
+        (["importance", ck, "--data", data, "--out", str(r / "empty_dir"), "--samples", "2"], ["--out",
+                                                                                               "is a directory"]),
         # prune
         (["prune", ck, "--target", "hidden=32"], ["--plan", "--scores"]),
         (["prune", ck, "--scores", nope, "--target", "hidden=32"], ["--scores", "does not exist",
@@ -132,7 +134,8 @@ def _cases(r: Path):
         (["prune", ck, "--plan", str(r / "plan.json")], ["--plan", "not a valid plan file"]),
         (["prune", ck, "--plan", nope], ["--plan", "does not exist"]),
         (["prune", ck, "--plan", str(r / "plan.json"), "--out", str(r / "empty_dir")], ["--out", "already exists"]),
-        (["prune", ck, "--plan", str(r / "plan.json"), "--out", ck, "--overwrite"], ["--out", "is the input checkpoint"]),
+        (["prune", ck, "--plan", str(r / "plan.json"), "--out", ck, "--overwrite"], ["--out",
+                                                                                     "is the input checkpoint"]),
         # target parsing happens before the score file is read: these fail on the spec alone
         (["prune", ck, "--scores", nope, "--target", "hidden="], ["hidden=''", "whole number"]),
         (["prune", ck, "--scores", nope, "--target", "hidden=abc"], ["hidden='abc'", "whole number"]),
@@ -194,7 +197,8 @@ def _cases(r: Path):
         (["specdec", "--target", ck, "--draft", ck, "--prompts", pr, "--temperature", "-0.5"], ["--temperature"]),
         (["specdec", "--target", ck, "--draft", ck, "--prompts", pr, "--tp", "3"], ["--target", "TP=3"]),
         (["specdec", "--target", ck, "--draft", ck, "--prompts", str(r / "broken.jsonl")], ["broken.jsonl:3:"]),
-        (["specdec", "--target", ck, "--draft", ck, "--prompts", pr, "--out", ck], ["--out", "is the target checkpoint"]),
+        (["specdec", "--target", ck, "--draft", ck, "--prompts", pr, "--out", ck], ["--out",
+                                                                                    "is the target checkpoint"]),
         # merge
         (["merge", ck, "--out", out], ["slerp", "exactly two"]),
         (["merge", ck, "--out", out, "--method", "linear"], ["at least two checkpoints", "--base"]),
@@ -210,7 +214,8 @@ def _cases(r: Path):
         (["merge", ck, ck, "--out", out, "--tp", "3"], ["CKPT", "not divisible by TP=3"]),
         (["merge", ck, ck, "--out", str(r / "empty_dir")], ["--out", "already exists", "--overwrite"]),
         (["merge", ck, str(r / "mha"), "--out", ck, "--overwrite"], ["--out", "is the input checkpoint 1"]),
-        (["merge", str(r / "mha"), ck, "--out", str(r / "ckpt" / "merged")], ["--out", "is inside the input checkpoint 2"]),
+        (["merge", str(r / "mha"), ck, "--out", str(r / "ckpt" / "merged")], ["--out",
+                                                                              "is inside the input checkpoint 2"]),
         (["merge", ck, ck, "--out", out, "--method", "linear", "--base", str(r / "ckpt" / ".."), "--overwrite"],
          ["--out", "is inside the base checkpoint"]),
         # sft
@@ -275,7 +280,8 @@ def _cases(r: Path):
          ["--global-batch-size 3", "multiple"]),
         (["search", ck, *se, "--params", "230K", "--data", nope], ["--data", "no indexed dataset"]),
         (["search", hf, *se, "--params", "230K"], ["CKPT", "Hugging Face model"]),
-        (["search", ck, "--scores", nope, "--out", out, "--valid-data", data, "--params", "230K", "--stage", "zero-shot"],
+        (["search", ck, "--scores", nope, "--out", out, "--valid-data", data, "--params", "230K", "--stage",
+          "zero-shot"],
          ["--scores", "does not exist", "megatron-prune importance"]),
         (["search", ck, "--scores", str(r / "not_scores.safetensors"), "--out", out, "--valid-data", data, "--params",
           "230K", "--stage", "zero-shot"], ["--scores", "not a megatron-prune score file"]),
@@ -297,6 +303,7 @@ def _cases(r: Path):
         (["plan", ck, "--gpu-memory-gib", "0"], ["--gpu-memory-gib", "positive"]),
         (["plan", ck, "--gpus-per-node", "0"], ["--gpus-per-node", ">= 1"]),
         (["plan", ck, "--global-batch-size", "0"], ["--global-batch-size", ">= 1"]),
+        (["plan", ck, "--vpp", "2"], ["--vpp 2 needs --pp >= 2"]),
         # demo
         (["demo", "--workdir", str(r / "a_file")], ["--workdir", "is a file"]),
         (["demo", "--workdir", out, "--set", "search.top_k"], ["--set", "STAGE.KEY=VALUE"]),

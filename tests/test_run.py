@@ -32,10 +32,12 @@ def recipe_setup(tiny_llama_dir, tmp_path_factory):
         "scores": {"verb": "importance", "ckpt": "teacher", "data": str(root / "train"), "out": "teacher.scores",
                    "samples": 8, "seq_len": 16, "micro_batch_size": 4},
         "mid-pruned": {"verb": "prune", "ckpt": "teacher", "scores": "scores", "target": "hidden=56,ffn=80"},
-        "mid": {"verb": "distill", "teacher": "teacher", "student": "mid-pruned", "data": [str(root / "train")], **train},
+        "mid": {"verb": "distill", "teacher": "teacher", "student": "mid-pruned", "data": [str(root / "train")],
+                **train},
         "mid-scores": {"verb": "importance", "ckpt": "mid", "data": str(root / "train"), "out": "mid.scores",
                        "samples": 8, "seq_len": 16, "micro_batch_size": 4},
-        "small-pruned": {"verb": "prune", "ckpt": "mid", "scores": "mid-scores", "target": "hidden=48,ffn=64,layers=3,depth_metric=angular"},
+        "small-pruned": {"verb": "prune", "ckpt": "mid", "scores": "mid-scores",
+                         "target": "hidden=48,ffn=64,layers=3,depth_metric=angular"},
         # longer than the first distillation so a kill after its first checkpoint lands mid-stage on a fast machine
         "small": {"verb": "distill", "teacher": "teacher", "student": "small-pruned", "data": [str(root / "train")],
                   **{**train, "steps": SMALL_STEPS}},
@@ -44,7 +46,8 @@ def recipe_setup(tiny_llama_dir, tmp_path_factory):
     }
     import yaml
 
-    (root / "family.yaml").write_text(yaml.safe_dump({"workdir": str(root / "unused"), "stages": stages}, sort_keys=False))
+    (root / "family.yaml").write_text(yaml.safe_dump({"workdir": str(root / "unused"), "stages": stages},
+                                                     sort_keys=False))
     return root
 
 
@@ -66,7 +69,8 @@ def test_family_build_resumes_after_a_kill(recipe_setup, tmp_path):
     assert full.returncode == 0, full.stderr[-3000:]
     want = json.loads((tmp_path / "full" / "eval.json").read_text())["rows"]
     assert [r["model"] for r in want] == ["teacher", "mid", "small"]
-    assert want[0]["params"] > want[1]["params"] > want[2]["params"] and want[2]["train_tokens"] == (4 + SMALL_STEPS) * 4 * 16
+    assert want[0]["params"] > want[1]["params"] > want[2]["params"]
+    assert want[2]["train_tokens"] == (4 + SMALL_STEPS) * 4 * 16
     assert (tmp_path / "full" / "report.md").is_file() and (tmp_path / "full" / "report.png").is_file()
 
     dry = subprocess.run(_run(recipe, tmp_path / "full", "--dry-run"), capture_output=True, text=True, env=env)
@@ -140,7 +144,8 @@ def test_set_overrides_change_the_recipe_as_written(tmp_path):
 
     f = tmp_path / "r.yaml"
     f.write_text("tp: 1\nstages:\n  t: {verb: convert, src: x}\n"
-                 "  s: {verb: search, ckpt: t, scores: sc, params: 90M, valid_data: v, distill: {data: [d], steps: 20}}\n")
+                 "  s: {verb: search, ckpt: t, scores: sc, params: 90M, valid_data: v, "
+                 "distill: {data: [d], steps: 20}}\n")
     r = load_recipe(f, overrides=["s.distill.steps=2", "s.top_k=6", "s.params=1.5B", "tp=2", "t.src=other dir"])
     t, s = r.stages
     assert s.options["distill"] == {"data": ["d"], "steps": 2} and s.options["top_k"] == 6

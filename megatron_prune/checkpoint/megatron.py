@@ -26,6 +26,7 @@ import torch.distributed as dist
 
 from megatron_prune.arch import ModelArch
 from megatron_prune.checkpoint.outputs import replace_dir
+from megatron_prune.inputs import free_output
 
 METADATA_FILE = "megatron_prune.json"
 TOKENIZER_DIR = "tokenizer"
@@ -141,9 +142,7 @@ def save_checkpoint(
     """
     from megatron_prune.checkpoint.writer import explain_write_error, write_sharded
 
-    out = Path(out_dir).absolute()
-    if out.exists() and not overwrite:
-        raise CheckpointError(f"output {out} already exists; choose another path or pass --overwrite")
+    out = free_output(Path(out_dir).absolute(), overwrite=overwrite, error=CheckpointError)
     tmp = _tmp_dir_for(out)
     failure = None
     if _rank() == 0:

@@ -31,6 +31,7 @@ import torch.distributed as dist
 from megatron_prune.arch import LLAMA3_ROPE_DEFAULTS, ArchError, ModelArch
 from megatron_prune.checkpoint.megatron import CheckpointError
 from megatron_prune.checkpoint.outputs import replace_dir
+from megatron_prune.inputs import free_output
 from megatron_prune.models import FAMILIES, family_of
 
 CONTEXT_DIR = "context"
@@ -478,9 +479,7 @@ def save_nemo_checkpoint(model: torch.nn.Module, arch: ModelArch, out_dir: str |
     outlive a killed job."""
     from megatron_prune.checkpoint.writer import write_sharded
 
-    out = Path(out_dir).absolute()
-    if out.exists() and not overwrite:
-        raise CheckpointError(f"output {out} already exists; choose another path or pass --overwrite")
+    out = free_output(Path(out_dir).absolute(), overwrite=overwrite, error=CheckpointError)
     tmp = out.parent / f".{out.name}.tmp"
     rank = dist.get_rank() if dist.is_initialized() else 0
     if rank == 0:
@@ -566,9 +565,7 @@ def convert_nemo(src: str | Path, kind: str, out: str | Path, to: str, tp: int =
     from megatron_prune.checkpoint.megatron import load_model, save_checkpoint, tokenizer_dir
     from megatron_prune.runtime import init_distributed, log0
 
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise CheckpointError(f"output {out} already exists; choose another path or pass --overwrite")
+    out = free_output(out, overwrite=overwrite, error=CheckpointError)
     if kind == "nemo2" and to == "nemo":
         raise ValueError(f"{src} is already a NeMo 2 checkpoint")
     prov = {"source": str(Path(src).absolute()), "source_format": kind}

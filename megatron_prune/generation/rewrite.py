@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from megatron_prune.data.sft import final_answer, prompt_ids, to_messages, write_jsonl
+from megatron_prune.inputs import free_output
 
 SYSTEM_PROMPT = ("Below is an instruction and a reference answer. Using the reference answer as a guide, "
                  "write your own response.")
@@ -161,10 +162,8 @@ def self_distill(model, arch, tokenizer, records: list[dict], out: str | os.Path
         raise ValueError(f"on_reject must be 'original' or 'drop', got {on_reject!r}")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    out = Path(out)
+    out = free_output(out, overwrite=overwrite)
     stats_path = out.with_name(out.stem + ".stats.json")
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"output {out} already exists; choose another path or pass --overwrite")
     parts = out.with_name(out.name + ".parts")
     fingerprint = _fingerprint(records, {**(settings or {}), "params": vars(params), "chunk_size": chunk_size,
                                          "on_reject": on_reject, "system": SYSTEM_PROMPT})

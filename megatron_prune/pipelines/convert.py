@@ -58,15 +58,14 @@ def hf_to_megatron(hf_dir: str | Path, out: str | Path, tp: int = 1, pp: int = 1
     return save_checkpoint(model, arch, out, tokenizer_src=hf_dir, provenance=prov, overwrite=overwrite)
 
 
-def megatron_to_hf(ckpt: str | Path, out: str | Path, dtype: Optional[torch.dtype] = None, overwrite: bool = False) -> Path:
+def megatron_to_hf(ckpt: str | Path, out: str | Path, dtype: Optional[torch.dtype] = None,
+                   overwrite: bool = False) -> Path:
     """Load at TP=1 with one pipeline stage per process and write a transformers-loadable directory."""
     import torch.distributed as dist
 
     from megatron_prune.checkpoint import tokenizer_dir
 
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"output {out} already exists; choose another path or pass --overwrite")
+    out = inputs.free_output(out, overwrite=overwrite)
     world = dist.get_world_size() if dist.is_initialized() else _launch_world_size()
     init_distributed(tp=1, pp=world)
     model, meta = load_model(ckpt, dtype=dtype)
@@ -137,8 +136,7 @@ def convert(src: str | Path, out: str | Path, to: Optional[str] = None, tp: int 
     out = Path(out)
     if kind == "gguf":
         if to == "hf":
-            if out.exists() and not overwrite:
-                raise FileExistsError(f"output {out} already exists; choose another path or pass --overwrite")
+            inputs.free_output(out, overwrite=overwrite)
             return gguf_to_hf(src, out)
         staging = out.parent / f".{out.name}.from-gguf"
         init_distributed(tp, pp)

@@ -79,7 +79,7 @@ def generate_file(ckpt, prompts_file, out, params, tp: int = 1, pp: int = 1, bat
                     use_cache=use_cache)
     seconds = time.time() - start
     rows = []
-    for i, (rec, p, o) in enumerate(zip(records, prompts, outs)):
+    for i, (rec, p, o) in enumerate(zip(records, prompts, outs, strict=True)):
         finished = bool(o) and o[-1] in stops
         text = tokenizer.decode(o[:-1] if finished else o, skip_special_tokens=True) if tokenizer else None
         rows.append({"index": i, **{k: v for k, v in rec.items() if k != "tokens"}, "prompt_tokens": len(p),

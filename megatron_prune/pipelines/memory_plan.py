@@ -64,13 +64,14 @@ def parse_shape(spec: str) -> ModelArch:
 
 def format_estimate(est: MemoryEstimate, gpu_gib: float) -> str:
     lines = [f"  {name:<20} {gib:8.2f} GiB" for name, gib in est.rows()]
-    lines.append(f"  {'GPU memory':<20} {gpu_gib:8.2f} GiB  -> {'fits' if est.total <= gpu_gib * GiB else 'DOES NOT FIT'}")
+    verdict = "fits" if est.total <= gpu_gib * GiB else "DOES NOT FIT"
+    lines.append(f"  {'GPU memory':<20} {gpu_gib:8.2f} GiB  -> {verdict}")
     return "\n".join(lines)
 
 
 def describe(lay: Layout) -> str:
-    return (f"TP{lay.tp} PP{lay.pp}" + (f" VPP{lay.vpp}" if lay.vpp > 1 else "") + (f" CP{lay.cp}" if lay.cp > 1 else "")
-            + f" DP{lay.dp}"
+    return (f"TP{lay.tp} PP{lay.pp}" + (f" VPP{lay.vpp}" if lay.vpp > 1 else "")
+            + (f" CP{lay.cp}" if lay.cp > 1 else "") + f" DP{lay.dp}"
             + (" SP" if lay.sp else "") + (f" recompute={lay.recompute}" if lay.recompute != "none" else ""))
 
 
@@ -99,7 +100,9 @@ def plan(student: str, teacher: Optional[str] = None, tp: int = 1, pp: int = 1, 
     if overhead_gib < 0:
         raise ArchError(f"--overhead-gib must be >= 0, got {overhead_gib}")
     from megatron_prune import inputs
+    from megatron_prune.runtime.stages import check_virtual_stages
 
+    check_virtual_stages(pp, vpp)
     inputs.arch_fits(s_arch, tp, pp, "STUDENT", vpp)
     if t_arch is not None:
         inputs.arch_fits(t_arch, tp, pp, "--teacher", vpp, main=False)
@@ -124,9 +127,11 @@ def plan(student: str, teacher: Optional[str] = None, tp: int = 1, pp: int = 1, 
 
     what = f"distill {t_arch.describe()} -> {s_arch.describe()}" if t_arch else f"train {s_arch.describe()}"
     log0(f"{what}\nseq {seq_len}, micro batch {micro_batch_size}, global batch {gbs}, {precision}"
-         + (", FP8 teacher weights" if fp8_teacher else "") + (", distributed optimizer" if distributed_optimizer else "")
+         + (", FP8 teacher weights" if fp8_teacher else "")
+         + (", distributed optimizer" if distributed_optimizer else "")
          + f", {overhead_gib:g} GiB fixed overhead per GPU (CUDA context, NCCL, allocator)\n\n"
-         f"{describe(asked)} on {asked.world_size} GPUs, most loaded rank (pipeline stage {est.stage}):\n{format_estimate(est, gpu_memory_gib)}\n")
+         f"{describe(asked)} on {asked.world_size} GPUs, most loaded rank (pipeline stage {est.stage}):\n"
+         f"{format_estimate(est, gpu_memory_gib)}\n")
     log0(f"layouts of {asked.world_size} GPUs that fit {gpu_memory_gib:g} GiB (least model parallelism first):")
     for lay, e in fitting[:top]:
         log0(f"  {describe(lay):<40} {e.total / GiB:8.2f} GiB")

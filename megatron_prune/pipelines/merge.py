@@ -35,9 +35,10 @@ def check_merge(ckpts: Sequence[str], out: str, method: str, t: float | Sequence
                                 f"per checkpoint, in their order")
     named = [(c, f"CKPT {i + 1}") for i, c in enumerate(ckpts)] + ([(base, "--base")] if base else [])
     metas = [inputs.checkpoint(c, name) for c, name in named]
-    for (c, name), m in zip(named[1:], metas[1:]):
+    for (c, name), m in zip(named[1:], metas[1:], strict=True):
         if m.arch != metas[0].arch:
-            raise inputs.InputError(f"{name} {c} has another shape than {ckpts[0]} ({metas[0].arch.differences(m.arch)})"
+            raise inputs.InputError(f"{name} {c} has another shape than {ckpts[0]} "
+                                    f"({metas[0].arch.differences(m.arch)})"
                                     f"; merging needs checkpoints of one architecture (prune them with one plan first)")
     inputs.checkpoint_fits(metas[0], tp, pp)
     inputs.output(out, "--out", overwrite=overwrite)

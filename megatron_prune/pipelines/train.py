@@ -15,13 +15,8 @@ def check_training(cfg: TrainConfig) -> None:
     from megatron_prune.data.blend import parse_blend
 
     student = inputs.checkpoint(cfg.student, "--student")
-    inputs.checkpoint_fits(student, cfg.tp, cfg.pp, "--student", vpp=cfg.vpp)
-    if cfg.teacher:
-        teacher = inputs.checkpoint(cfg.teacher, "--teacher")
-        inputs.checkpoint_fits(teacher, cfg.tp, cfg.pp, "--teacher", vpp=cfg.vpp, main=False)
-        if teacher.arch.vocab_size != student.arch.vocab_size:
-            raise inputs.InputError(f"--teacher vocabulary ({teacher.arch.vocab_size}) differs from --student's "
-                                    f"({student.arch.vocab_size}); distill between models of one tokenizer")
+    teacher = inputs.checkpoint(cfg.teacher, "--teacher") if cfg.teacher else None
+    inputs.training_models(student.arch, teacher and teacher.arch, cfg.tp, cfg.pp, cfg.vpp)
     items = cfg.data.split() if isinstance(cfg.data, str) else [str(d) for d in cfg.data]
     try:
         float(items[0])

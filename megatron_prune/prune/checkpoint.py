@@ -8,6 +8,7 @@ from typing import Optional
 
 import torch
 
+from megatron_prune.inputs import free_output
 from megatron_prune.prune.apply import apply_plan
 from megatron_prune.prune.plan import PlanError, PrunePlan
 
@@ -37,8 +38,7 @@ def prune_checkpoint(src_ckpt: str | Path, plan: PrunePlan, out: str | Path, dty
         plan.source_arch.check_parallel(tp, pp)
     except ValueError as e:
         raise PlanError(str(e)) from e
-    if Path(out).exists() and not overwrite:
-        raise FileExistsError(f"output {out} already exists; choose another path or pass --overwrite")
+    free_output(out, overwrite=overwrite)
     source, _ = load_model(src_ckpt, dtype=dtype, use_te=False)
     target = apply_plan(source, plan)
     del source

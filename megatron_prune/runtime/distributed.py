@@ -105,9 +105,11 @@ def init_distributed(tp: int = 1, pp: int = 1, seed: int = 1234, vpp: int = 1, e
     model.build_chunks) run by megatron's interleaved 1F1B schedule. Safe to call again with the same
     layout; a different layout re-creates megatron's groups.
     """
-    if vpp < 1 or (vpp > 1 and pp < 2):
-        raise ValueError(f"--vpp {vpp} needs --pp >= 2 (virtual stages interleave a pipeline of several ranks); "
-                         f"set --pp 2 or more, or drop --vpp")
+    from megatron_prune.runtime.stages import check_virtual_stages
+
+    if vpp < 1:
+        raise ValueError(f"--vpp must be at least 1, got {vpp}")
+    check_virtual_stages(pp, vpp)
     on_gpu = _on_gpu()  # the process's one CPU/GPU decision; DeviceError when a GPU is expected but unusable
     if not on_gpu:
         apply_cpu_compat()  # megatron-core's own view of torch on the CPU (nothing else in the process sees it)

@@ -26,6 +26,13 @@ class StageError(ValueError):
     """A split of the layers over the pipeline that megatron cannot build."""
 
 
+def check_virtual_stages(pp: int, vpp: int, pp_name: str = "--pp", vpp_name: str = "--vpp") -> None:
+    """Virtual stages (``vpp`` > 1) interleave a pipeline of several ranks: ``pp`` >= 2."""
+    if vpp > 1 and pp < 2:
+        raise StageError(f"{vpp_name} {vpp} needs {pp_name} >= 2: virtual stages interleave a pipeline of several "
+                         f"ranks; set --pp 2 or more, or drop --vpp")
+
+
 def _check_vpp(stages: list[int], vpp: int, why: str) -> list[int]:
     bad = [s for s in stages if s % vpp]
     if vpp > 1 and bad:

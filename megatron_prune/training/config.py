@@ -103,9 +103,9 @@ class TrainConfig:
             if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool) or value < low):
                 hint = " (YAML reads 1e-4 as text: write 1.0e-4)" if isinstance(value, str) else ""
                 raise ValueError(f"{name} (--{name.replace('_', '-')}) must be a number >= {low}, got {value!r}{hint}")
-        if self.vpp > 1 and self.pp < 2:
-            raise ValueError(f"vpp (--vpp) {self.vpp} needs pp (--pp) >= 2: virtual stages interleave a pipeline of "
-                             f"several ranks; set --pp 2 or more, or drop --vpp")
+        from megatron_prune.runtime.stages import check_virtual_stages
+
+        check_virtual_stages(self.pp, self.vpp, "pp (--pp)", "vpp (--vpp)")
         if self.min_lr > self.lr:
             raise ValueError(f"min_lr (--min-lr) {self.min_lr} is above lr (--lr) {self.lr}; the schedule decays "
                              f"from lr to min_lr")

@@ -50,14 +50,11 @@ def _fp8_overrides(enabled: bool, keep_weights_in_fp8: bool = False) -> dict:
 
 
 def _check_layout(cfg: TrainConfig, student, teacher) -> None:
-    """Student and teacher split over TP x PP (x VPP), and the paired layers exist: before any weight is read."""
+    """Student and teacher split over TP x PP (x VPP), and the paired layers exist: before any weight is read
+    (the Trainer is also built directly, without the pipelines' checks)."""
     from megatron_prune import inputs
 
-    for name, arch in (("--student", student), ("--teacher", teacher)):
-        if arch is not None:  # the stage-size flags apply to the student (runtime/stages.py)
-            inputs.arch_fits(arch, cfg.tp, cfg.pp, name, vpp=cfg.vpp, main=name == "--student")
-    if teacher is not None and teacher.vocab_size != student.vocab_size:
-        raise ValueError(f"teacher vocab {teacher.vocab_size} != student vocab {student.vocab_size}")
+    inputs.training_models(student, teacher, cfg.tp, cfg.pp, cfg.vpp)
     for pair in cfg.intermediate_layers:
         if (not isinstance(pair, (list, tuple)) or len(pair) != 2
                 or not all(isinstance(i, int) and not isinstance(i, bool) for i in pair)):
