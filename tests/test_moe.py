@@ -192,3 +192,80 @@ def test_bad_moe_inputs_fail_before_loading_with_one_line(tmp_path):
     lines = [ln for ln in run.stderr.splitlines() if ln.strip()]
     assert run.returncode == 2 and len(lines) == 1 and "--ep that divides them" in lines[0], run.stderr
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------------------------
+def _expert_scores(hf_dir, layouts, tokens):
+    """Inside each rank: build the model from HF weights at every (tp, pp, ep) and score it (micro-batches of 2)."""
+    from megatron_prune.arch import ModelArch
+    from megatron_prune.checkpoint.hf import load_hf_into_model, read_hf_config
+    from megatron_prune.importance import compute_importance
+    from megatron_prune.model import build_model
+    from megatron_prune.runtime import init_distributed
+
+    out = {}
+    for tp, pp, ep in layouts:
+        init_distributed(tp, pp, ep=ep)
+        arch = ModelArch.from_hf_config(read_hf_config(hf_dir))
+        model = build_model(arch, use_te=False)
+        load_hf_into_model(model, arch, hf_dir)
+        out[(tp, pp, ep)] = compute_importance(model, arch, tokens, 2, desc=None)
+    return out
+
+
+def naive_expert_scores(hf_dir, tokens) -> list[dict]:
+    """Per layer, the expert scores written out on transformers' own model: its router's softmax and top-k, and
+    each expert's SwiGLU applied by hand to the tokens routed to it (the weights read from the experts' module)."""
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    cfg = model.config
+    k, norm = cfg.num_experts_per_tok, getattr(cfg, "norm_topk_prob", True)
+    inputs = []
+    for layer in model.model.layers:
+        layer.mlp.gate.register_forward_hook(lambda m, a, o: inputs.append(a[0].reshape(-1, a[0].shape[-1])))
+    with torch.no_grad():
+        model(tokens)
+    out = []
+    for x, layer in zip(inputs, model.model.layers, strict=True):
+        probs = torch.softmax(x @ layer.mlp.gate.weight.t(), dim=-1)
+        top, idx = probs.topk(k, dim=-1)
+        if norm:
+            top = top / top.sum(-1, keepdim=True)
+        experts = layer.mlp.experts
+        n = probs.shape[1]
+        s = {m: torch.zeros(n) for m in ("tokens", "output_l2", "reap")}
+        s["moe_ffn"] = torch.zeros(n, experts.down_proj.shape[-1])
+        for e in range(n):
+            rows, slot = (idx == e).nonzero(as_tuple=True)
+            gate, up = (x[rows] @ experts.gate_up_proj[e].t()).chunk(2, dim=-1)
+            act = torch.nn.functional.silu(gate) * up
+            y = torch.linalg.vector_norm(act @ experts.down_proj[e].t(), dim=-1)
+            g = top[rows, slot]
+            s["tokens"][e] = len(rows)
+            s["output_l2"][e] = y.mean() if len(rows) else 0.0
+            s["reap"][e] = (g * y).mean() if len(rows) else 0.0
+            s["moe_ffn"][e] = act.square().sum(0).sqrt()
+        s["router_prob"] = probs.mean(0)
+        out.append(s)
+    return out
+
+
+def test_expert_importance_is_the_same_at_every_layout_and_equals_naive_math(qwen3_moe):
+    """Routed-token count, Model Optimizer's mean output L2, REAP, the router's mean probability and the expert-FFN
+    neuron L2: equal at TP1, TP2, EP2 and PP2, and to the naive per-expert math on transformers' model."""
+    tokens = sample_tokens(1000, batch=6, seq=16)
+    assert_routing_unambiguous(qwen3_moe, tokens, 2)
+    (ref,) = run_ranks(_expert_scores, 1, qwen3_moe, [(1, 1, 1)], tokens)
+    ref = ref[(1, 1, 1)]
+    naive = naive_expert_scores(qwen3_moe, tokens)
+    for layer, want in enumerate(naive):
+        for metric, value in want.items():
+            torch.testing.assert_close(ref.experts[metric][layer], value, rtol=1e-4, atol=1e-5,
+                                       msg=f"layer {layer} {metric}")
+    assert ref.experts["tokens"].sum().item() == 2 * 2 * tokens.numel()  # top-2 over 2 layers
+    got = run_ranks(_expert_scores, 2, qwen3_moe, [(2, 1, 1), (1, 1, 2), (1, 2, 1)], tokens)[0]
+    for layout, s in got.items():
+        for metric, value in ref.experts.items():
+            torch.testing.assert_close(s.experts[metric], value, rtol=1e-5, atol=1e-6, msg=f"{layout} {metric}")
+        torch.testing.assert_close(s.heads, ref.heads, rtol=1e-5, atol=1e-6, msg=f"{layout} heads")
