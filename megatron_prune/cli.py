@@ -233,6 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", nargs="+", help="distillation data (prefixes or a WEIGHT PREFIX blend)")
     p.add_argument("--params", help="total parameters, e.g. 90M or 4.5B")
     p.add_argument("--non-embedding-params", help="parameters outside embedding/output layers, e.g. 60M")
+    p.add_argument("--active-params", help="parameters one token uses (Mixture of Experts: attention, embeddings, "
+                   "routers and the top-k experts), e.g. 3B")
     p.add_argument("--memory-gib", type=float, help="weights + KV cache in GiB at --memory-seq-len/--memory-batch")
     p.add_argument("--memory-seq-len", type=int, default=4096, help="sequence length of the KV cache counted in --memory-gib (default 4096)")
     p.add_argument("--memory-batch", type=int, default=1, help="batch size of the KV cache counted in --memory-gib (default 1)")
@@ -243,6 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ffn", help="default: multiples of 256 (64 below 2048) down to half the source")
     p.add_argument("--heads", help="default: multiples of the query groups down to half the source")
     p.add_argument("--query-groups", help="default: the source's")
+    p.add_argument("--experts", help="Mixture of Experts: experts per layer (default: the source's)")
+    p.add_argument("--moe-ffn", help="Mixture of Experts: each expert's FFN width (default: the source's)")
+    p.add_argument("--topk", help="Mixture of Experts: the router's top-k (default: the source's)")
     p.add_argument("--depth-metric", default="angular", help="how layers are chosen when depth shrinks (default angular)")
     p.add_argument("--top-k", type=int, default=3, help="candidates distilled (default 3)")
     p.add_argument("--distill-steps", type=int, default=400, help="steps per candidate (default 400, as in Minitron)")
@@ -525,9 +530,12 @@ def run(args: argparse.Namespace) -> None:
                         non_embedding_params=parse_count(args.non_embedding_params, "--non-embedding-params")
                         if args.non_embedding_params else None,
                         memory_bytes=args.memory_gib * 1024 ** 3 if args.memory_gib is not None else None,
+                        active_params=parse_count(args.active_params, "--active-params")
+                        if args.active_params else None,
                         tolerance=args.tolerance,
                         memory_seq_len=args.memory_seq_len, memory_batch=args.memory_batch, memory_dtype=args.memory_dtype)
-        axes = {k: getattr(args, k) for k in ("layers", "hidden", "ffn", "heads", "query_groups")}
+        axes = {k: getattr(args, k) for k in ("layers", "hidden", "ffn", "heads", "query_groups", "experts",
+                                              "moe_ffn", "topk")}
         space = None
         if any(axes.values()):
             from megatron_prune.inputs import checkpoint

@@ -265,7 +265,150 @@ def test_expert_importance_is_the_same_at_every_layout_and_equals_naive_math(qwe
                                        msg=f"layer {layer} {metric}")
     assert ref.experts["tokens"].sum().item() == 2 * 2 * tokens.numel()  # top-2 over 2 layers
     got = run_ranks(_expert_scores, 2, qwen3_moe, [(2, 1, 1), (1, 1, 2), (1, 2, 1)], tokens)[0]
+    print({m: ref.experts[m][0].tolist() for m in ("tokens", "output_l2", "reap")})
     for layout, s in got.items():
         for metric, value in ref.experts.items():
             torch.testing.assert_close(s.experts[metric], value, rtol=1e-5, atol=1e-6, msg=f"{layout} {metric}")
         torch.testing.assert_close(s.heads, ref.heads, rtol=1e-5, atol=1e-6, msg=f"{layout} heads")
+
+
+# ---------------------------------------------------------------------------------------------------
+def _plan_from_scores(ckpt, tokens, target, plan_file):
+    """Inside a rank: score the checkpoint at TP1 and plan ``target`` from the scores (REAP ranks the experts)."""
+    from megatron_prune.checkpoint import load_model
+    from megatron_prune.importance import compute_importance
+    from megatron_prune.prune import PruneTarget, make_plan
+    from megatron_prune.runtime import init_distributed
+
+    init_distributed(1, 1)
+    model, meta = load_model(ckpt)
+    scores = compute_importance(model, meta.arch, tokens, 2, desc=None)
+    make_plan(scores, meta.arch, PruneTarget.parse(target)).save(plan_file)
+    return scores.experts["reap"]
+
+
+def _hf_tensors(d: Path) -> dict:
+    from safetensors import safe_open
+
+    out = {}
+    for f in sorted(d.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as h:
+            out.update({k: h.get_tensor(k) for k in h.keys()})
+    return out
+
+
+def naive_pruned_moe(src: Path, plan: dict, out: Path) -> Path:
+    """Qwen3-MoE's Hugging Face tensors pruned by hand: the router's kept rows, the kept experts renumbered, each
+    kept expert's kept neurons (rows of gate/up_proj, columns of down_proj)."""
+    from safetensors.torch import save_file
+
+    t = _hf_tensors(src)
+    new = {k: v for k, v in t.items() if ".mlp." not in k}
+    for layer, (experts, neurons) in enumerate(zip(plan["kept_experts"], plan["kept_moe_ffn"], strict=True)):
+        p = f"model.layers.{layer}.mlp."
+        new[p + "gate.weight"] = t[p + "gate.weight"][experts]
+        for e_new, (e, keep) in enumerate(zip(experts, neurons, strict=True)):
+            for name in ("gate_proj", "up_proj"):
+                new[f"{p}experts.{e_new}.{name}.weight"] = t[f"{p}experts.{e}.{name}.weight"][keep]
+            new[f"{p}experts.{e_new}.down_proj.weight"] = t[f"{p}experts.{e}.down_proj.weight"][:, keep]
+    out.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in new.items()}, str(out / "model.safetensors"), metadata={"format": "pt"})
+    c = json.loads((src / "config.json").read_text())
+    target = plan["target_arch"]
+    c.update(num_local_experts=target["num_experts"], num_experts=target["num_experts"],
+             moe_intermediate_size=target["moe_ffn_hidden_size"], num_experts_per_tok=target["moe_router_topk"])
+    (out / "config.json").write_text(json.dumps(c))
+    return out
+
+
+def test_prune_experts_expert_ffn_and_topk_matches_naive_pruning_and_exports(qwen3_moe, tmp_path):
+    """4 -> 3 experts per layer (the lowest REAP score dropped), expert FFN 32 -> 24, top-2 -> top-1, pruned at TP2
+    from a checkpoint saved at EP2; checked against transformers' tensors pruned by hand, and exported."""
+    from test_hf_export import hf_logits_fresh_process
+    from test_prune import _prune
+
+    run_ranks(_convert_ep, 2, qwen3_moe, tmp_path / "ckpt", 2)
+    calib = sample_tokens(1000, batch=6, seq=16)
+    (reap,) = run_ranks(_plan_from_scores, 1, tmp_path / "ckpt", calib, "experts=3,moe_ffn=24,topk=1",
+                        tmp_path / "plan.json")
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    for layer, kept in enumerate(plan["kept_experts"]):  # each layer drops its own lowest-REAP expert
+        assert kept == sorted(reap[layer].argsort(descending=True)[:3].tolist())
+    run_ranks(_prune, 2, tmp_path / "ckpt", tmp_path / "plan.json", tmp_path / "pruned", 2, 1)
+    ref_dir = naive_pruned_moe(qwen3_moe, plan, tmp_path / "naive")
+    tokens = sample_tokens(1000)
+    assert_routing_unambiguous(ref_dir, tokens, 1)
+    ref = hf_logits(ref_dir, tokens)
+    (ours,) = run_ranks(moe_logits, 1, tmp_path / "pruned", 1, 1, 1, tokens)
+    print(f"kept experts {plan['kept_experts']}: max |ours - naive| {(ours - ref).abs().max().item():.2e}")
+    assert (ours - ref).abs().max().item() <= TOL
+    run_ranks(export, 1, tmp_path / "pruned", tmp_path / "pruned_hf")
+    got = hf_logits_fresh_process({"pruned": tmp_path / "pruned_hf"}, tokens, tmp_path)["pruned"]
+    assert got["class"] == "Qwen3MoeForCausalLM"
+    print(f"exported, fresh transformers: max |diff| {(got['logits'] - ours).abs().max().item():.2e}")
+    assert (got["logits"] - ours).abs().max().item() <= TOL
+    src, out = _hf_tensors(qwen3_moe), _hf_tensors(tmp_path / "pruned_hf")
+    for layer, kept in enumerate(plan["kept_experts"]):  # the router's kept rows are unchanged
+        name = f"model.layers.{layer}.mlp.gate.weight"
+        assert torch.equal(out[name], src[name][kept])
+
+
+def test_search_takes_an_active_parameter_budget(qwen3_moe):
+    """Active parameters (what one token uses) counted by hand: everything but the (experts - top-k) idle experts."""
+    from megatron_prune.arch import ModelArch
+    from megatron_prune.checkpoint.hf import read_hf_config
+    from megatron_prune.search import Budget, SearchSpace, candidate_name, candidates, target_spec
+
+    source = ModelArch.from_hf_config(read_hf_config(qwen3_moe))
+    space = SearchSpace(experts=[2, 3, 4], moe_ffn=[16, 32], topk=[1, 2])
+
+    def naive_active(a):
+        h = a.hidden_size
+        attn = h * (8 + 2 * 4) * 12 + 8 * 12 * h + 2 * 12  # q, k, v, o and the q/k norms
+        per_layer = 2 * h + attn + a.num_experts * h + a.moe_router_topk * 3 * h * a.moe_ffn_hidden_size
+        return 2 * 1000 * h + h + a.num_layers * per_layer
+
+    budget = Budget(active_params=naive_active(source.replace(moe_router_topk=1)), tolerance=0.01)
+    found = candidates(source, space, budget)
+    assert found and all(a.moe_router_topk <= a.num_experts for a in found)
+    for a in found:
+        assert a.active_param_count() == naive_active(a)
+        assert abs(a.active_param_count() / budget.active_params - 1) <= 0.01
+    assert "L2-h64-e2k1-f32" in [candidate_name(a)[:15] for a in found]
+    assert target_spec(source, source.replace(num_experts=3, moe_router_topk=1)) == "experts=3,topk=1"
+
+
+# ---------------------------------------------------------------------------------------------------
+def _distill_step(teacher, student, data, out, tp, pp, ep):
+    from megatron_prune.distill.config import TrainConfig
+    from megatron_prune.distill.trainer import train
+
+    cfg = TrainConfig(teacher=str(teacher), student=str(student), data=[str(data)], out=str(out), tp=tp, pp=pp, ep=ep,
+                      seq_len=16, micro_batch_size=1, global_batch_size=4, steps=1, optimizer="sgd", lr=1.0,
+                      min_lr=1.0, warmup_steps=0, weight_decay=0.0, clip_grad=1e9, kd_loss="forward", ce_weight=0.5,
+                      save_every=1, dataset_cache=str(Path(out).parent / "cache"))
+    return train(cfg)[-1]
+
+
+def test_distillation_keeps_the_students_router_loss_apart_and_is_the_same_at_pp2_and_ep2(mixtral, tmp_path):
+    """Mixtral teacher -> Mixtral student with its experts pruned to FFN 32 of 48: the student's load-balancing loss
+    (coefficient 0.02 from the config) is logged as ``moe_aux``, apart from ``kd``; one step gives the same losses and
+    gradient norm at TP1, PP2 and EP2."""
+    from conftest import write_token_dataset
+    from test_prune import _prune
+
+    run_ranks(_convert_ep, 1, mixtral, tmp_path / "teacher", 1)
+    run_ranks(_plan_from_scores, 1, tmp_path / "teacher", sample_tokens(1000, batch=4, seq=16), "moe_ffn=32",
+              tmp_path / "plan.json")
+    run_ranks(_prune, 1, tmp_path / "teacher", tmp_path / "plan.json", tmp_path / "student", 1, 1)
+    write_token_dataset(tmp_path / "data", num_docs=30, doc_len=50, vocab=1000)
+    records = {lay: run_ranks(_distill_step, 2 if lay != (1, 1, 1) else 1, tmp_path / "teacher", tmp_path / "student",
+                              tmp_path / "data", tmp_path / f"run{''.join(map(str, lay))}", *lay)[0]
+               for lay in [(1, 1, 1), (1, 2, 1), (1, 1, 2)]}
+    ref = records[(1, 1, 1)]
+    print(ref)
+    assert ref["kd"] > 0 and ref["moe_aux"] > 0
+    assert ref["loss"] == pytest.approx(ref["kd"] + 0.5 * ref["lm"], rel=1e-5)  # the aux loss is not in "loss"
+    for layout, rec in records.items():
+        for key in ("loss", "kd", "lm", "moe_aux", "grad_norm"):
+            assert rec[key] == pytest.approx(ref[key], rel=1e-4), (layout, key)

@@ -153,7 +153,7 @@ def _run_search(o: dict, out: str, tp: int, pp: int) -> None:
     from megatron_prune.pipelines.search import DistillSettings, search
     from megatron_prune.search import Budget, SearchSpace, parse_count
 
-    budget = Budget(**{k: parse_count(o.pop(k)) for k in ("params", "non_embedding_params") if k in o},
+    budget = Budget(**{k: parse_count(o.pop(k)) for k in ("params", "non_embedding_params", "active_params") if k in o},
                     tolerance=o.pop("tolerance", 0.05))
     space = SearchSpace(**o.pop("space")) if "space" in o else None
     d = o.pop("distill", None)
