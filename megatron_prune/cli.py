@@ -169,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="samples for the LM-loss drop (the first N calibration windows)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random choice of calibration windows")
     _add_layout(p)
+    _add_ep(p)
 
     p = sub.add_parser("prune", help="write a pruned checkpoint from scores and a target shape",
                        description="Make a plan (kept indices per axis and layer) from a score file and a target, "
@@ -220,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
                            help="student training in FP8 (TE; default off)")
         _add_layout(p)
         _add_vpp(p)
+        _add_ep(p)
 
     p = sub.add_parser("search", help="every shape within a parameter/memory budget, ranked zero-shot, then after distillation",
                        description="Architecture search (Minitron): enumerate the shapes of a search space within the "
@@ -505,7 +507,7 @@ def run(args: argparse.Namespace) -> None:
         score_checkpoint(args.ckpt, args.data, args.out, num_samples=args.samples, seq_len=args.seq_len,
                          micro_batch_size=args.micro_batch_size, seq_agg=args.seq_agg, batch_agg=args.batch_agg,
                          lm_loss_blocks=args.lm_loss_drop, lm_loss_samples=args.lm_loss_samples, tp=args.tp,
-                         pp=args.pp, seed=args.seed, head_metric=args.head_metric)
+                         pp=args.pp, seed=args.seed, head_metric=args.head_metric, ep=args.ep)
     elif args.command == "prune":
         from megatron_prune.pipelines.prune import prune
 
@@ -520,7 +522,8 @@ def run(args: argparse.Namespace) -> None:
                   "eval_every", "eval_samples", "save_every", "keep_last", "kd_loss", "kd_tau", "kd_top_k",
                   "ce_weight", "teacher_correction_steps", "teacher_correction_lr", "fp8_teacher", "fp8_student")
         overrides = {f: getattr(args, f) for f in fields if getattr(args, f, None) is not None}
-        overrides.update(tp=args.tp if args.tp != 1 else None, pp=args.pp if args.pp != 1 else None, vpp=args.vpp)
+        overrides.update(tp=args.tp if args.tp != 1 else None, pp=args.pp if args.pp != 1 else None, vpp=args.vpp,
+                         ep=args.ep if args.ep != 1 else None)
         (distill if args.command == "distill" else train)(args.config, **overrides)
     elif args.command == "search":
         from megatron_prune.pipelines.search import DistillSettings, search

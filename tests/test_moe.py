@@ -412,3 +412,60 @@ def test_distillation_keeps_the_students_router_loss_apart_and_is_the_same_at_pp
     for layout, rec in records.items():
         for key in ("loss", "kd", "lm", "moe_aux", "grad_norm"):
             assert rec[key] == pytest.approx(ref[key], rel=1e-4), (layout, key)
+
+
+def test_expert_targets_plan_and_refuse_with_the_fix(qwen3_moe):
+    """Plans from made-up scores: per-layer and same-in-every-layer expert choice, each expert its own neurons; and
+    targets that cannot be reached fail with the fix."""
+    from megatron_prune.arch import ModelArch
+    from megatron_prune.checkpoint.hf import read_hf_config
+    from megatron_prune.importance.scores import ImportanceScores
+    from megatron_prune.prune import PruneTarget, make_plan
+    from megatron_prune.prune.plan import PlanError
+
+    arch = ModelArch.from_hf_config(read_hf_config(qwen3_moe))
+    g = torch.Generator().manual_seed(0)
+    L, E = arch.num_layers, arch.num_experts
+    reap = torch.tensor([[4.0, 1.0, 3.0, 2.0], [1.0, 2.0, 3.0, 9.0]])  # summed over layers: 5, 3, 6, 11
+    scores = ImportanceScores(
+        arch=arch.to_dict(), seq_agg="mean", batch_agg="l2", num_samples=1, seq_len=1,
+        mlp=torch.zeros(L, arch.ffn_hidden_size), heads=torch.rand(L, 8, generator=g), query_groups=torch.rand(L, 4),
+        embedding=torch.rand(64, generator=g), embedding_layers=torch.rand(L, 2, 64), block_influence=torch.rand(L),
+        angle_matrix=torch.rand(L + 1, L + 1),
+        experts={"reap": reap, "output_l2": reap.flip(1), "tokens": reap, "router_prob": reap,
+                 "moe_ffn": torch.rand(L, E, arch.moe_ffn_hidden_size, generator=g)})
+    per_layer = make_plan(scores, arch, PruneTarget.parse("experts=2,moe_ffn=16"))
+    assert per_layer.kept_experts == [[0, 2], [2, 3]]
+    for j, kept in enumerate(per_layer.kept_experts):
+        for k, e in enumerate(kept):
+            assert per_layer.kept_moe_ffn[j][k] == sorted(scores.experts["moe_ffn"][j, e].argsort(descending=True)[:16]
+                                                          .tolist())
+    same = make_plan(scores, arch, PruneTarget.parse("experts=2,expert_choice=all_layers"))
+    assert same.kept_experts == [[2, 3], [2, 3]]
+    by_l2 = make_plan(scores, arch, PruneTarget.parse("experts=2,expert_metric=output_l2"))
+    assert by_l2.kept_experts == [[1, 3], [0, 1]]
+    assert make_plan(scores, arch, PruneTarget.parse("topk=1")).target_arch.moe_router_topk == 1
+    for target, fix in (("experts=1", "topk=1"), ("ffn=32", "moe_ffn=N"), ("experts=5", "larger than"),
+                        ("experts=2,expert_metric=magic", "reap"), ("experts=2,expert_choice=some", "all_layers")):
+        with pytest.raises(PlanError, match=fix):
+            make_plan(scores, arch, PruneTarget.parse(target))
+
+
+def _generate(ckpt, prompts, tp, pp, ep):
+    from megatron_prune.checkpoint import load_model
+    from megatron_prune.generation import SamplingParams, generate
+    from megatron_prune.runtime import init_distributed
+
+    init_distributed(tp, pp, ep=ep)
+    model, meta = load_model(ckpt, use_te=False)
+    return generate(model, meta.arch, prompts, SamplingParams(max_new_tokens=6), batch_size=3, desc=None)
+
+
+def test_greedy_generation_equals_transformers(mixtral, tmp_path):
+    from test_generate import _hf_greedy
+
+    run_ranks(_convert_ep, 1, mixtral, tmp_path / "ckpt", 1)
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(3, 1000, (n,), generator=g).tolist() for n in (5, 9, 3)]
+    want = _hf_greedy(mixtral, prompts, new=6)
+    assert run_ranks(_generate, 1, tmp_path / "ckpt", prompts, 1, 1, 1)[0] == want

@@ -21,7 +21,8 @@ from megatron_prune.models.axes import AXES
 
 DEPTH_METRICS = ("block_influence", "angular", "lm_loss", "lm_loss_block")
 EXPERT_METRICS = ("reap", "output_l2", "tokens", "router_prob")  # importance/experts.py
-TARGET_KEYS = tuple(a.arch_field for a in AXES) + ("drop_layers", "depth_metric", "expert_metric")
+EXPERT_CHOICES = ("per_layer", "all_layers")  # each layer its own best experts, or the same experts everywhere
+TARGET_KEYS = tuple(a.arch_field for a in AXES) + ("drop_layers", "depth_metric", "expert_metric", "expert_choice")
 # what users type on the command line (the axis names of models/axes.py and their aliases) -> PruneTarget field
 TARGET_ALIASES = {name: a.arch_field for a in AXES for name in (a.name, *a.aliases)}
 
@@ -52,6 +53,7 @@ class PruneTarget:
     moe_ffn_hidden_size: Optional[int] = None
     moe_router_topk: Optional[int] = None
     expert_metric: str = "reap"  # which expert score ranks the experts (EXPERT_METRICS)
+    expert_choice: str = "per_layer"  # EXPERT_CHOICES: all_layers keeps the same experts (summed scores) everywhere
 
     @classmethod
     def parse(cls, spec: str) -> "PruneTarget":
@@ -64,11 +66,12 @@ class PruneTarget:
             key = TARGET_ALIASES.get(name, name)
             if key not in TARGET_KEYS:
                 raise PlanError(f"unknown target axis {name!r}; use one of: "
-                                f"{', '.join(a.name for a in AXES)}, drop_layers, depth_metric, expert_metric")
+                                f"{', '.join(a.name for a in AXES)}, drop_layers, depth_metric, expert_metric, "
+                                "expert_choice")
             if key in values:
                 raise PlanError(f"target key {name!r} is given twice in {spec!r}; give each key once")
             try:
-                if key in ("depth_metric", "expert_metric"):
+                if key in ("depth_metric", "expert_metric", "expert_choice"):
                     if not value:
                         raise ValueError
                     values[key] = value
@@ -86,7 +89,8 @@ class PruneTarget:
                 example = {"drop_layers": "drop_layers=3:4:5", "depth_metric": "depth_metric=angular",
                            "expert_metric": "expert_metric=reap"}
                 takes = ("layer indices separated by colons" if key == "drop_layers"
-                         else "a name" if key in ("depth_metric", "expert_metric") else "a whole number")
+                         else "a name" if key in ("depth_metric", "expert_metric", "expert_choice")
+                         else "a whole number")
                 raise PlanError(f"target {name}={value!r} is not valid: {name} takes {takes}, "
                                 f"e.g. {example.get(key, name + '=1024')}") from None
         if not values:
@@ -219,6 +223,8 @@ def _moe_sizes(source: ModelArch, target: PruneTarget) -> dict:
         raise PlanError("this Mixture-of-Experts model has no dense MLP: prune the experts' width with moe_ffn=N")
     if target.expert_metric not in EXPERT_METRICS:
         raise PlanError(f"unknown expert metric {target.expert_metric!r}; use one of {', '.join(EXPERT_METRICS)}")
+    if target.expert_choice not in EXPERT_CHOICES:
+        raise PlanError(f"unknown expert_choice {target.expert_choice!r}; use one of {', '.join(EXPERT_CHOICES)}")
     for key, value in asked.items():
         if value > getattr(source, key):
             raise PlanError(f"target {key}={value} is larger than the source's {getattr(source, key)}: pruning only "
@@ -301,9 +307,11 @@ def _kept_experts(scores, source: ModelArch, arch: ModelArch, target: PruneTarge
         return ([list(range(source.num_experts)) for _ in layers],
                 [[all_neurons for _ in range(source.num_experts)] for _ in layers])
     scores = scores.with_expert_metric(target.expert_metric)
+    everywhere = _top_sorted(scores.for_axis("experts").sum(0), arch.num_experts)  # expert_choice=all_layers
     experts, neurons = [], []
     for layer in layers:
-        kept = _top_sorted(scores.for_axis("experts")[layer], arch.num_experts)
+        kept = (everywhere if target.expert_choice == "all_layers"
+                else _top_sorted(scores.for_axis("experts")[layer], arch.num_experts))
         experts.append(kept)
         neurons.append([_top_sorted(scores.for_axis("moe_ffn")[layer][e], arch.moe_ffn_hidden_size) for e in kept])
     return experts, neurons
