@@ -1,7 +1,8 @@
 """Mixture-of-Experts importance: per expert and per expert-FFN neuron, from the same calibration pass.
 
-Every local expert of megatron's sequential MoE layer is an MLP called as ``expert(tokens, probs)`` on exactly the
-tokens routed to it, with ``probs`` their gate weights g; it returns ``fc2(act(fc1(x)) * g) = g * E(x)``. Per
+Megatron's sequential experts (``SequentialMLP``) are called once per layer with this rank's routed tokens sorted by
+local expert, their count per expert and their gate weights g; each expert MLP returns ``fc2(act(fc1(x)) * g) =
+g * E(x)`` for its own tokens, and the outputs come back concatenated in the same order. Per
 expert e over its routed tokens T_e (ALGORITHMS.md):
 
 - ``tokens``: |T_e|, the routed-token count;
@@ -13,7 +14,8 @@ expert e over its routed tokens T_e (ALGORITHMS.md):
 
 Accumulated as float64 sums, which add across micro-batches, data-parallel ranks and the experts' data-parallel
 copies, so every layout gives the same numbers. With TP > 1 an expert's fc2 output is a partial sum on each TP rank
-(megatron reduces it in the dispatcher): the hook sums it over the expert-TP group before taking norms.
+(megatron reduces it in the dispatcher): the hook sums the layer's outputs over the expert-TP group (one all-reduce
+per layer) before taking norms.
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ class ExpertHooks:
             self.handles.append(layer.mlp.router.register_forward_hook(self._router_hook(i)))
             for e, expert in enumerate(layer.mlp.experts.local_experts):
                 self.handles.append(expert.linear_fc1.register_forward_hook(self._fc1_hook(i, e)))
-                self.handles.append(expert.register_forward_hook(self._expert_hook(i, e), with_kwargs=True))
+            self.handles.append(layer.mlp.experts.register_forward_hook(self._experts_hook(i), with_kwargs=True))
         return self.handles
 
     def _router_hook(self, i):
@@ -81,24 +83,27 @@ class ExpertHooks:
 
         return hook
 
-    def _expert_hook(self, i, e):
+    def _experts_hook(self, i):
         def hook(module, args, kwargs, output):
-            probs = args[1] if len(args) > 1 else kwargs.get("per_token_scale")
-            act = self._act.pop((i, e))
+            names = ("permuted_local_hidden_states", "tokens_per_expert", "permuted_probs")
+            _, counts, probs = (args[k] if len(args) > k else kwargs[n] for k, n in enumerate(names))
             out = (output[0] if isinstance(output, tuple) else output).float()
             if self.etp_group is not None:
                 import torch.distributed as dist
 
                 out = out.clone()
                 dist.all_reduce(out, group=self.etp_group)
-            if out.shape[0] == 0:
-                return
             g = probs.float().reshape(-1)
             norm = torch.linalg.vector_norm(out, dim=-1) / g  # ||E(x)||: megatron's output is g * E(x)
-            self.sums[i, e, 0] += out.shape[0]
-            self.sums[i, e, 1] += norm.double().sum()
-            self.sums[i, e, 2] += (g * norm).double().sum()
-            self.act_sq[i, e] += act.double().square().sum(0)
+            counts = [int(c) for c in counts.tolist()] if torch.is_tensor(counts) else [int(c) for c in counts]
+            for e, (n, gs, ns) in enumerate(zip(counts, g.split(counts), norm.split(counts), strict=True)):
+                act = self._act.pop((i, e), None)
+                if n == 0:
+                    continue
+                self.sums[i, e, 0] += n
+                self.sums[i, e, 1] += ns.double().sum()
+                self.sums[i, e, 2] += (gs * ns).double().sum()
+                self.act_sq[i, e] += act.double().square().sum(0)
 
         return hook
 
