@@ -393,7 +393,7 @@ def _distill_step(teacher, student, data, out, tp, pp, ep):
 def test_distillation_keeps_the_students_router_loss_apart_and_is_the_same_at_pp2_and_ep2(mixtral, tmp_path):
     """Mixtral teacher -> Mixtral student with its experts pruned to FFN 32 of 48: the student's load-balancing loss
     (coefficient 0.02 from the config) is logged as ``moe_aux``, apart from ``kd``; one step gives the same losses and
-    gradient norm at TP1, PP2 and EP2."""
+    gradient norm at TP1, PP2 and EP2. A dense teacher works too."""
     from conftest import write_token_dataset
     from test_prune import _prune
 
@@ -412,6 +412,14 @@ def test_distillation_keeps_the_students_router_loss_apart_and_is_the_same_at_pp
     for layout, rec in records.items():
         for key in ("loss", "kd", "lm", "moe_aux", "grad_norm"):
             assert rec[key] == pytest.approx(ref[key], rel=1e-4), (layout, key)
+    # a dense teacher (a random Llama of the same vocabulary) teaches the MoE student at EP2 as well
+    from conftest import make_hf_model
+
+    make_hf_model(tmp_path / "llama_hf", num_hidden_layers=2)
+    run_ranks(_convert_ep, 1, tmp_path / "llama_hf", tmp_path / "dense", 1)
+    rec = run_ranks(_distill_step, 2, tmp_path / "dense", tmp_path / "student", tmp_path / "data",
+                    tmp_path / "run_dense", 1, 1, 2)[0]
+    assert rec["kd"] > 1e-3 and rec["moe_aux"] == pytest.approx(ref["moe_aux"], rel=1e-4)
 
 
 def test_expert_targets_plan_and_refuse_with_the_fix(qwen3_moe):
@@ -469,3 +477,41 @@ def test_greedy_generation_equals_transformers(mixtral, tmp_path):
     prompts = [torch.randint(3, 1000, (n,), generator=g).tolist() for n in (5, 9, 3)]
     want = _hf_greedy(mixtral, prompts, new=6)
     assert run_ranks(_generate, 1, tmp_path / "ckpt", prompts, 1, 1, 1)[0] == want
+
+
+def _merge_and_loss(a, b, out, windows):
+    """A linear merge of two MoE checkpoints at TP2, then the merged model's LM loss at EP2."""
+    from megatron_prune.checkpoint import load_model
+    from megatron_prune.evaluate import lm_loss
+    from megatron_prune.pipelines.merge import merge
+    from megatron_prune.runtime import init_distributed
+
+    merge([a, b], out, method="linear", weights=[0.25, 0.75], tp=2, pp=1)
+    init_distributed(1, 1, ep=2)
+    model, meta = load_model(out)
+    return lm_loss(model, meta.arch, windows, 2, desc=None).lm_loss
+
+
+def test_merge_and_eval_run_on_moe(mixtral, tmp_path):
+    """A linear merge equals the naive weighted sum of the Hugging Face tensors (router and experts included), and
+    its LM loss at EP2 equals transformers' on the exported merge."""
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(mixtral, dtype=torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(tmp_path / "b_hf", safe_serialization=True)
+    run_ranks(_convert_ep, 1, mixtral, tmp_path / "a", 1)
+    run_ranks(_convert_ep, 1, tmp_path / "b_hf", tmp_path / "b", 1)
+    windows = sample_tokens(1000, batch=4, seq=17)
+    loss = run_ranks(_merge_and_loss, 2, tmp_path / "a", tmp_path / "b", tmp_path / "m", windows)[0]
+    run_ranks(export, 1, tmp_path / "m", tmp_path / "m_hf")
+    a, b, m = _hf_tensors(mixtral), _hf_tensors(tmp_path / "b_hf"), _hf_tensors(tmp_path / "m_hf")
+    assert sorted(m) == sorted(a)
+    for k in a:
+        torch.testing.assert_close(m[k], 0.25 * a[k] + 0.75 * b[k], rtol=1e-6, atol=1e-6, msg=k)
+    assert_routing_unambiguous(tmp_path / "m_hf", windows[:, :-1], 2)
+    logits = hf_logits(tmp_path / "m_hf", windows[:, :-1])
+    want = torch.nn.functional.cross_entropy(logits.reshape(-1, 1000), windows[:, 1:].reshape(-1)).item()
+    assert loss == pytest.approx(want, rel=1e-5)
