@@ -2,6 +2,7 @@
 
     python bench/bench_importance.py            # Llama-shaped 8 x 1024 model, TP1 and TP2
     python bench/bench_importance.py --quick    # small model, a few seconds
+    python bench/bench_importance.py --moe      # Mixtral-shaped: 8 experts, top-2 (the expert hooks too)
 
 Both passes run on the same randomly initialised model (megatron_prune.model.build_model), the same token
 ids, and the same megatron schedule calls (compute_importance groups micro-batches into calls of 4*PP; the
@@ -23,6 +24,8 @@ FULL = dict(arch=dict(num_layers=8, hidden_size=1024, ffn_hidden_size=2816, num_
                       vocab_size=32000), samples=8, seq_len=256, micro_batch_size=2, reps=3)
 QUICK = dict(arch=dict(num_layers=4, hidden_size=256, ffn_hidden_size=704, num_attention_heads=8, num_query_groups=4,
                        vocab_size=8000), samples=8, seq_len=128, micro_batch_size=2, reps=2)
+# --moe: every MLP becomes 8 experts of width FFN / 4, the router picking 2 (Mixtral's shape, scaled down)
+MOE = dict(model_type="mixtral", num_experts=8, moe_router_topk=2)
 
 
 def _worker(tp: int, cfg: dict) -> dict:
@@ -71,8 +74,11 @@ def main(argv=None) -> None:
     ap.add_argument("--quick", action="store_true", help="small model, quick run")
     ap.add_argument("--tp", type=int, nargs="+", default=[1, 2], help="TP sizes to run (default: 1 2)")
     ap.add_argument("--reps", type=int, help="timed repetitions of each pass (after one warm-up each)")
+    ap.add_argument("--moe", action="store_true", help="a Mixture-of-Experts model (8 experts, top-2)")
     args = ap.parse_args(argv)
     cfg = dict(QUICK if args.quick else FULL)
+    if args.moe:
+        cfg["arch"] = dict(cfg["arch"], **MOE, moe_ffn_hidden_size=cfg["arch"]["ffn_hidden_size"] // 4)
     if args.reps:
         cfg["reps"] = args.reps
     import os
@@ -80,7 +86,8 @@ def main(argv=None) -> None:
     a = cfg["arch"]
     print(f"model: {a['num_layers']} layers, hidden {a['hidden_size']}, FFN {a['ffn_hidden_size']}, "
           f"{a['num_attention_heads']} heads / {a['num_query_groups']} groups, vocab {a['vocab_size']}, fp32, "
-          f"random weights")
+          f"random weights" + (f"; MoE: {a['num_experts']} experts of FFN {a['moe_ffn_hidden_size']}, top-"
+                               f"{a['moe_router_topk']}" if args.moe else ""))
     print(f"data: {cfg['samples']} samples x {cfg['seq_len']} tokens, micro-batch {cfg['micro_batch_size']}; "
           f"{cfg['reps']} interleaved repetitions (+1 warm-up each); {os.cpu_count()} CPU cores split over the ranks")
     rows = []

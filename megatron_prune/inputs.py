@@ -53,15 +53,22 @@ def arch_fits(arch, tp: int, pp: int, name: str = "CKPT", vpp: int = 1, main: bo
     pipeline_split(arch, pp, name, vpp, main)
 
 
-def training_models(student, teacher, tp: int, pp: int, vpp: int = 1) -> None:
-    """The architectures of a training run (``teacher`` None without one) shard at tp x pp (x vpp) and share one
-    vocabulary. The stage-size flags size the student."""
-    arch_fits(student, tp, pp, "--student", vpp)
-    if teacher is not None:
-        arch_fits(teacher, tp, pp, "--teacher", vpp, main=False)
-        if teacher.vocab_size != student.vocab_size:
-            raise InputError(f"--teacher vocabulary ({teacher.vocab_size}) differs from --student's "
-                             f"({student.vocab_size}); distill between models of one tokenizer")
+def training_models(student, teacher, tp: int, pp: int, vpp: int = 1, ep: int = 1) -> None:
+    """The architectures of a training run (``teacher`` None without one) shard at tp x pp (x vpp, x ep) and share
+    one vocabulary. The stage-size flags size the student."""
+    for name, arch in (("--student", student), ("--teacher", teacher)):
+        if arch is None:
+            continue
+        arch_fits(arch, tp, pp, name, vpp, main=name == "--student")
+        if arch.num_experts is not None and ep > 1 and arch.num_experts % ep:
+            raise InputError(f"{name}: EP={ep} does not divide its {arch.num_experts} experts; choose an --ep that "
+                             "divides them")
+    if student.num_experts is not None and tp > 1:
+        raise InputError("training a Mixture-of-Experts student at TP > 1 needs megatron's sequence parallelism, "
+                         "which the trainer does not use yet: train it at --tp 1 with --ep and/or --pp")
+    if teacher is not None and teacher.vocab_size != student.vocab_size:
+        raise InputError(f"--teacher vocabulary ({teacher.vocab_size}) differs from --student's "
+                         f"({student.vocab_size}); distill between models of one tokenizer")
 
 
 def stage_override(first, last, pp: int) -> None:

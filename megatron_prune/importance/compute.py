@@ -7,6 +7,7 @@ from typing import Iterable, Optional, Sequence, Union
 import torch
 
 from megatron_prune.importance.depth import DepthHooks
+from megatron_prune.importance.experts import ExpertHooks, is_moe
 from megatron_prune.importance.scores import ImportanceScores, gather_global, make_scores
 from megatron_prune.importance.width import HEAD_METRICS, WidthHooks, check_aggregation
 
@@ -74,9 +75,10 @@ def compute_importance(
 
     width = WidthHooks(model, arch, tp, seq_agg)
     depth = DepthHooks(model, arch, ps.get_pipeline_model_parallel_group() if distributed else None)
+    experts = ExpertHooks(model, arch) if is_moe(arch) else None
     was_training = model.training
     model.eval()
-    handles = width.attach() + depth.attach()
+    handles = width.attach() + depth.attach() + (experts.attach() if experts else [])
     bar = progress(len(samples), desc, unit="seq") if desc else None
     try:
         for call in _schedule_calls(mine, micro_batch_size, 4 * pp):
@@ -96,9 +98,25 @@ def compute_importance(
         group = ps.get_data_parallel_group()
         width.all_reduce(group)
         depth.all_reduce(group)
+    expert_scores = _expert_scores(experts, distributed, dp) if experts else None
     local = {**width.finalize(batch_agg), **depth.finalize()}
     parts = gather_global(local, ps.get_tensor_model_parallel_group() if distributed else None,
                           ps.get_pipeline_model_parallel_group() if distributed else None)
+    ep = ps.get_expert_model_parallel_world_size() if distributed else 1
     return make_scores(parts, arch, seq_agg, batch_agg, len(samples), seq_len, angular_sizes,
-                       extra={"computed_at": {"tp": tp, "pp": pp, "dp": dp}, "micro_batch_size": micro_batch_size},
-                       head_metric=head_metric)
+                       extra={"computed_at": {"tp": tp, "pp": pp, "dp": dp, "ep": ep},
+                              "micro_batch_size": micro_batch_size},
+                       head_metric=head_metric, experts=expert_scores)
+
+
+def _expert_scores(experts: ExpertHooks, distributed: bool, dp: int) -> dict:
+    """The experts' sums added over the ranks that saw other tokens, then gathered over EP, expert TP and PP."""
+    from megatron.core import parallel_state as ps
+
+    if not distributed:
+        return experts.finalize()
+    expert_dp = ps.get_expert_data_parallel_group()
+    experts.all_reduce(ps.get_data_parallel_group() if dp > 1 else None,
+                       expert_dp if ps.get_expert_data_parallel_world_size() > 1 else None)
+    return experts.finalize(ps.get_expert_model_parallel_group(), ps.get_expert_tensor_parallel_group(),
+                            ps.get_pipeline_model_parallel_group())

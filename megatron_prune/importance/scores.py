@@ -22,7 +22,7 @@ FORMAT_VERSION = 1
 # the score tensor that ranks each pruning axis of models/axes.py (the field names predate the axis names and
 # stay, so that score files written before still load)
 AXIS_SCORES = {"hidden": "embedding", "ffn": "mlp", "heads": "heads", "query_groups": "query_groups",
-               "layers": "block_influence"}
+               "layers": "block_influence", "experts": "experts", "moe_ffn": "experts", "topk": None}
 
 _TENSOR_FIELDS = ("mlp", "heads", "query_groups", "embedding", "embedding_layers", "block_influence",
                   "angle_matrix")
@@ -51,11 +51,31 @@ class ImportanceScores:
     loss_drop: dict = field(default_factory=dict)  # {n: [layers-n+1]} LM-loss increase, block l..l+n-1 removed
     head_metric: str = "activation"  # which of width.HEAD_METRICS ``heads`` (and ``query_groups``) hold
     head_variants: dict = field(default_factory=dict)  # {metric: [layers, heads]} every head metric, one pass
+    # Mixture of Experts (importance/experts.py): {metric: [layers, experts]} for every EXPERT_METRICS entry, and
+    # "moe_ffn": [layers, experts, moe_ffn]; empty for a dense model
+    experts: dict = field(default_factory=dict)
+    expert_metric: str = "reap"  # which metric ranks the experts axis
 
     def for_axis(self, axis: str) -> torch.Tensor:
         """The scores of pruning axis ``axis`` (models/axes.py): [hidden] for hidden, [layers, units] for the
-        per-layer axes, [layers] (block influence) for layers."""
+        per-layer axes, [layers] (block influence) for layers, [layers, experts, moe_ffn] for moe_ffn."""
+        if axis in ("experts", "moe_ffn"):
+            if not self.experts:
+                raise ValueError(f"these scores have no expert scores (a dense model's): the {axis} axis needs "
+                                 "scores computed on a Mixture-of-Experts model")
+            return self.experts[self.expert_metric if axis == "experts" else "moe_ffn"]
+        if AXIS_SCORES[axis] is None:
+            raise ValueError(f"the {axis} axis is set, not ranked: it has no scores")
         return getattr(self, AXIS_SCORES[axis])
+
+    def with_expert_metric(self, metric: str) -> "ImportanceScores":
+        """These scores with the experts ranked by another stored expert metric (no recomputation)."""
+        from megatron_prune.importance.experts import EXPERT_METRICS
+
+        if metric not in EXPERT_METRICS or metric not in self.experts:
+            raise ValueError(f"expert metric {metric!r} is not in these scores (choose from "
+                             f"{', '.join(EXPERT_METRICS)})")
+        return dataclasses.replace(self, expert_metric=metric)
 
     def with_head_metric(self, metric: str) -> "ImportanceScores":
         """These scores with ``heads`` and ``query_groups`` taken from another head metric (no recomputation)."""
@@ -83,9 +103,12 @@ class ImportanceScores:
             tensors[f"loss_drop.{int(n)}"] = t.detach().float().cpu().contiguous()
         for name, t in self.head_variants.items():
             tensors[f"head_metric.{name}"] = t.detach().float().cpu().clone()  # may share memory with heads
-        meta = {"head_metric": self.head_metric, "format_version": FORMAT_VERSION, "arch": self.arch,
-                "seq_agg": self.seq_agg, "batch_agg": self.batch_agg, "num_samples": self.num_samples,
-                "seq_len": self.seq_len, "base_lm_loss": self.base_lm_loss, "extra": self.extra}
+        for name, t in self.experts.items():
+            tensors[f"expert.{name}"] = t.detach().float().cpu().contiguous()
+        meta = {"head_metric": self.head_metric, "expert_metric": self.expert_metric,
+                "format_version": FORMAT_VERSION, "arch": self.arch, "seq_agg": self.seq_agg,
+                "batch_agg": self.batch_agg, "num_samples": self.num_samples, "seq_len": self.seq_len,
+                "base_lm_loss": self.base_lm_loss, "extra": self.extra}
         tmp = path.with_name(f".{path.name}.tmp")
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -118,6 +141,8 @@ class ImportanceScores:
                    extra=meta.get("extra", {}), base_lm_loss=meta.get("base_lm_loss"),
                    loss_drop=by_size("loss_drop."), head_metric=meta.get("head_metric", "activation"),
                    head_variants={k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith("head_metric.")},
+                   experts={k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith("expert.")},
+                   expert_metric=meta.get("expert_metric", "reap"),
                    **{k: tensors[k] for k in _TENSOR_FIELDS})
 
     def angular_distance(self, n: int) -> torch.Tensor:
@@ -174,7 +199,7 @@ def gather_global(local: dict, tp_group=None, pp_group=None) -> dict:
 
 def make_scores(global_parts: dict, arch, seq_agg: str, batch_agg: str, num_samples: int, seq_len: int,
                 angular_sizes: Optional[list] = None, extra: Optional[dict] = None,
-                head_metric: str = "residual") -> ImportanceScores:
+                head_metric: str = "residual", experts: Optional[dict] = None) -> ImportanceScores:
     from megatron_prune.importance.depth import angular_distances
     from megatron_prune.importance.width import query_group_scores
 
@@ -186,5 +211,6 @@ def make_scores(global_parts: dict, arch, seq_agg: str, batch_agg: str, num_samp
         num_samples=int(num_samples), seq_len=int(seq_len), mlp=g["mlp"], heads=g["heads"],
         query_groups=query_group_scores(g["heads"], arch.num_query_groups), embedding=g["embedding_layers"].sum((0, 1)),
         embedding_layers=g["embedding_layers"], block_influence=g["block_influence"], angle_matrix=g["angle_matrix"],
-        angular=angular_distances(g["angle_matrix"], sizes), extra=dict(extra or {}), head_variants=variants)
+        angular=angular_distances(g["angle_matrix"], sizes), extra=dict(extra or {}), head_variants=variants,
+        experts={k: v.detach().float().cpu() for k, v in (experts or {}).items()})
     return scores.with_head_metric(head_metric)

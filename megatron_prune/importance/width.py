@@ -120,8 +120,9 @@ class WidthHooks:
 
     def attach(self) -> list:
         for i, layer in enumerate(self.layers):
+            if getattr(self.arch, "num_experts", None) is None:  # a MoE layer's experts: importance/experts.py
+                self.handles.append(layer.mlp.linear_fc2.register_forward_pre_hook(self._mlp_hook(i), with_kwargs=True))
             self.handles += [
-                layer.mlp.linear_fc2.register_forward_pre_hook(self._mlp_hook(i), with_kwargs=True),
                 layer.self_attention.linear_proj.register_forward_pre_hook(self._head_hook(i), with_kwargs=True),
                 layer.input_layernorm.register_forward_hook(self._norm_hook(i, 0)),
                 layer.pre_mlp_layernorm.register_forward_hook(self._norm_hook(i, 1)),

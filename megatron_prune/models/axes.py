@@ -25,4 +25,10 @@ AXES: tuple[Axis, ...] = (
     Axis("query_groups", "num_query_groups", True, "key/value heads (GQA groups) with their query heads",
          aliases=("groups",)),
     Axis("layers", "num_layers", False, "decoder layers (depth)"),
+    # Mixture of Experts (Mixtral, Qwen3-MoE)
+    Axis("experts", "num_experts", True, "MoE experts per layer: each layer drops its lowest-scoring experts "
+         "(expert_metric=reap|output_l2|tokens|router_prob) and the router's rows for them"),
+    Axis("moe_ffn", "moe_ffn_hidden_size", True, "FFN neurons of every expert, one common width"),
+    Axis("topk", "moe_router_topk", False, "experts the router picks per token (num_experts_per_tok)",
+         aliases=("top_k",)),
 )

@@ -13,14 +13,20 @@ if TYPE_CHECKING:
 
 
 def check_importance(ckpt, data_prefix, out, num_samples: int, seq_len: int, micro_batch_size: int,
-                     lm_loss_blocks: Sequence[int], lm_loss_samples: int, tp: int, pp: int) -> None:
+                     lm_loss_blocks: Sequence[int], lm_loss_samples: int, tp: int, pp: int, ep: int = 1) -> None:
     """Every input of `importance`, before any process group or weight."""
     inputs.layout(tp, pp)
+    inputs.positive("--ep", ep)
     for name, value in (("--samples", num_samples), ("--seq-len", seq_len), ("--micro-batch-size", micro_batch_size),
                         ("--lm-loss-samples", lm_loss_samples)):
         inputs.positive(name, value)
     meta = inputs.checkpoint(ckpt)
     inputs.checkpoint_fits(meta, tp, pp)
+    if ep != 1:
+        try:
+            meta.arch.check_parallel(tp, pp, ep)
+        except ValueError as e:
+            raise inputs.InputError(f"CKPT: {e}") from e
     layers = meta.arch.num_layers
     bad = [n for n in lm_loss_blocks if not 1 <= n < layers]
     if bad:
@@ -35,8 +41,9 @@ def check_importance(ckpt, data_prefix, out, num_samples: int, seq_len: int, mic
 def score_checkpoint(ckpt: str | Path, data_prefix: str | Path, out: str | Path, num_samples: int = 1024,
                      seq_len: int = 512, micro_batch_size: int = 4, seq_agg: str = "mean", batch_agg: str = "l2",
                      lm_loss_blocks: Sequence[int] = (), lm_loss_samples: int = 64, tp: int = 1, pp: int = 1,
-                     seed: int = 0, head_metric: str = "residual") -> "ImportanceScores":
-    """Load ``ckpt`` at ``tp`` x ``pp``, score every prunable unit, and save the scores (rank 0) to ``out``."""
+                     seed: int = 0, head_metric: str = "residual", ep: int = 1) -> "ImportanceScores":
+    """Load ``ckpt`` at ``tp`` x ``pp`` (x ``ep`` for a Mixture-of-Experts model), score every prunable unit, and
+    save the scores (rank 0) to ``out``."""
     from megatron_prune.checkpoint import load_model
     from megatron_prune.checkpoint.outputs import check_output_path
     from megatron_prune.data import calibration_windows
@@ -46,8 +53,8 @@ def score_checkpoint(ckpt: str | Path, data_prefix: str | Path, out: str | Path,
     check_output_path(out, {"input checkpoint": ckpt, "data file": f"{data_prefix}.bin",
                             "data index": f"{data_prefix}.idx"})
     check_importance(ckpt, data_prefix, out, num_samples, seq_len, micro_batch_size, lm_loss_blocks, lm_loss_samples,
-                     tp, pp)
-    init_distributed(tp, pp, seed=seed)
+                     tp, pp, ep)
+    init_distributed(tp, pp, seed=seed, ep=ep)
     model, meta = load_model(ckpt, use_te=False)  # the hooks read norm outputs, which TE fuses away
     windows = calibration_windows(data_prefix, num_samples, seq_len, seed)
     log0(f"importance of {ckpt} ({meta.arch.describe()}) on {num_samples} x {seq_len} tokens, "

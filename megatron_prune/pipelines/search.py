@@ -61,7 +61,8 @@ def _read_json(path: Path):
 
 _MEASURES = (("params", "--params", "parameters"), ("non_embedding_params", "--non-embedding-params",
                                                       "non-embedding parameters"),
-             ("memory_bytes", "--memory-gib", "GiB of weights and KV cache"))
+             ("memory_bytes", "--memory-gib", "GiB of weights and KV cache"),
+             ("active_params", "--active-params", "parameters used per token"))
 
 
 def _no_fit_message(source, space: SearchSpace, budget: Budget, tp: int, pp: int) -> str:
@@ -271,6 +272,7 @@ def collect(out_dir: Path) -> dict:
         ds = _read_json(Path(out_dir) / "candidates" / c["name"] / "result.json")
         rows.append({"name": c["name"], "target": c["target"], "params": c["params"],
                      "non_embedding_params": c["non_embedding_params"], "memory_bytes": c["memory_bytes"],
+                     "active_params": c.get("active_params"),
                      "zero_shot_loss": zs["lm_loss"] if zs else None, "distilled_loss": ds["lm_loss"] if ds else None})
     for key in ("zero_shot_loss", "distilled_loss"):
         order = sorted((r for r in rows if r[key] is not None), key=lambda r: r[key])
@@ -315,7 +317,7 @@ def write_report(results: dict, out_dir: Path) -> None:
     b = results["header"]["budget"]
     text = (f"# Architecture search\n\nSource: {results['header']['checkpoint']}; budget: "
             + ", ".join(f"{k.replace('_bytes', '')}={count(k, v)}" for k, v in b.items()
-                        if k in ("params", "non_embedding_params", "memory_bytes") and v)
+                        if k in ("params", "non_embedding_params", "memory_bytes", "active_params") and v)
             + f" (+-{b['tolerance']:.0%}); {len(rows)} candidates, ordered by zero-shot rank.\n\n"
             + "\n".join(lines) + "\n")
     (out_dir / "report.md").write_text(text)

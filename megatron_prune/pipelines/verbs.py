@@ -337,7 +337,7 @@ def _importance(o: dict) -> None:
     score_checkpoint(o["ckpt"], o["data"], o["out"], num_samples=o["samples"], seq_len=o["seq_len"],
                      micro_batch_size=o["micro_batch_size"], seq_agg=o["seq_agg"], batch_agg=o["batch_agg"],
                      lm_loss_blocks=o["lm_loss_drop"], lm_loss_samples=o["lm_loss_samples"], seed=o["seed"],
-                     head_metric=o["head_metric"], **layout(o))
+                     head_metric=o["head_metric"], ep=o["ep"], **layout(o))
 
 
 AGGREGATIONS = ("mean", "l2", "variance")
@@ -362,7 +362,7 @@ IMPORTANCE = Verb(
             "per block; default none)", int, default=[], nargs="*", metavar="N"),
      Option("lm_loss_samples", "samples for the LM-loss drop (the first N calibration windows)", int, 64),
      Option("seed", "seed of the random choice of calibration windows", int, 0),
-     *LAYOUT),
+     *LAYOUT, EP),
     _importance, stage_out="{name}.scores", complete=_is_file)
 
 
@@ -454,7 +454,7 @@ def training_options(verb: str) -> tuple[Option, ...]:
     if sft:
         opts.append(Option("sft_pack", "one example per sample (right-padded) instead of packing examples into "
                            "--seq-len windows (default: packed)", flag="--no-pack", action="store_false"))
-    opts += [*LAYOUT, VPP]
+    opts += [*LAYOUT, VPP, EP]
     named = {o.name for o in opts}
     opts += [Option(name, "TrainConfig field (see distill/config.py)", where=RECIPE, default=None)
              for name in defaults if name not in named]
@@ -470,8 +470,8 @@ def _trainer(verb: str) -> Callable[[dict], None]:
         pipeline = getattr(importlib.import_module(f"megatron_prune.pipelines.{verb}"), verb)  # e.g. sft.sft
         fields = {f.name for f in dataclasses.fields(TrainConfig)}
         overrides = {k: v for k, v in o.items() if k in fields and v is not None}
-        # a layout of 1 is the flags' default: a --config YAML's tp/pp stands
-        overrides.update({k: v if v != 1 else None for k, v in layout(o).items()})
+        # a layout of 1 is the flags' default: a --config YAML's tp/pp/ep stands
+        overrides.update({k: v if v != 1 else None for k, v in {**layout(o), "ep": o["ep"]}.items()})
         pipeline(o.get("config"), **overrides)
 
     return run
@@ -502,7 +502,7 @@ SFT = _training_verb(
 
 
 # ------------------------------------------------------------------------------------------ search
-SEARCH_AXES = ("layers", "hidden", "ffn", "heads", "query_groups")
+SEARCH_AXES = ("layers", "hidden", "ffn", "heads", "query_groups", "experts", "moe_ffn", "topk")
 
 
 def _search(o: dict) -> dict:
@@ -513,6 +513,7 @@ def _search(o: dict) -> dict:
 
     count = lambda key: parse_count(o[key], "--" + key.replace("_", "-")) if o[key] else None  # noqa: E731
     budget = Budget(params=count("params"), non_embedding_params=count("non_embedding_params"),
+                    active_params=count("active_params"),
                     memory_bytes=o["memory_gib"] * 1024 ** 3 if o["memory_gib"] is not None else None,
                     tolerance=o["tolerance"], memory_seq_len=o["memory_seq_len"], memory_batch=o["memory_batch"],
                     memory_dtype=o["memory_dtype"])
@@ -580,6 +581,8 @@ SEARCH = Verb(
             keys=_distill_settings),
      Option("params", "total parameters, e.g. 90M or 4.5B"),
      Option("non_embedding_params", "parameters outside embedding/output layers, e.g. 60M"),
+     Option("active_params", "parameters one token uses (Mixture of Experts: attention, embeddings, routers and the "
+            "top-k experts), e.g. 3B"),
      Option("memory_gib", "weights + KV cache in GiB at --memory-seq-len/--memory-batch", float),
      Option("memory_seq_len", "sequence length of the KV cache counted in --memory-gib (default 4096)", int, 4096),
      Option("memory_batch", "batch size of the KV cache counted in --memory-gib (default 1)", int, 1),
@@ -591,6 +594,9 @@ SEARCH = Verb(
      Option("ffn", "default: multiples of 256 (64 below 2048) down to half the source"),
      Option("heads", "default: multiples of the query groups down to half the source"),
      Option("query_groups", "default: the source's"),
+     Option("experts", "Mixture of Experts: experts per layer (default: the source's)"),
+     Option("moe_ffn", "Mixture of Experts: each expert's FFN width (default: the source's)"),
+     Option("topk", "Mixture of Experts: the router's top-k (default: the source's)"),
      Option("depth_metric", "how layers are chosen when depth shrinks (default angular)", default="angular"),
      Option("top_k", "candidates distilled (default 3)", int, 3),
      Option("distill_steps", "steps per candidate (default 400, as in Minitron)", int, 400, where=CLI),

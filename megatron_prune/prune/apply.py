@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_prune.models import family_of
+from megatron_prune.models.family import expert_index
 from megatron_prune.prune.plan import PrunePlan
 
 _LAYER_RE = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
@@ -69,11 +70,14 @@ def _proj_cols(plan: PrunePlan, j: int) -> list[int]:
             for k in range(d)]
 
 
-def _select(src: torch.Tensor, dim: int, kind: str, plan: PrunePlan, j: int, tp_split: bool) -> torch.Tensor:
-    """Keep the units of pruning kind ``kind`` along ``dim`` (see models/family.py DIM_KINDS)."""
+def _select(src: torch.Tensor, dim: int, kind: str, plan: PrunePlan, j: int, tp_split: bool,
+            expert: int | None = None) -> torch.Tensor:
+    """Keep the units of pruning kind ``kind`` along ``dim`` (see models/family.py DIM_KINDS); ``expert``: the
+    target expert an expert parameter belongs to."""
     if kind == "hidden":  # never split over TP
         return src.index_select(dim, torch.tensor(plan.kept_hidden, device=src.device))
-    index = {"ffn": lambda: plan.kept_ffn[j], "qkv": lambda: _qkv_rows(plan, j), "heads": lambda: _proj_cols(plan, j)}
+    index = {"ffn": lambda: plan.kept_ffn[j], "qkv": lambda: _qkv_rows(plan, j), "heads": lambda: _proj_cols(plan, j),
+             "experts": lambda: plan.kept_experts[j], "moe_ffn": lambda: plan.kept_moe_ffn[j][expert]}
     if kind not in index:  # vocab, None: nothing to prune
         return src
     if tp_split:
@@ -85,9 +89,11 @@ def pruned_value(name: str, src: torch.Tensor, plan: PrunePlan, j: int) -> torch
     """The pruned value of parameter ``name``; ``j`` is the target (global) layer index for layer params.
 
     Driven by the family's parameter table: every dimension is cut by its pruning kind, the hidden one
-    first (local, and it makes the TP exchange of the others smaller).
+    first (local, and it makes the TP exchange of the others smaller). An expert parameter's name carries its
+    target expert (``src`` is the kept source expert's tensor, see :func:`source_name`).
     """
     row, _ = family_of(plan.source_arch).param(name)
+    expert = expert_index(name)[1]
     order = sorted(range(len(row.dims)), key=lambda d: row.dims[d] != "hidden")
     parts = [src]
     if row.fused == "gate_up" and plan.source_arch.gated:  # local shard is [gate_r; up_r]: each half on its own
@@ -95,7 +101,7 @@ def pruned_value(name: str, src: torch.Tensor, plan: PrunePlan, j: int) -> torch
     out = []
     for part in parts:
         for d in order:
-            part = _select(part, d, row.dims[d], plan, j, tp_split=row.tp_dim == d)
+            part = _select(part, d, row.dims[d], plan, j, tp_split=row.tp_dim == d, expert=expert)
         out.append(part)
     return out[0] if len(out) == 1 else torch.cat(out, dim=0)
 
@@ -110,10 +116,20 @@ def fill_pruned(target_model: torch.nn.Module, source: dict[str, torch.Tensor], 
     for name, param in target_model.named_parameters():
         m = _LAYER_RE.match(name)
         j = offset + int(m.group(1)) if m else -1
-        value = pruned_value(name, source[name].detach(), plan, j)
+        value = pruned_value(name, source[source_name(name, plan, j)].detach(), plan, j)
         if value.shape != param.shape:
             raise RuntimeError(f"{name}: pruned shape {tuple(value.shape)} != target {tuple(param.shape)}")
         param.copy_(value)
+
+
+def source_name(name: str, plan: PrunePlan, j: int) -> str:
+    """The name (in target layer numbering) of the source tensor target parameter ``name`` is cut from: itself,
+    or for a parameter of target expert k, the same parameter of the k-th kept source expert. Pruning runs at
+    expert-parallel size 1, where local and global expert indices are the same."""
+    pattern, expert = expert_index(name)
+    if expert is None:
+        return name
+    return pattern.replace("{e}", str(plan.kept_experts[j][expert]))
 
 
 def _starts(split: list[int]) -> list[int]:

@@ -20,7 +20,9 @@ from megatron_prune.checkpoint.outputs import write_json_atomic
 from megatron_prune.models.axes import AXES
 
 DEPTH_METRICS = ("block_influence", "angular", "lm_loss", "lm_loss_block")
-TARGET_KEYS = tuple(a.arch_field for a in AXES) + ("drop_layers", "depth_metric")
+EXPERT_METRICS = ("reap", "output_l2", "tokens", "router_prob")  # importance/experts.py
+EXPERT_CHOICES = ("per_layer", "all_layers")  # each layer its own best experts, or the same experts everywhere
+TARGET_KEYS = tuple(a.arch_field for a in AXES) + ("drop_layers", "depth_metric", "expert_metric", "expert_choice")
 # what users type on the command line (the axis names of models/axes.py and their aliases) -> PruneTarget field
 TARGET_ALIASES = {name: a.arch_field for a in AXES for name in (a.name, *a.aliases)}
 
@@ -47,6 +49,11 @@ class PruneTarget:
     num_layers: Optional[int] = None
     drop_layers: Optional[tuple[int, ...]] = None
     depth_metric: str = "block_influence"
+    num_experts: Optional[int] = None
+    moe_ffn_hidden_size: Optional[int] = None
+    moe_router_topk: Optional[int] = None
+    expert_metric: str = "reap"  # which expert score ranks the experts (EXPERT_METRICS)
+    expert_choice: str = "per_layer"  # EXPERT_CHOICES: all_layers keeps the same experts (summed scores) everywhere
 
     @classmethod
     def parse(cls, spec: str) -> "PruneTarget":
@@ -59,11 +66,12 @@ class PruneTarget:
             key = TARGET_ALIASES.get(name, name)
             if key not in TARGET_KEYS:
                 raise PlanError(f"unknown target axis {name!r}; use one of: "
-                                f"{', '.join(a.name for a in AXES)}, drop_layers, depth_metric")
+                                f"{', '.join(a.name for a in AXES)}, drop_layers, depth_metric, expert_metric, "
+                                "expert_choice")
             if key in values:
                 raise PlanError(f"target key {name!r} is given twice in {spec!r}; give each key once")
             try:
-                if key == "depth_metric":
+                if key in ("depth_metric", "expert_metric", "expert_choice"):
                     if not value:
                         raise ValueError
                     values[key] = value
@@ -78,9 +86,11 @@ class PruneTarget:
             except PlanError:
                 raise
             except ValueError:
-                example = {"drop_layers": "drop_layers=3:4:5", "depth_metric": "depth_metric=angular"}
+                example = {"drop_layers": "drop_layers=3:4:5", "depth_metric": "depth_metric=angular",
+                           "expert_metric": "expert_metric=reap"}
                 takes = ("layer indices separated by colons" if key == "drop_layers"
-                         else "a name" if key == "depth_metric" else "a whole number")
+                         else "a name" if key in ("depth_metric", "expert_metric", "expert_choice")
+                         else "a whole number")
                 raise PlanError(f"target {name}={value!r} is not valid: {name} takes {takes}, "
                                 f"e.g. {example.get(key, name + '=1024')}") from None
         if not values:
@@ -99,6 +109,8 @@ class PrunePlan:
     kept_heads: list[list[list[int]]]  # per kept layer, per kept group: head indices within the group
     target: dict = field(default_factory=dict)
     scores_file: Optional[str] = None
+    kept_experts: Optional[list[list[int]]] = None  # MoE: per kept layer, the source experts kept
+    kept_moe_ffn: Optional[list[list[list[int]]]] = None  # MoE: per kept layer, per kept expert, its neurons
 
     def to_json(self) -> dict:
         d = dataclasses.asdict(self)
@@ -132,6 +144,19 @@ class PrunePlan:
                 raise PlanError(f"kept_heads[{j}] needs one list per kept group")
             for g, heads in enumerate(self.kept_heads[j]):
                 _check_indices(f"kept_heads[{j}][{g}]", heads, s.heads_per_group, t.heads_per_group)
+        if s.num_experts is None:
+            if self.kept_experts is not None or self.kept_moe_ffn is not None:
+                raise PlanError("kept_experts/kept_moe_ffn are for Mixture-of-Experts models; this source is dense")
+            return
+        if self.kept_experts is None or self.kept_moe_ffn is None or len(self.kept_experts) != t.num_layers \
+                or len(self.kept_moe_ffn) != t.num_layers:
+            raise PlanError("a Mixture-of-Experts plan needs kept_experts and kept_moe_ffn, one entry per kept layer")
+        for j in range(t.num_layers):
+            _check_indices(f"kept_experts[{j}]", self.kept_experts[j], s.num_experts, t.num_experts)
+            if len(self.kept_moe_ffn[j]) != t.num_experts:
+                raise PlanError(f"kept_moe_ffn[{j}] needs one list per kept expert")
+            for e, neurons in enumerate(self.kept_moe_ffn[j]):
+                _check_indices(f"kept_moe_ffn[{j}][{e}]", neurons, s.moe_ffn_hidden_size, t.moe_ffn_hidden_size)
 
 
 def _check_indices(name: str, idx: list[int], source_size: int, target_size: int) -> None:
@@ -178,10 +203,38 @@ def target_arch(source: ModelArch, target: PruneTarget) -> ModelArch:
                         f"the same number of heads{hint}")
     if heads // groups > per_group:
         raise PlanError(f"target has {heads // groups} heads per query group, the source only {per_group}{hint}")
+    sizes.update(_moe_sizes(source, target))
     try:
         return source.replace(**sizes)  # kv_channels stays: heads keep their width
     except ArchError as e:
         raise PlanError(str(e)) from e
+
+
+def _moe_sizes(source: ModelArch, target: PruneTarget) -> dict:
+    """The MoE fields of the target shape (none for a dense source); PlanError for what cannot be reached."""
+    asked = {k: getattr(target, k) for k in ("num_experts", "moe_ffn_hidden_size", "moe_router_topk")
+             if getattr(target, k) is not None}
+    if source.num_experts is None:
+        if asked:
+            raise PlanError(f"{', '.join(asked)} prune a Mixture-of-Experts model; this model is dense")
+        return {}
+    if target.ffn_hidden_size is not None:
+        raise PlanError("this Mixture-of-Experts model has no dense MLP: prune the experts' width with moe_ffn=N")
+    if target.expert_metric not in EXPERT_METRICS:
+        raise PlanError(f"unknown expert metric {target.expert_metric!r}; use one of {', '.join(EXPERT_METRICS)}")
+    if target.expert_choice not in EXPERT_CHOICES:
+        raise PlanError(f"unknown expert_choice {target.expert_choice!r}; use one of {', '.join(EXPERT_CHOICES)}")
+    for key, value in asked.items():
+        if value > getattr(source, key):
+            raise PlanError(f"target {key}={value} is larger than the source's {getattr(source, key)}: pruning only "
+                            "removes")
+    experts = asked.get("num_experts", source.num_experts)
+    topk = asked.get("moe_router_topk", source.moe_router_topk)
+    if topk > experts:
+        raise PlanError(f"{experts} experts cannot serve the router's top-{topk}: keep experts >= top-k, or lower "
+                        f"it as well (topk={experts})")
+    return {"num_experts": experts, "moe_ffn_hidden_size": asked.get("moe_ffn_hidden_size", source.moe_ffn_hidden_size),
+            "moe_router_topk": topk}
 
 
 def _top_sorted(scores: torch.Tensor, k: int) -> list[int]:
@@ -234,19 +287,44 @@ def make_plan(scores, source: ModelArch, target: PruneTarget, scores_file: Optio
         groups.append(kept_groups)
         per_group = scores.for_axis("heads")[layer].reshape(source.num_query_groups, source.heads_per_group)
         heads.append([_top_sorted(per_group[g], hpg_t) for g in kept_groups])
+    experts, moe_ffn = _kept_experts(scores, source, arch, target, layers)
     spec = {k: v for k, v in dataclasses.asdict(target).items() if v is not None}
     plan = PrunePlan(source_arch=source, target_arch=arch, kept_layers=layers, kept_hidden=hidden, kept_ffn=ffn,
-                     kept_groups=groups, kept_heads=heads, target=spec, scores_file=scores_file)
+                     kept_groups=groups, kept_heads=heads, target=spec, scores_file=scores_file,
+                     kept_experts=experts, kept_moe_ffn=moe_ffn)
     plan.validate()
     return plan
 
 
+def _kept_experts(scores, source: ModelArch, arch: ModelArch, target: PruneTarget, layers: list[int]):
+    """(kept experts, their kept neurons) per kept layer: each layer keeps its highest-scoring experts (by
+    ``target.expert_metric``), each kept expert its highest-scoring neurons; (None, None) for a dense model."""
+    if source.num_experts is None:
+        return None, None
+    if arch.num_experts == source.num_experts and arch.moe_ffn_hidden_size == source.moe_ffn_hidden_size:
+        all_neurons = list(range(source.moe_ffn_hidden_size))
+        return ([list(range(source.num_experts)) for _ in layers],
+                [[all_neurons for _ in range(source.num_experts)] for _ in layers])
+    scores = scores.with_expert_metric(target.expert_metric)
+    everywhere = _top_sorted(scores.for_axis("experts").sum(0), arch.num_experts)  # expert_choice=all_layers
+    experts, neurons = [], []
+    for layer in layers:
+        kept = (everywhere if target.expert_choice == "all_layers"
+                else _top_sorted(scores.for_axis("experts")[layer], arch.num_experts))
+        experts.append(kept)
+        neurons.append([_top_sorted(scores.for_axis("moe_ffn")[layer][e], arch.moe_ffn_hidden_size) for e in kept])
+    return experts, neurons
+
+
 def identity_plan(arch: ModelArch) -> PrunePlan:
     """Keeps everything; pruning with it must reproduce the source model exactly."""
+    moe = arch.num_experts is not None
     return PrunePlan(
         source_arch=arch, target_arch=arch, kept_layers=list(range(arch.num_layers)),
         kept_hidden=list(range(arch.hidden_size)),
         kept_ffn=[list(range(arch.ffn_hidden_size))] * arch.num_layers,
         kept_groups=[list(range(arch.num_query_groups))] * arch.num_layers,
         kept_heads=[[list(range(arch.heads_per_group))] * arch.num_query_groups] * arch.num_layers,
+        kept_experts=[list(range(arch.num_experts))] * arch.num_layers if moe else None,
+        kept_moe_ffn=[[list(range(arch.moe_ffn_hidden_size))] * arch.num_experts] * arch.num_layers if moe else None,
     )

@@ -26,14 +26,16 @@ class Budget:
     params: Optional[float] = None
     non_embedding_params: Optional[float] = None
     memory_bytes: Optional[float] = None
+    active_params: Optional[float] = None  # MoE: parameters one token uses (the router's top-k experts only)
     tolerance: float = 0.05
     memory_seq_len: int = 4096
     memory_batch: int = 1
     memory_dtype: str = "bf16"
 
     def __post_init__(self):
-        if self.params is None and self.non_embedding_params is None and self.memory_bytes is None:
-            raise ArchError("give at least one constraint: --params, --non-embedding-params or --memory-gib")
+        if all(v is None for v in (self.params, self.non_embedding_params, self.memory_bytes, self.active_params)):
+            raise ArchError("give at least one constraint: --params, --non-embedding-params, --memory-gib or "
+                            "--active-params")
         if not 0 < self.tolerance < 1:
             raise ArchError(f"tolerance (--tolerance) must be in (0, 1), got {self.tolerance}; 0.05 is +-5%")
         if self.memory_bytes is not None and not self.memory_bytes > 0:
@@ -46,11 +48,12 @@ class Budget:
 
     def measures(self, arch: ModelArch) -> dict:
         return {"params": arch.param_count(), "non_embedding_params": non_embedding_params(arch),
+                "active_params": arch.active_param_count(),
                 "memory_bytes": inference_memory(arch, self.memory_seq_len, self.memory_batch, self.memory_dtype)}
 
     def accepts(self, arch: ModelArch) -> bool:
         values = self.measures(arch)
-        for key in ("params", "non_embedding_params", "memory_bytes"):
+        for key in ("params", "non_embedding_params", "memory_bytes", "active_params"):
             target = getattr(self, key)
             if target is not None and abs(values[key] / target - 1) > self.tolerance:
                 return False
@@ -81,6 +84,9 @@ class SearchSpace:
     ffn: Sequence[int] = field(default_factory=tuple)
     heads: Sequence[int] = field(default_factory=tuple)
     query_groups: Sequence[int] = field(default_factory=tuple)
+    experts: Sequence[int] = field(default_factory=tuple)  # the MoE axes (empty for a dense source)
+    moe_ffn: Sequence[int] = field(default_factory=tuple)
+    topk: Sequence[int] = field(default_factory=tuple)
 
 
 def _multiples(top: int, step: int, lowest: int) -> list[int]:
@@ -97,6 +103,13 @@ def default_space(source: ModelArch, tp: int = 1, pp: int = 1, min_fraction: flo
     groups = source.num_query_groups
     heads = [k * groups for k in range(1, source.heads_per_group + 1)
              if k * groups >= min_fraction * source.num_attention_heads]
+    if source.num_experts is not None:  # MoE: no dense MLP; the experts' count and width instead
+        e, m = source.num_experts, source.moe_ffn_hidden_size
+        experts = [k for k in range(max(source.moe_router_topk, 1), e + 1) if k >= min_fraction * e]
+        return SearchSpace(layers=[source.num_layers], hidden=_multiples(h, 64, int(min_fraction * h)),
+                           ffn=[f], heads=heads or [source.num_attention_heads], query_groups=[groups],
+                           experts=experts, moe_ffn=_multiples(m, 256 if m >= 2048 else 64, int(min_fraction * m)),
+                           topk=[source.moe_router_topk])
     return SearchSpace(layers=[source.num_layers], hidden=_multiples(h, 64, int(min_fraction * h)),
                        ffn=_multiples(f, ffn_step, int(min_fraction * f)), heads=heads or [source.num_attention_heads],
                        query_groups=[groups])
@@ -115,7 +128,7 @@ def reachable(source: ModelArch, space: SearchSpace, tp: int = 1, pp: int = 1) -
     out = []
     for combo in itertools.product(*values):
         sizes = {a.arch_field: v for a, v in zip(AXES, combo)}
-        if any(v > getattr(source, field) for field, v in sizes.items()):
+        if any(v is not None and v > getattr(source, field) for field, v in sizes.items()):
             continue
         heads, groups = sizes["num_attention_heads"], sizes["num_query_groups"]
         if heads % groups or heads // groups > source.heads_per_group:
@@ -140,6 +153,9 @@ def target_spec(source: ModelArch, arch: ModelArch, depth_metric: str = "angular
 
 
 def candidate_name(arch: ModelArch) -> str:
+    if arch.num_experts is not None:
+        return (f"L{arch.num_layers}-h{arch.hidden_size}-e{arch.num_experts}k{arch.moe_router_topk}"
+                f"-f{arch.moe_ffn_hidden_size}-a{arch.num_attention_heads}-g{arch.num_query_groups}")
     return (f"L{arch.num_layers}-h{arch.hidden_size}-f{arch.ffn_hidden_size}-a{arch.num_attention_heads}"
             f"-g{arch.num_query_groups}")
 

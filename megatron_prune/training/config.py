@@ -21,6 +21,7 @@ class TrainConfig:
     tp: int = 1
     pp: int = 1
     vpp: int = 1  # virtual pipeline stages per rank (megatron's interleaved 1F1B schedule; needs pp > 1)
+    ep: int = 1  # expert-parallel size of a Mixture-of-Experts student/teacher (their experts over DP ranks)
     # batch and schedule
     seq_len: int = 512
     micro_batch_size: int = 1
@@ -94,7 +95,7 @@ class TrainConfig:
         if (self.steps is None) == (self.tokens is None):
             raise ValueError("give exactly one of steps or tokens "
                              "(--steps / --tokens, or steps: / tokens: in the YAML)")
-        at_least = {"steps": 1, "tokens": 1, "tp": 1, "pp": 1, "vpp": 1, "seq_len": 1, "micro_batch_size": 1,
+        at_least = {"steps": 1, "tokens": 1, "tp": 1, "pp": 1, "vpp": 1, "ep": 1, "seq_len": 1, "micro_batch_size": 1,
                     "global_batch_size": 1, "log_every": 1, "eval_samples": 1, "keep_last": 1, "warmup_steps": 0,
                     "eval_every": 0, "save_every": 0, "teacher_correction_steps": 0, "lr": 0, "min_lr": 0,
                     "weight_decay": 0, "clip_grad": 0, "ce_weight": 0, "teacher_correction_lr": 0}

@@ -54,7 +54,7 @@ def _check_layout(cfg: TrainConfig, student, teacher) -> None:
     (the Trainer is also built directly, without the pipelines' checks)."""
     from megatron_prune import inputs
 
-    inputs.training_models(student, teacher, cfg.tp, cfg.pp, cfg.vpp)
+    inputs.training_models(student, teacher, cfg.tp, cfg.pp, cfg.vpp, cfg.ep)
     for pair in cfg.intermediate_layers:
         if (not isinstance(pair, (list, tuple)) or len(pair) != 2
                 or not all(isinstance(i, int) and not isinstance(i, bool) for i in pair)):
@@ -81,7 +81,7 @@ class Trainer:
         cfg.validate()
         _check_fp8(cfg)
         self.cfg = cfg
-        self.layout = init_distributed(cfg.tp, cfg.pp, seed=cfg.seed, vpp=cfg.vpp)
+        self.layout = init_distributed(cfg.tp, cfg.pp, seed=cfg.seed, vpp=cfg.vpp, ep=cfg.ep)
         self.out = Path(cfg.out)
         on_gpu = _on_gpu()
         self.bf16 = cfg.bf16 if cfg.bf16 is not None else on_gpu
@@ -336,6 +336,7 @@ class Trainer:
                 if self.dp > 1:
                     dist.all_reduce(p.grad, group=self._ps.get_data_parallel_group())
                     p.grad /= self.dp
+        moe_aux = self._moe_aux_loss()
         ok, grad_norm, _ = self.optimizer.step()
         if self.proj is not None:
             self.proj_opt.step()
@@ -352,9 +353,27 @@ class Trainer:
                 vec /= self.dp
             record = {k: float(v) for k, v in zip(keys, vec)}
         record = broadcast_from_last_stage(record)
+        if moe_aux is not None:
+            record["moe_aux"] = moe_aux
         record.update(step=self.step, lr=self.optimizer.param_groups[0]["lr"],
                       grad_norm=float(grad_norm) if grad_norm is not None else float("nan"), skipped=not ok)
         return record
+
+    def _moe_aux_loss(self) -> Optional[float]:
+        """The student's router load-balancing loss of this step, logged apart from the KD loss: megatron adds its
+        gradient inside the routers (coefficient ``moe_aux_loss_coeff``, scaled like the main loss) and records
+        aux / coeff per layer; this is coeff x the sum over layers, the mean over micro-batches and data-parallel
+        ranks. None for a dense student or a zero coefficient."""
+        from megatron.core.transformer.moe import moe_utils
+
+        coeff = self.arch.moe_aux_loss_coeff if self.arch.num_experts is not None else 0.0
+        tracker = moe_utils.get_moe_layer_wise_logging_tracker()
+        if not coeff or "load_balancing_loss" not in tracker:
+            return None
+        moe_utils.reduce_aux_losses_tracker_across_ranks(["load_balancing_loss"])
+        value = float(tracker["load_balancing_loss"]["values"].sum()) * coeff / self.num_microbatches
+        moe_utils.clear_aux_losses_tracker()
+        return value
 
     def validate(self) -> float:
         from megatron_prune.evaluation.lm_loss import lm_loss
