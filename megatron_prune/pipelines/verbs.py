@@ -502,7 +502,10 @@ SFT = _training_verb(
 
 
 # ------------------------------------------------------------------------------------------ search
-SEARCH_AXES = ("layers", "hidden", "ffn", "heads", "query_groups", "experts", "moe_ffn", "topk")
+# search option -> SearchSpace field (the axis); the router's top-k is `router_topk` here, beside `top_k` (the
+# candidates distilled)
+SEARCH_AXES = {"layers": "layers", "hidden": "hidden", "ffn": "ffn", "heads": "heads", "query_groups": "query_groups",
+               "experts": "experts", "moe_ffn": "moe_ffn", "router_topk": "topk"}
 
 
 def _search(o: dict) -> dict:
@@ -518,13 +521,14 @@ def _search(o: dict) -> dict:
                     tolerance=o["tolerance"], memory_seq_len=o["memory_seq_len"], memory_batch=o["memory_batch"],
                     memory_dtype=o["memory_dtype"])
     axes = {k: ",".join(map(str, o[k])) if isinstance(o[k], (list, tuple)) else o[k] for k in SEARCH_AXES}
+    fields = {SEARCH_AXES[k]: (k, v) for k, v in axes.items()}
     space = None
     if any(axes.values()):
         from megatron_prune.inputs import checkpoint
 
         base = default_space(checkpoint(o["ckpt"]).arch, o["tp"], o["pp"])
-        space = SearchSpace(**{k: parse_values(v, k.replace("_", "-")) if v else getattr(base, k)
-                               for k, v in axes.items()})
+        space = SearchSpace(**{f: parse_values(v, k.replace("_", "-")) if v else getattr(base, f)
+                               for f, (k, v) in fields.items()})
     if "distill" in o:  # a recipe stage
         distill, eval_seq_len = (DistillSettings(**o["distill"]) if o["distill"] else None), o["eval_seq_len"]
     else:
@@ -596,7 +600,7 @@ SEARCH = Verb(
      Option("query_groups", "default: the source's"),
      Option("experts", "Mixture of Experts: experts per layer (default: the source's)"),
      Option("moe_ffn", "Mixture of Experts: each expert's FFN width (default: the source's)"),
-     Option("topk", "Mixture of Experts: the router's top-k (default: the source's)"),
+     Option("router_topk", "Mixture of Experts: experts the router picks per token (default: the source's)"),
      Option("depth_metric", "how layers are chosen when depth shrinks (default angular)", default="angular"),
      Option("top_k", "candidates distilled (default 3)", int, 3),
      Option("distill_steps", "steps per candidate (default 400, as in Minitron)", int, 400, where=CLI),
