@@ -21,8 +21,8 @@ MISTRAL_NEMO_12B = dict(num_layers=40, hidden_size=5120, ffn_hidden_size=14336, 
 ])
 def test_recipe_targets_give_published_sizes(recipe, source, published):
     from megatron_prune.arch import ModelArch
+    from megatron_prune.pipelines.recipe import load_recipe
     from megatron_prune.prune import PruneTarget, target_arch
-    from megatron_prune.recipe import load_recipe
 
     r = load_recipe(REPO / "examples" / recipe)
     src = ModelArch(**source)
@@ -33,7 +33,7 @@ def test_recipe_targets_give_published_sizes(recipe, source, published):
 
 
 def test_every_shipped_recipe_loads():
-    from megatron_prune.recipe import load_recipe
+    from megatron_prune.pipelines.recipe import load_recipe
 
     recipes = sorted((REPO / "examples").glob("*.yaml"))
     for path in recipes:
@@ -50,8 +50,8 @@ def test_70b_family_shapes_and_layouts_fit():
     (with the data parallelism of the node counts in the recipe's header) fits an 80 GiB H100 by the planner."""
     from megatron_prune.arch import ModelArch
     from megatron_prune.pipelines.memory_plan import plan
+    from megatron_prune.pipelines.recipe import load_recipe
     from megatron_prune.prune import PruneTarget, target_arch
-    from megatron_prune.recipe import load_recipe
 
     r = load_recipe(REPO / "examples" / "llama31_70b_family.yaml")
     teacher = ModelArch(**LLAMA31_70B)

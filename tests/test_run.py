@@ -123,7 +123,7 @@ def test_family_build_resumes_after_a_kill(recipe_setup, tmp_path):
 
 
 def test_recipe_errors(tmp_path):
-    from megatron_prune.recipe import RecipeError, load_recipe
+    from megatron_prune.pipelines.recipe import RecipeError, load_recipe
 
     bad = tmp_path / "bad.yaml"
     bad.write_text("stages:\n  a: {verb: prune, ckpt: b, scores: s, target: 'ffn=8'}\n  b: {verb: convert, src: x}\n")
@@ -140,7 +140,7 @@ def test_recipe_errors(tmp_path):
 
 
 def test_set_overrides_change_the_recipe_as_written(tmp_path):
-    from megatron_prune.recipe import RecipeError, load_recipe
+    from megatron_prune.pipelines.recipe import RecipeError, load_recipe
 
     f = tmp_path / "r.yaml"
     f.write_text("tp: 1\nstages:\n  t: {verb: convert, src: x}\n"

@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from megatron_prune.pipelines.recipe import OUTPUT_KEY, Recipe, RecipeError, Stage, load_recipe, references
 from megatron_prune.pipelines.verbs import RECIPE, VERBS, evaluate, sft_tasks
-from megatron_prune.recipe import OUTPUT_KEY, Recipe, RecipeError, Stage, load_recipe, references
 
 DEMO_RECIPE = Path(__file__).parents[1] / "recipes" / "smollm2_family.yaml"  # examples/ links to it
 
