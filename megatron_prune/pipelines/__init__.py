@@ -1,8 +1,9 @@
 """One module per `megatron-prune` verb, each named after it.
 
-The CLI parses arguments and calls exactly one function here; these functions set up the distributed
-layout, call the core (runtime, arch, model, checkpoint, data, importance, prune, distill, ...) and write
-their output atomically. Core modules never import from this package.
+verbs.py defines every verb once (its options, the function here it calls, its output in a recipe); the CLI
+builds its parsers from that table and run.py runs recipe stages through it. The pipeline functions set up the
+distributed layout, call the core (runtime, arch, model, checkpoint, data, importance, prune, distill, ...) and
+write their output atomically. Core modules never import from this package.
 
     convert     GGUF / Hugging Face / NeMo 2 / Megatron checkpoints into each other
     data        offline real-text corpora -> Megatron indexed datasets

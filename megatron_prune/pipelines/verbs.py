@@ -85,8 +85,8 @@ class Verb:
 # ------------------------------------------------------------------------------------------ shared options
 LAYOUT = (
     Option("tp", "tensor-parallel size", int, 1),
-    Option("pp", "pipeline-parallel size; the layers need not divide it: stages of unequal depth are chosen "
-           "automatically (docs/usage.md)", int, 1),
+    Option("pp", "pipeline-parallel size (default %(default)s); the layers need not divide it: stages of unequal "
+           "depth are chosen automatically (docs/usage.md)", int, 1),
     Option("decoder_first_pipeline_num_layers", "layers on the first pipeline stage (as in Megatron-LM; the other "
            "stages split the rest evenly). Applies to the model written, trained or read; default: automatic", int,
            metavar="N", where=CLI),
@@ -111,8 +111,8 @@ SAMPLING = (
     Option("temperature", "sampling temperature; 0 = greedy (default)", float, 0.0),
     Option("top_p", "nucleus sampling: keep the most likely tokens whose probabilities sum to P (1.0: off)", float,
            1.0),
-    Option("top_k", "sample among the K most likely tokens (default 0: off)", int, 0),
-    Option("seed", "sampling seed; each prompt gets its own stream (default 0)", int, 0),
+    Option("top_k", "sample among the K most likely tokens (default %(default)s: off)", int, 0),
+    Option("seed", "sampling seed; each prompt gets its own stream (default %(default)s)", int, 0),
     Option("no_chat", "feed text prompts as they are, not through the chat template", action="store_true",
            default=False),
 )
@@ -349,14 +349,14 @@ IMPORTANCE = Verb(
     (Option("ckpt", "megatron-prune checkpoint", positional=True),
      Option("data", "indexed dataset prefix of calibration text (your training data)", required=True),
      Option("out", "score file to write (safetensors)", required=True),
-     Option("samples", "calibration samples (default 1024, as in Minitron)", int, 1024),
+     Option("samples", "calibration samples (default %(default)s, as in Minitron)", int, 1024),
      Option("seq_len", "tokens per calibration sample", int, 512),
      Option("micro_batch_size", "samples per forward pass", int, 4),
-     Option("seq_agg", "aggregation over the sequence (default mean)", default="mean", choices=AGGREGATIONS),
-     Option("batch_agg", "aggregation over the batch (default l2)", default="l2", choices=AGGREGATIONS),
+     Option("seq_agg", "aggregation over the sequence", default="mean", choices=AGGREGATIONS),
+     Option("batch_agg", "aggregation over the batch", default="l2", choices=AGGREGATIONS),
      Option("head_metric", "attention-head score used for pruning heads and query groups: residual (what each head "
             "adds to the residual stream, the best in docs/pruning_results.md), activation (Minitron's L2 of the "
-            "head output) or channel; all three are stored in the score file (default residual)",
+            "head output) or channel; all three are stored in the score file",
             default="residual", choices=("activation", "channel", "residual")),
      Option("lm_loss_drop", "also measure the LM-loss increase when each block of N layers is removed (one pass "
             "per block; default none)", int, default=[], nargs="*", metavar="N"),
@@ -568,7 +568,14 @@ def _distill_settings() -> list:
     return [f.name for f in dataclasses.fields(DistillSettings)]
 
 
-SEQ_LEN = 512
+def _distill_defaults():
+    """The candidates' distillation when the command line does not change it (--distill-steps, --lr, ...)."""
+    from megatron_prune.pipelines.search import DistillSettings
+
+    return DistillSettings(data=[])
+
+
+_DISTILL = _distill_defaults()
 SEARCH = Verb(
     "search", "every shape within a parameter/memory budget, ranked zero-shot, then after distillation",
     "Architecture search (Minitron): enumerate the shapes of a search space within the budget (exact analytic "
@@ -588,11 +595,11 @@ SEARCH = Verb(
      Option("active_params", "parameters one token uses (Mixture of Experts: attention, embeddings, routers and the "
             "top-k experts), e.g. 3B"),
      Option("memory_gib", "weights + KV cache in GiB at --memory-seq-len/--memory-batch", float),
-     Option("memory_seq_len", "sequence length of the KV cache counted in --memory-gib (default 4096)", int, 4096),
-     Option("memory_batch", "batch size of the KV cache counted in --memory-gib (default 1)", int, 1),
-     Option("memory_dtype", "dtype of weights and KV cache in --memory-gib (default bf16)", default="bf16",
+     Option("memory_seq_len", "sequence length of the KV cache counted in --memory-gib", int, 4096),
+     Option("memory_batch", "batch size of the KV cache counted in --memory-gib", int, 1),
+     Option("memory_dtype", "dtype of weights and KV cache in --memory-gib", default="bf16",
             choices=("bf16", "fp16", "fp32", "fp8")),
-     Option("tolerance", "relative tolerance of every constraint (default 0.05)", float, 0.05),
+     Option("tolerance", "relative tolerance of every constraint", float, 0.05),
      Option("layers", "search-space values, comma-separated (default: the source's)"),
      Option("hidden", "default: multiples of 64 down to half the source"),
      Option("ffn", "default: multiples of 256 (64 below 2048) down to half the source"),
@@ -601,19 +608,21 @@ SEARCH = Verb(
      Option("experts", "Mixture of Experts: experts per layer (default: the source's)"),
      Option("moe_ffn", "Mixture of Experts: each expert's FFN width (default: the source's)"),
      Option("router_topk", "Mixture of Experts: experts the router picks per token (default: the source's)"),
-     Option("depth_metric", "how layers are chosen when depth shrinks (default angular)", default="angular"),
-     Option("top_k", "candidates distilled (default 3)", int, 3),
-     Option("distill_steps", "steps per candidate (default 400, as in Minitron)", int, 400, where=CLI),
-     Option("seq_len", "distillation and evaluation sequence length (default 512)", int, SEQ_LEN, where=CLI),
-     Option("eval_seq_len", "evaluation sequence length", int, SEQ_LEN, where=RECIPE),
-     Option("micro_batch_size", "distillation micro batch per rank (default 1)", int, 1, where=CLI),
-     Option("global_batch_size", "distillation samples per step (default 8)", int, 8, where=CLI),
-     Option("lr", "peak distillation learning rate, cosine to lr/10 (default %(default)s)", float, 1e-4, where=CLI),
-     Option("eval_windows", "held-out windows per evaluation (default 64)", int, 64),
-     Option("stage", "run only this part of the search (default all)", default="all",
+     Option("depth_metric", "how layers are chosen when depth shrinks", default="angular"),
+     Option("top_k", "candidates distilled", int, 3),
+     Option("distill_steps", "steps per candidate (default %(default)s, as in Minitron)", int, _DISTILL.steps,
+            where=CLI),
+     Option("seq_len", "distillation and evaluation sequence length", int, _DISTILL.seq_len, where=CLI),
+     Option("eval_seq_len", "evaluation sequence length", int, _DISTILL.seq_len, where=RECIPE),
+     Option("micro_batch_size", "distillation micro batch per rank", int, _DISTILL.micro_batch_size, where=CLI),
+     Option("global_batch_size", "distillation samples per step", int, _DISTILL.global_batch_size, where=CLI),
+     Option("lr", "peak distillation learning rate, cosine to lr/10 (default %(default)s)", float, _DISTILL.lr,
+            where=CLI),
+     Option("eval_windows", "held-out windows per evaluation", int, 64),
+     Option("stage", "run only this part of the search", default="all",
             choices=("all", "zero-shot", "distill", "report")),
      Option("candidate", "with --stage distill: only the candidate of this zero-shot rank (0 = best)", int),
-     Option("max_candidates", "refuse a budget that admits more (default 64)", int, 64),
+     Option("max_candidates", "refuse a budget that admits more", int, 64),
      *LAYOUT),
     _search, stage_out="{name}", complete=lambda out, o: (out / "report.md").is_file(), product=_search_winner,
     train_tokens=_search_tokens)
@@ -657,7 +666,7 @@ SPECDEC = Verb(
     (Option("target", "target checkpoint (e.g. the unpruned model)", required=True),
      Option("draft", "draft checkpoint (same tokenizer)", required=True),
      Option("prompts", "prompts file (.jsonl or plain text)", required=True),
-     Option("k", "draft lengths to try, comma-separated (default 1,2,4)", default="1,2,4"),
+     Option("k", "draft lengths to try, comma-separated", default="1,2,4"),
      Option("limit", "only the first N prompts (default: all)", int),
      Option("out", "also write the report as JSON here"),
      *SAMPLING, *LAYOUT),
@@ -704,11 +713,13 @@ def _selfdistill_complete(out: Path, o: dict) -> bool:
 
 
 # the sampling options, without --no-chat (the rewrite prompt is always a chat) and with longer answers
-_REWRITE_SAMPLING = tuple(
-    replace(o, **{"max_new_tokens": dict(default=512, help="longest rewrite in tokens; one that reaches it is dropped "
-                                         "as truncated (the original answer is kept)"),
-                  "seed": dict(help="sampling seed; each example gets its own stream (default 0)")}.get(o.name, {}))
-    for o in SAMPLING if o.name != "no_chat")
+_REWRITE_CHANGES = {
+    "max_new_tokens": dict(default=512, help="longest rewrite in tokens; one that reaches it is dropped as truncated "
+                           "(the original answer is kept)"),
+    "seed": dict(help="sampling seed; each example gets its own stream (default %(default)s)"),
+}
+_REWRITE_SAMPLING = tuple(replace(o, **_REWRITE_CHANGES.get(o.name, {})) for o in SAMPLING if o.name != "no_chat")
+
 SELFDISTILL = Verb(
     "selfdistill", "the teacher rewrites an SFT JSONL set in its own words (self-data distillation)",
     "For each example the teacher sees the instruction and the original answer as a reference (through its chat "
@@ -783,22 +794,22 @@ PLAN = Verb(
     "layers=80,hidden=8192,ffn=28672,heads=64,groups=8,vocab=128256.",
     (Option("student", "the model that is trained (checkpoint, HF directory or shape)", positional=True),
      Option("teacher", "the frozen teacher of a distillation (checkpoint, HF directory or shape)"),
-     Option("vpp", "virtual pipeline stages per rank (default 1)", int, 1),
-     Option("cp", "context-parallel size (default 1)", int, 1),
-     Option("dp", "data-parallel size (default 1)", int, 1),
-     Option("micro_batch_size", "sequences per micro-batch (default 1)", int, 1),
+     Option("vpp", "virtual pipeline stages per rank", int, 1),
+     Option("cp", "context-parallel size", int, 1),
+     Option("dp", "data-parallel size", int, 1),
+     Option("micro_batch_size", "sequences per micro-batch", int, 1),
      Option("global_batch_size", "sequences per step (default: micro batch x DP)", int),
-     Option("seq_len", "training sequence length (default 4096)", int, 4096),
-     Option("precision", "training precision (default bf16)", default="bf16", choices=("bf16", "fp32")),
+     Option("seq_len", "training sequence length", int, 4096),
+     Option("precision", "training precision", default="bf16", choices=("bf16", "fp32")),
      Option("fp8_teacher", "teacher weights kept in FP8 (1 byte per parameter)", action="store_true", default=False),
      Option("no_distributed_optimizer", "replicate the optimizer state on every DP rank", action="store_true",
             default=False),
-     Option("recompute", "activation recomputation (default none)", default="none",
+     Option("recompute", "activation recomputation", default="none",
             choices=("none", "selective", "full")),
      Option("gpu_memory_gib", "memory per GPU in GiB (default %(default)s, an H100)", float, 80.0),
      Option("overhead_gib", "fixed per-GPU overhead in GiB: CUDA context, NCCL, allocator (default %(default)s)",
             float, 2.0),
-     Option("gpus_per_node", "TP stays within a node (default 8)", int, 8),
+     Option("gpus_per_node", "TP stays within a node", int, 8),
      *LAYOUT),
     _plan)
 
