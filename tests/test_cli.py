@@ -103,4 +103,7 @@ def test_demo_is_the_family_recipe_end_to_end(tmp_path):
                          str(tmp_path / "hf_logits.pt")], capture_output=True, text=True,
                         env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert hf.returncode == 0, hf.stderr[-3000:]
-    assert (torch.load(tmp_path / "hf_logits.pt") - ours).abs().max() <= 1e-4
+    # allclose (atol 1e-4, rtol 5e-5): after two distillations the logits reach ~20, and fp32 summation order over
+    # 30 layers alone moves them by up to 6e-4 with one thread per process (1e-4 absolute held with two)
+    hf_logits = torch.load(tmp_path / "hf_logits.pt")
+    torch.testing.assert_close(ours, hf_logits, atol=1e-4, rtol=5e-5)
