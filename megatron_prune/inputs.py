@@ -64,6 +64,7 @@ def training_models(student, teacher, tp: int, pp: int, vpp: int = 1, ep: int = 
             raise InputError(f"{name}: EP={ep} does not divide its {arch.num_experts} experts; choose an --ep that "
                              "divides them")
     if student.num_experts is not None and tp > 1:
+        # (and megatron-core's local-spec norms refuse sequence parallelism: without Transformer Engine it cannot run)
         raise InputError("training a Mixture-of-Experts student at TP > 1 needs megatron's sequence parallelism, "
                          "which the trainer does not use yet: train it at --tp 1 with --ep and/or --pp")
     if teacher is not None and teacher.vocab_size != student.vocab_size:
