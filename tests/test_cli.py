@@ -83,8 +83,10 @@ def test_demo_is_the_family_recipe_end_to_end(tmp_path):
     assert again.returncode == 0 and again.stdout.count("(complete, skipping)") == 9, again.stdout
 
     # the width-pruned model (hidden 448 with 9 heads: not a multiple) exports to a directory transformers loads,
-    # in a fresh interpreter, with our logits. Eager attention: transformers' SDPA path in fp32 is itself 2.7e-4
-    # from its fp64 logits on this model (ours: 7.7e-5), the eager path is the same math as ours.
+    # in a fresh interpreter, with our logits. Eager attention (the same math as ours). The reference is
+    # transformers in float64: ours (float32) must be as close to it as transformers' own float32 forward, or within
+    # 1e-4. (Float32 against float32 differs by up to 6e-4 on these ~20-sized logits with one thread per process,
+    # by summation order alone, so a fixed float32-vs-float32 tolerance tests the machine, not the export.)
     from distributed_utils import run_ranks
     from test_conversion import megatron_logits
 
@@ -98,12 +100,14 @@ def test_demo_is_the_family_recipe_end_to_end(tmp_path):
     script = ("import sys, torch, transformers\n"
               "m = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32, "
               "attn_implementation='eager')\n"
-              "with torch.no_grad(): torch.save(m(torch.load(sys.argv[2])).logits, sys.argv[3])\n")
+              "t = torch.load(sys.argv[2])\n"
+              "with torch.no_grad(): f32 = m(t).logits; f64 = m.double()(t).logits\n"
+              "torch.save({'f32': f32, 'f64': f64}, sys.argv[3])\n")
     hf = subprocess.run([sys.executable, "-c", script, str(tmp_path / "small_hf"), str(tmp_path / "tokens.pt"),
                          str(tmp_path / "hf_logits.pt")], capture_output=True, text=True,
                         env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert hf.returncode == 0, hf.stderr[-3000:]
-    # allclose (atol 1e-4, rtol 5e-5): after two distillations the logits reach ~20, and fp32 summation order over
-    # 30 layers alone moves them by up to 6e-4 with one thread per process (1e-4 absolute held with two)
     hf_logits = torch.load(tmp_path / "hf_logits.pt")
-    torch.testing.assert_close(ours, hf_logits, atol=1e-4, rtol=5e-5)
+    ours_err = (ours.double() - hf_logits["f64"]).abs().max().item()
+    hf32_err = (hf_logits["f32"].double() - hf_logits["f64"]).abs().max().item()
+    assert ours_err <= max(1e-4, 1.5 * hf32_err), (ours_err, hf32_err)
