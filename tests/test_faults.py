@@ -153,3 +153,29 @@ def test_a_job_killed_while_saving_leaves_no_process_behind(ckpt, tmp_path, writ
     for entry in left:  # clean up before failing
         os.kill(int(entry.split(":")[0]), signal.SIGKILL)
     assert left == [], f"processes outlived the killed job: {left}"
+
+
+def test_a_stop_signal_inside_a_read_is_a_stop_not_damage(tmp_path, monkeypatch):
+    """torch's checkpoint code gathers every exception of a read, a signal handler's StopRequested too, into a
+    CheckpointException: the reader must report the stop (exit 75, run again), not a corrupt checkpoint."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from megatron_prune.checkpoint import writer
+    from megatron_prune.checkpoint.megatron import CheckpointError
+    from megatron_prune.runtime.stop import StopRequested
+
+    def load_stopped(state, directory):
+        try:
+            raise StopRequested("SIGTERM")
+        except StopRequested as e:
+            raise CheckpointException("load", {0: (e, None)}) from None
+
+    def load_damaged(state, directory):
+        raise CheckpointException("load", {0: (ValueError("bad bytes"), None)})
+
+    monkeypatch.setattr(writer.dist_checkpointing, "load", load_stopped)
+    with pytest.raises(StopRequested, match="stopped by SIGTERM"):
+        writer.read_sharded({}, tmp_path)
+    monkeypatch.setattr(writer.dist_checkpointing, "load", load_damaged)
+    with pytest.raises(CheckpointError, match="could not read checkpoint"):
+        writer.read_sharded({}, tmp_path)

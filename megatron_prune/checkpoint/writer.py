@@ -78,6 +78,14 @@ def _root_causes(error: BaseException) -> list[BaseException]:
     return found
 
 
+def stop_inside(error: BaseException):
+    """The stop signal (StopRequested) that ``error`` wraps, if any: torch's checkpoint code gathers every
+    exception of a read or write, a signal handler's too, into a CheckpointException."""
+    from megatron_prune.runtime.stop import StopRequested
+
+    return next((e for e in _root_causes(error) if isinstance(e, StopRequested)), None)
+
+
 def _nearest_existing(path: Path) -> Path:
     while not path.exists() and path != path.parent:
         path = path.parent
@@ -124,10 +132,15 @@ def write_sharded(state: dict, directory: Path) -> None:
 
     strategy = InProcessTorchDistSave()
     message: Optional[str] = None
+    stop = None
     try:
         dist_checkpointing.save(state, str(directory), sharded_strategy=strategy)
     except (Exception, CheckpointException) as e:  # CheckpointException is a BaseException
-        message = None if isinstance(e, _PeerFailed) else explain_write_error(e, directory)
+        stop = stop_inside(e)
+        if stop is not None:
+            message = f"stopped by {stop.reason}"
+        elif not isinstance(e, _PeerFailed):
+            message = explain_write_error(e, directory)
         _release_peers(strategy)
         message = message or "__peer__"
     messages = [message]
@@ -138,6 +151,8 @@ def write_sharded(state: dict, directory: Path) -> None:
     if failed:
         real = [(rank, m) for rank, m in failed if m != "__peer__"] or failed
         rank, m = real[0]
+        if stop is not None:  # a stop signal, not a fault: the caller removes the partial write and stops
+            raise stop
         raise CheckpointError(m if m != "__peer__" else f"writing {directory} failed on rank {rank}")
 
 
@@ -193,6 +208,9 @@ def read_sharded(state: dict, directory: Path) -> dict:
     try:
         return dist_checkpointing.load(state, str(directory))
     except (Exception, CheckpointException) as e:  # megatron and torch raise many types for damaged files
+        stop = stop_inside(e)
+        if stop is not None:  # a stop signal during the read, not damage
+            raise stop from None
         problems = _shard_problems(Path(directory))
         last = _root_causes(e)[-1]
         newer = written_by_newer_megatron(e, directory)
