@@ -84,9 +84,10 @@ def test_demo_is_the_family_recipe_end_to_end(tmp_path):
 
     # the width-pruned model (hidden 448 with 9 heads: not a multiple) exports to a directory transformers loads,
     # in a fresh interpreter, with our logits. Eager attention (the same math as ours). The reference is
-    # transformers in float64: ours (float32) must be as close to it as transformers' own float32 forward, or within
-    # 1e-4. (Float32 against float32 differs by up to 6e-4 on these ~20-sized logits with one thread per process,
-    # by summation order alone, so a fixed float32-vs-float32 tolerance tests the machine, not the export.)
+    # transformers in float64: ours (float32) must lie in the float32 noise band of transformers' own float32
+    # forward (3x its distance to float64, floor 1e-4). Measured: ours 7.7e-5 / 1.0e-3 and transformers' float32
+    # 2.7e-4 / 4.8e-4 from float64 with two / one thread per process (summation order alone, on ~20-sized logits);
+    # a wrong export (a permuted head or channel) is off by O(1).
     from distributed_utils import run_ranks
     from test_conversion import megatron_logits
 
@@ -110,4 +111,4 @@ def test_demo_is_the_family_recipe_end_to_end(tmp_path):
     hf_logits = torch.load(tmp_path / "hf_logits.pt")
     ours_err = (ours.double() - hf_logits["f64"]).abs().max().item()
     hf32_err = (hf_logits["f32"].double() - hf_logits["f64"]).abs().max().item()
-    assert ours_err <= max(1e-4, 1.5 * hf32_err), (ours_err, hf32_err)
+    assert ours_err <= max(1e-4, 3 * hf32_err), (ours_err, hf32_err)
