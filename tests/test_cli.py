@@ -85,9 +85,9 @@ def test_demo_is_the_family_recipe_end_to_end(tmp_path):
     # the width-pruned model (hidden 448 with 9 heads: not a multiple) exports to a directory transformers loads,
     # in a fresh interpreter, with our logits. Eager attention (the same math as ours). The reference is
     # transformers in float64: ours (float32) must lie in the float32 noise band of transformers' own float32
-    # forward (3x its distance to float64, floor 1e-4). Measured: ours 7.7e-5 / 1.0e-3 and transformers' float32
-    # 2.7e-4 / 4.8e-4 from float64 with two / one thread per process (summation order alone, on ~20-sized logits);
-    # a wrong export (a permuted head or channel) is off by O(1).
+    # forward (3x its distance to float64, floor 1e-4). Measured with one thread per process: ours 1.0e-3,
+    # transformers' float32 4.8e-4 from float64 (summation order alone, on ~20-sized logits; with two threads ours
+    # was within 1e-4 of transformers' float32); a wrong export (a permuted head or channel) is off by O(1).
     from distributed_utils import run_ranks
     from test_conversion import megatron_logits
 
