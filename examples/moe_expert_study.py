@@ -51,8 +51,8 @@ def parse_args(argv=None):
     p.add_argument("--experts", type=int, default=8, help="experts per layer of the upcycled teacher")
     p.add_argument("--topk", type=int, default=2)
     p.add_argument("--keep", type=int, default=4, help="experts kept per layer by the prune")
-    p.add_argument("--teacher-steps", type=int, default=60, help="distillation steps dense -> MoE teacher")
-    p.add_argument("--distill-steps", type=int, default=20, help="distillation steps MoE teacher -> pruned")
+    p.add_argument("--teacher-steps", type=int, default=80, help="distillation steps dense -> MoE teacher")
+    p.add_argument("--distill-steps", type=int, default=12, help="distillation steps MoE teacher -> pruned")
     p.add_argument("--random-seeds", type=int, default=2)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--global-batch-size", type=int, default=8)
@@ -66,13 +66,17 @@ def log(msg):
     print(f"[moe-study {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def cli(*args) -> float:
-    """One megatron-prune command in its own process (as a user would type it); returns seconds."""
+def cli(*args, logfile: Path | None = None) -> float:
+    """One megatron-prune command in its own process (as a user would type it); returns seconds. Its output goes
+    to logfile (WORK/logs/<verb>_<output>.log by default)."""
     cmd = [sys.executable, "-m", "megatron_prune.cli", *map(str, args)]
     log("megatron-prune " + " ".join(cmd[3:]))
     env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT")}
     t = time.time()
     run = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if logfile is not None:
+        logfile.parent.mkdir(parents=True, exist_ok=True)
+        logfile.write_text(run.stdout + run.stderr)
     if run.returncode:
         raise SystemExit(f"failed: {' '.join(cmd)}\n{run.stderr[-3000:]}")
     return round(time.time() - t, 1)
@@ -207,7 +211,8 @@ def lm_losses(ckpts: dict, valid: str, seq_len: int, windows: int, done: dict) -
 def main(argv=None):
     a = parse_args(argv)
     if a.quick:
-        a.teacher_steps, a.distill_steps, a.seq_len, a.eval_windows, a.calib_samples = 4, 2, 64, 8, 8
+        a.teacher_steps, a.seq_len, a.eval_windows, a.calib_samples = 4, 64, 8, 8
+        a.distill_steps = min(a.distill_steps, 2)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     work = Path(a.work).absolute()
@@ -246,7 +251,7 @@ def main(argv=None):
         res["seconds"]["teacher_distill"] = cli(
             "distill", "--teacher", dense, "--student", moe0, "--data", train, "--out", trun,
             "--steps", a.teacher_steps, "--lr", 3e-4, "--min-lr", 3e-5, "--warmup-steps", max(1, a.teacher_steps // 10),
-            "--save-every", a.teacher_steps, *common)
+            "--save-every", a.teacher_steps, *common, logfile=work / "logs" / "teacher_distill.log")
         save()
     teacher = last_step(trun)
     scores = work / "teacher.scores"
@@ -270,7 +275,8 @@ def main(argv=None):
                 res["seconds"][f"distill_{name}"] = cli(
                     "distill", "--teacher", teacher, "--student", pruned[name], "--data", train, "--out", run,
                     "--steps", a.distill_steps, "--lr", 3e-4, "--min-lr", 3e-5,
-                    "--warmup-steps", max(1, a.distill_steps // 10), "--save-every", a.distill_steps, *common)
+                    "--warmup-steps", max(1, a.distill_steps // 10), "--save-every", a.distill_steps, *common,
+                    logfile=work / "logs" / f"distill_{name}.log")
             distilled[name] = last_step(run)
         save()
     ckpts = {"dense SmolLM2": dense, "MoE upcycled (no training)": moe0, "MoE teacher": teacher,
