@@ -51,8 +51,8 @@ def parse_args(argv=None):
     p.add_argument("--experts", type=int, default=8, help="experts per layer of the upcycled teacher")
     p.add_argument("--topk", type=int, default=2)
     p.add_argument("--keep", type=int, default=4, help="experts kept per layer by the prune")
-    p.add_argument("--teacher-steps", type=int, default=80, help="distillation steps dense -> MoE teacher")
-    p.add_argument("--distill-steps", type=int, default=12, help="distillation steps MoE teacher -> pruned")
+    p.add_argument("--teacher-steps", type=int, default=60, help="distillation steps dense -> MoE teacher")
+    p.add_argument("--distill-steps", type=int, default=8, help="distillation steps MoE teacher -> pruned")
     p.add_argument("--random-seeds", type=int, default=2)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--global-batch-size", type=int, default=8)
@@ -73,12 +73,14 @@ def cli(*args, logfile: Path | None = None) -> float:
     log("megatron-prune " + " ".join(cmd[3:]))
     env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT")}
     t = time.time()
-    run = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if logfile is not None:
+    logfile = logfile or Path(os.devnull)
+    if logfile.parent != Path(os.devnull).parent:
         logfile.parent.mkdir(parents=True, exist_ok=True)
-        logfile.write_text(run.stdout + run.stderr)
+    with open(logfile, "w") as f:  # a file, not a pipe: the command outlives this script if it is stopped
+        run = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT if logfile.name != os.devnull else None,
+                             env=env)
     if run.returncode:
-        raise SystemExit(f"failed: {' '.join(cmd)}\n{run.stderr[-3000:]}")
+        raise SystemExit(f"failed: {' '.join(cmd)} (exit {run.returncode}; see {logfile})")
     return round(time.time() - t, 1)
 
 
