@@ -311,12 +311,14 @@ def report(work: Path, r: dict) -> None:
         lines.append(f"| {n} | {e['params'] / 1e6:.1f}M | {e['active_params'] / 1e6:.1f}M | {e['loss']:.3f} |")
     lines += ["", f"Pruned to {s['keep']} of {s['experts']} experts per layer (top-{s['topk']}):", "",
               "| expert score | params | active params | zero-shot LM loss (vs teacher) | after distillation "
-              "| kept experts (layer 0) |", "|---|---|---|---|---|---|"]
+              "| kept experts shared with reap | kept experts (layer 0) |", "|---|---|---|---|---|---|---|"]
+    K = r["kept_experts"]
     for n in names:
         z, kd = E[f"zs:{n}"], E.get(f"kd:{n}")
+        shared = sum(len(set(a) & set(b)) for a, b in zip(K[n], K["reap"])) / sum(len(b) for b in K["reap"])
         lines.append(f"| {n}{' (default)' if n == 'reap' else ''} | {z['params'] / 1e6:.1f}M | "
                      f"{z['active_params'] / 1e6:.1f}M | {z['loss']:.3f} ({z['loss'] - T:+.3f}) | "
-                     f"{'-' if kd is None else format(kd['loss'], '.3f')} | {r['kept_experts'][n][0]} |")
+                     f"{'-' if kd is None else format(kd['loss'], '.3f')} | {shared:.0%} | {K[n][0]} |")
     lines += ["", "Seconds: " + json.dumps(r["seconds"])]
     (work / "report.md").write_text("\n".join(lines) + "\n")
     fig, ax = plt.subplots(figsize=(7.5, 3.6))
