@@ -55,7 +55,7 @@ def parse_args(argv=None):
     p.add_argument("--distill-steps", type=int, default=8, help="distillation steps MoE teacher -> pruned")
     p.add_argument("--distill-lr", type=float, default=1e-4, help="peak LR of the pruned models' distillation "
                    "(3e-4 with 1 warm-up step made the KL to the teacher jump from 0.14 to 1.6 at step 3)")
-    p.add_argument("--random-seeds", type=int, default=2)
+    p.add_argument("--random-seeds", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--global-batch-size", type=int, default=8)
     p.add_argument("--calib-samples", type=int, default=64)
