@@ -6,7 +6,7 @@ The teacher is SmolLM2-135M-Instruct (the GGUF file of the pip package llm-smoll
 
   1. `megatron-prune convert <gguf> --to hf` gives the dense model as a Hugging Face directory.
   2. Every layer's SwiGLU FFN (1536 neurons) is split into 8 experts of 192 neurons: balanced k-means (cosine,
-     10 iterations, greedy balanced assignment, seed 0) over the neurons' L2-normalised gate_proj rows. Expert e
+     10 iterations, greedy balanced assignment, seed = layer) over the neurons' L2-normalised gate_proj rows. Expert e
      gets its neurons' gate/up rows and down_proj columns, the down_proj scaled by top-k (2) so that two experts
      with equal renormalised gate weights (1/2 each) add up to their neurons' dense output. The router's row e is
      the mean of expert e's (unnormalised) gate_proj rows, i.e. the router logit is the cluster's mean gate
