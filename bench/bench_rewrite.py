@@ -32,7 +32,10 @@ def worker(ckpt: str, examples: int, max_new_tokens: int, batch_size: int) -> di
     from megatron_prune.checkpoint import load_model, tokenizer_dir
     from megatron_prune.data.sft import arithmetic_problems, end_of_turn_ids, load_tokenizer
     from megatron_prune.generation import SamplingParams, generate
-    from megatron_prune.generation.rewrite import prompt_ids, rewrite_messages
+    try:
+        from megatron_prune.generation.rewrite import prompt_ids, rewrite_messages
+    except ModuleNotFoundError:  # a checkout from before the core was grouped by concern
+        from megatron_prune.selfdistill import prompt_ids, rewrite_messages
     from megatron_prune.runtime import init_distributed
 
     init_distributed(1, 1)
@@ -80,12 +83,21 @@ def main() -> None:
         if not ckpt.exists():
             init_distributed(1, 1)
             prepare(work, "smollm2")
+        # each code version reads a checkpoint it wrote itself (an older one may not read a newer metadata file)
+        ckpts = {}
+        for i, code in enumerate(a.code):
+            env = {**os.environ, "PYTHONPATH": str(Path(code).absolute())}
+            ckpts[code] = work / f"smollm2_ckpt_{i}"
+            if not ckpts[code].exists():
+                subprocess.run([sys.executable, "-m", "megatron_prune.cli", "convert", str(work / "smollm2_hf"),
+                                str(ckpts[code])], env=env, check=True, capture_output=True, cwd=tmp)
         runs: dict[str, list[dict]] = {c: [] for c in a.code}
         for r in range(a.repeats):
             for code in (a.code if r % 2 == 0 else a.code[::-1]):
                 env = {**os.environ, "PYTHONPATH": str(Path(code).absolute())}
-                p = subprocess.run([sys.executable, __file__, "--code", code, "--worker", str(ckpt), str(a.examples),
-                                    str(a.max_new_tokens), str(a.batch_size)], env=env, capture_output=True, text=True,
+                p = subprocess.run([sys.executable, __file__, "--code", code, "--worker", str(ckpts[code]),
+                                    str(a.examples), str(a.max_new_tokens), str(a.batch_size)], env=env,
+                                   capture_output=True, text=True,
                                    cwd=tmp)
                 line = next((x for x in p.stdout.splitlines() if x.startswith("RESULT ")), None)
                 if line is None:
