@@ -53,9 +53,11 @@ def arch_fits(arch, tp: int, pp: int, name: str = "CKPT", vpp: int = 1, main: bo
     pipeline_split(arch, pp, name, vpp, main)
 
 
-def training_models(student, teacher, tp: int, pp: int, vpp: int = 1, ep: int = 1) -> None:
+def training_models(student, teacher, tp: int, pp: int, vpp: int = 1, ep: int = 1,
+                    seq_len: Optional[int] = None) -> None:
     """The architectures of a training run (``teacher`` None without one) shard at tp x pp (x vpp, x ep) and share
-    one vocabulary. The stage-size flags size the student."""
+    one vocabulary. The stage-size flags size the student. At TP > 1 training is sequence parallel
+    (``sequence_parallel``), so the sequence length must split over TP."""
     for name, arch in (("--student", student), ("--teacher", teacher)):
         if arch is None:
             continue
@@ -63,13 +65,20 @@ def training_models(student, teacher, tp: int, pp: int, vpp: int = 1, ep: int = 
         if arch.num_experts is not None and ep > 1 and arch.num_experts % ep:
             raise InputError(f"{name}: EP={ep} does not divide its {arch.num_experts} experts; choose an --ep that "
                              "divides them")
-    if student.num_experts is not None and tp > 1:
-        # (and megatron-core's local-spec norms refuse sequence parallelism: without Transformer Engine it cannot run)
-        raise InputError("training a Mixture-of-Experts student at TP > 1 needs megatron's sequence parallelism, "
-                         "which the trainer does not use yet: train it at --tp 1 with --ep and/or --pp")
+    if seq_len is not None and sequence_parallel(student, tp) and seq_len % tp:
+        raise InputError(f"--seq-len {seq_len}: training at TP={tp} is sequence parallel, which splits each "
+                         f"sequence over the TP ranks; use a --seq-len divisible by {tp}")
     if teacher is not None and teacher.vocab_size != student.vocab_size:
         raise InputError(f"--teacher vocabulary ({teacher.vocab_size}) differs from --student's "
                          f"({student.vocab_size}); distill between models of one tokenizer")
+
+
+def sequence_parallel(student, tp: int) -> bool:
+    """Whether a training run shards its sequences over TP (megatron's sequence parallelism): on at TP > 1, as
+    NeMo's and Megatron-Bridge's recipes set it and as the memory planner counts activations; megatron trains a
+    Mixture-of-Experts layer at TP > 1 only so. The teacher follows the student, so both send activations of one
+    shape between pipeline stages."""
+    return tp > 1
 
 
 def stage_override(first, last, pp: int) -> None:

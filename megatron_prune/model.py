@@ -25,6 +25,51 @@ def layer_spec(arch: ModelArch, use_te: bool):
     return family_of(arch).layer_spec(arch, use_te)
 
 
+class LocalNorm:
+    """The local spec's norm, torch's RMSNorm or LayerNorm as megatron's WrappedTorchNorm builds it, that also
+    runs under sequence parallelism (which WrappedTorchNorm refuses). A norm works per token, so a sequence shard
+    needs nothing but the tensor-parallel sum of its weight's gradient: megatron's finalize_model_grads adds it for
+    weights tagged ``sequence_parallel``, as its fused and Transformer Engine norms tag theirs."""
+
+    def __new__(cls, config, hidden_size: int, eps: float = 1e-5, **_unused):
+        norm_cls = torch.nn.RMSNorm if config.normalization == "RMSNorm" else torch.nn.LayerNorm
+        norm = norm_cls(hidden_size, eps=eps)
+        for p in norm.parameters():
+            p.sequence_parallel = config.sequence_parallel
+        return norm
+
+
+def _with_local_norms(spec):
+    """``spec`` with every WrappedTorchNorm replaced by LocalNorm (the same module, sequence parallelism allowed)."""
+    import dataclasses
+
+    from megatron.core.transformer.spec_utils import ModuleSpec
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    if spec is WrappedTorchNorm:
+        return LocalNorm
+    if isinstance(spec, ModuleSpec):
+        return dataclasses.replace(spec, submodules=_with_local_norms(spec.submodules))
+    if dataclasses.is_dataclass(spec) and not isinstance(spec, type):
+        return dataclasses.replace(spec, **{f.name: _with_local_norms(getattr(spec, f.name))
+                                            for f in dataclasses.fields(spec) if f.init})
+    return spec
+
+
+def decoder_spec(arch: ModelArch, use_te: bool, config, vp_stage: int | None):
+    """What GPTModel builds its decoder from. The Transformer Engine spec as it is; the local spec as the block
+    megatron would build from it (this stage's layers, then the final norm) with LocalNorm for its norms, so that
+    a sequence-parallel model (a Mixture-of-Experts student trained at TP > 1) builds on the CPU too."""
+    spec = layer_spec(arch, use_te)
+    if use_te:
+        return spec
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+
+    layer = _with_local_norms(spec)
+    return TransformerBlockSubmodules(layer_specs=[layer] * get_num_layers_to_build(config, vp_stage),
+                                      layer_norm=LocalNorm)
+
+
 def build_model(arch: ModelArch, dtype: torch.dtype = torch.float32, use_te: bool | None = None,
                 vp_stage: int | None = None, **config_overrides):
     """The GPTModel shard of this rank (megatron's parallel_state must be initialized).
@@ -61,7 +106,7 @@ def build_model(arch: ModelArch, dtype: torch.dtype = torch.float32, use_te: boo
     config = arch.to_transformer_config(tp=tp, pp=pp, dtype=dtype, **config_overrides)
     model = GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(arch, use_te),
+        transformer_layer_spec=decoder_spec(arch, use_te, config, vp_stage),
         vocab_size=arch.padded_vocab_size,
         max_sequence_length=arch.max_position_embeddings,
         pre_process=ps.is_pipeline_first_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage),

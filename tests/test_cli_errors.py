@@ -164,6 +164,8 @@ def _cases(r: Path):
         (["distill", *tr, "--steps", "1", "--teacher", ck, "--kd-loss", "topk"], ["kd_top_k", "--kd-top-k"]),
         (["distill", *tr, "--steps", "1", "--teacher", ck, "--kd-tau", "0"], ["kd_tau (--kd-tau)", "> 0"]),
         (["distill", *tr, "--steps", "1", "--teacher", ck, "--tp", "3"], ["--student", "not divisible by TP=3"]),
+        (["distill", *tr, "--steps", "1", "--teacher", ck, "--tp", "2", "--seq-len", "15"],
+         ["--seq-len 15", "sequence parallel", "divisible by 2"]),
         # generate
         (["generate", ck, "--prompts", pr, "--out", gen, "--temperature", "-1"], ["--temperature", ">= 0"]),
         (["generate", ck, "--prompts", pr, "--out", gen, "--top-p", "0"], ["--top-p", "(0, 1]"]),

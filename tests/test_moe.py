@@ -8,6 +8,7 @@ k-th and (k+1)-th router logits of every token differ by far more than float32 r
 
 from __future__ import annotations
 
+import functools
 import json
 import subprocess
 import sys
@@ -378,21 +379,22 @@ def test_search_takes_an_active_parameter_budget(qwen3_moe):
 
 
 # ---------------------------------------------------------------------------------------------------
-def _distill_step(teacher, student, data, out, tp, pp, ep):
+def _distill_step(teacher, student, data, out, tp, pp, ep, **options):
     from megatron_prune.training.config import TrainConfig
     from megatron_prune.training.trainer import train
 
     cfg = TrainConfig(teacher=str(teacher), student=str(student), data=[str(data)], out=str(out), tp=tp, pp=pp, ep=ep,
                       seq_len=16, micro_batch_size=1, global_batch_size=4, steps=1, optimizer="sgd", lr=1.0,
                       min_lr=1.0, warmup_steps=0, weight_decay=0.0, clip_grad=1e9, kd_loss="forward", ce_weight=0.5,
-                      save_every=1, dataset_cache=str(Path(out).parent / "cache"))
+                      save_every=1, dataset_cache=str(Path(out).parent / "cache"), **options)
     return train(cfg)[-1]
 
 
-def test_distillation_keeps_the_students_router_loss_apart_and_is_the_same_at_pp2_and_ep2(mixtral, tmp_path):
+def test_distillation_keeps_the_students_router_loss_apart_and_is_the_same_at_every_layout(mixtral, tmp_path):
     """Mixtral teacher -> Mixtral student with its experts pruned to FFN 32 of 48: the student's load-balancing loss
     (coefficient 0.02 from the config) is logged as ``moe_aux``, apart from ``kd``; one step gives the same losses and
-    gradient norm at TP1, PP2 and EP2. A dense teacher works too."""
+    gradient norm at TP1, PP2, EP2, TP2 and TP2 x EP2 (sequence parallel at TP2), with an intermediate-state loss
+    too. A dense teacher works as well."""
     from conftest import write_token_dataset
     from test_prune import _prune
 
@@ -401,9 +403,9 @@ def test_distillation_keeps_the_students_router_loss_apart_and_is_the_same_at_pp
               tmp_path / "plan.json")
     run_ranks(_prune, 1, tmp_path / "teacher", tmp_path / "plan.json", tmp_path / "student", 1, 1)
     write_token_dataset(tmp_path / "data", num_docs=30, doc_len=50, vocab=1000)
-    records = {lay: run_ranks(_distill_step, 2 if lay != (1, 1, 1) else 1, tmp_path / "teacher", tmp_path / "student",
+    records = {lay: run_ranks(_distill_step, lay[0] * lay[1] * lay[2], tmp_path / "teacher", tmp_path / "student",
                               tmp_path / "data", tmp_path / f"run{''.join(map(str, lay))}", *lay)[0]
-               for lay in [(1, 1, 1), (1, 2, 1), (1, 1, 2)]}
+               for lay in [(1, 1, 1), (1, 2, 1), (1, 1, 2), (2, 1, 1), (2, 1, 2)]}
     ref = records[(1, 1, 1)]
     print(ref)
     assert ref["kd"] > 0 and ref["moe_aux"] > 0
@@ -419,6 +421,15 @@ def test_distillation_keeps_the_students_router_loss_apart_and_is_the_same_at_pp
     rec = run_ranks(_distill_step, 2, tmp_path / "dense", tmp_path / "student", tmp_path / "data",
                     tmp_path / "run_dense", 1, 1, 2)[0]
     assert rec["kd"] > 1e-3 and rec["moe_aux"] == pytest.approx(ref["moe_aux"], rel=1e-4)
+    # the intermediate-state loss (layer 1 of each, and the embeddings) at TP2 x PP2 equals TP1: the states are
+    # sequence shards at TP2 and are gathered for the loss
+    states = dict(intermediate_layers=[[1, 1]], embedding_loss=True)
+    step = functools.partial(_distill_step, **states)
+    one, four = (run_ranks(step, n, tmp_path / "teacher", tmp_path / "student", tmp_path / "data", tmp_path / f"is{n}",
+                           *lay)[0] for n, lay in ((1, (1, 1, 1)), (4, (2, 2, 1))))
+    assert one["is"] > 0
+    for key in ("loss", "kd", "lm", "is", "moe_aux", "grad_norm"):
+        assert four[key] == pytest.approx(one[key], rel=1e-4), key
 
 
 def test_expert_targets_plan_and_refuse_with_the_fix(qwen3_moe):

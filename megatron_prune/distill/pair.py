@@ -87,6 +87,8 @@ class DistillationPair(MegatronModule):
                 missing = [self.state_pairs[i // 2] for i, x in enumerate(states) if x is None]
                 if missing:
                     raise RuntimeError(f"state pairs {missing} were never computed (layer index out of range?)")
+                if self.config.sequence_parallel:  # each TP rank holds a slice of the sequence: the loss sees all
+                    states = [_gather_sequence(x) for x in states]
                 hidden["student"].extend(states[0::2])
                 hidden["teacher"].extend(states[1::2])
             return s_out, t_out  # logit shards [b, s, V/tp]
@@ -111,6 +113,14 @@ def _keep(captured: dict, key):
     def hook(_module, _inputs, output):
         captured[key] = output[0] if isinstance(output, tuple) else output
     return hook
+
+
+def _gather_sequence(state: torch.Tensor) -> torch.Tensor:
+    """A sequence-parallel state [s/tp, b, h] whole [s, b, h] on every TP rank. The loss on it is the same on every
+    rank, so its gradient goes back as this rank's slice only (megatron's gather without the reduce-scatter)."""
+    from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
+
+    return gather_from_sequence_parallel_region(state, tensor_parallel_output_grad=False)
 
 
 def _unwrap(module):

@@ -30,7 +30,7 @@ def check_sft(cfg: TrainConfig) -> None:
     for d in cfg.data:
         check_output_path(cfg.out, {"SFT data": d})
     student = inputs.checkpoint(cfg.student, "--student")
-    inputs.training_models(student.arch, None, cfg.tp, cfg.pp, cfg.vpp, cfg.ep)
+    inputs.training_models(student.arch, None, cfg.tp, cfg.pp, cfg.vpp, cfg.ep, cfg.seq_len)
     inputs.chat_tokenizer(cfg.student, "--student")
     for d in cfg.data:
         sft_records(d)

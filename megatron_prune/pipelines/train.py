@@ -16,7 +16,8 @@ def check_training(cfg: TrainConfig) -> None:
 
     student = inputs.checkpoint(cfg.student, "--student")
     teacher = inputs.checkpoint(cfg.teacher, "--teacher") if cfg.teacher else None
-    inputs.training_models(student.arch, teacher and teacher.arch, cfg.tp, cfg.pp, cfg.vpp, cfg.ep)
+    inputs.training_models(student.arch, teacher and teacher.arch, cfg.tp, cfg.pp, cfg.vpp, cfg.ep,
+                           cfg.seq_len)
     items = cfg.data.split() if isinstance(cfg.data, str) else [str(d) for d in cfg.data]
     try:
         float(items[0])

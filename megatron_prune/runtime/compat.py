@@ -121,3 +121,39 @@ def moe_without_te() -> None:
     maybe_move_tensor_to_cpu._cpu_numpy = True
     moe_utils.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
     token_dispatcher.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
+    uneven_collectives_on_gloo()
+
+
+def uneven_collectives_on_gloo() -> None:
+    """megatron's all-gather and reduce-scatter of uneven slices (``output_split_sizes``/``input_split_sizes``)
+    on gloo, which takes only equal ones. The all-to-all dispatcher uses them at TP > 1 with EP > 1 under
+    sequence parallelism, where each TP rank routes a different number of tokens to an EP rank's experts. On gloo
+    the gather pads every slice to the longest, and the reduce-scatter all-reduces the whole tensor and keeps this
+    rank's slice (the same sums); other backends (NCCL) run megatron's own code (0.16.1 - 0.19.x: same names)."""
+    import torch.distributed as dist
+    from megatron.core.tensor_parallel import mappings
+
+    if getattr(mappings._gather_along_first_dim, "_uneven_on_gloo", False):
+        return
+    gather, reduce_scatter = mappings._gather_along_first_dim, mappings._reduce_scatter_along_first_dim
+
+    def _gather_along_first_dim(input_, group, output_split_sizes=None, use_global_buffer=False):
+        if output_split_sizes is None or group.size() == 1 or dist.get_backend(group) != "gloo":
+            return gather(input_, group, output_split_sizes, use_global_buffer)
+        longest = max(output_split_sizes)
+        padded = input_.new_zeros((longest,) + tuple(input_.shape[1:]))
+        padded[: input_.shape[0]] = input_
+        out = input_.new_empty((longest * group.size(),) + tuple(input_.shape[1:]))
+        dist.all_gather_into_tensor(out, padded.contiguous(), group=group)
+        return torch.cat([chunk[:n] for chunk, n in zip(out.split(longest), output_split_sizes)])
+
+    def _reduce_scatter_along_first_dim(input_, group, input_split_sizes=None, use_global_buffer=False):
+        if input_split_sizes is None or group.size() == 1 or dist.get_backend(group) != "gloo":
+            return reduce_scatter(input_, group, input_split_sizes, use_global_buffer)
+        summed = input_.contiguous().clone()
+        dist.all_reduce(summed, group=group)
+        return summed.split(list(input_split_sizes))[group.rank()].contiguous()
+
+    _gather_along_first_dim._uneven_on_gloo = True
+    mappings._gather_along_first_dim = _gather_along_first_dim
+    mappings._reduce_scatter_along_first_dim = _reduce_scatter_along_first_dim

@@ -54,7 +54,7 @@ def _check_layout(cfg: TrainConfig, student, teacher) -> None:
     (the Trainer is also built directly, without the pipelines' checks)."""
     from megatron_prune import inputs
 
-    inputs.training_models(student, teacher, cfg.tp, cfg.pp, cfg.vpp, cfg.ep)
+    inputs.training_models(student, teacher, cfg.tp, cfg.pp, cfg.vpp, cfg.ep, cfg.seq_len)
     for pair in cfg.intermediate_layers:
         if (not isinstance(pair, (list, tuple)) or len(pair) != 2
                 or not all(isinstance(i, int) and not isinstance(i, bool) for i in pair)):
@@ -106,13 +106,16 @@ class Trainer:
         _check_layout(cfg, self.arch, t_meta.arch if t_meta else None)  # before any weight is loaded
         self.resume_from = latest_step_dir(self.out)
         # lists of model chunks: one per virtual pipeline stage (one without --vpp)
-        self.student = build_chunks(self.arch, dtype=dtype, perform_initialization=False,
+        from megatron_prune.inputs import sequence_parallel
+
+        sp = sequence_parallel(self.arch, cfg.tp)  # at TP > 1; the teacher follows
+        self.student = build_chunks(self.arch, dtype=dtype, perform_initialization=False, sequence_parallel=sp,
                                     **_fp8_overrides(cfg.fp8_student))
         load_into(self.student, self.resume_from or cfg.student, self.arch)
         self.teacher = None
         if cfg.teacher:
             self.teacher_arch = t_meta.arch
-            self.teacher = build_chunks(t_meta.arch, dtype=dtype, perform_initialization=False,
+            self.teacher = build_chunks(t_meta.arch, dtype=dtype, perform_initialization=False, sequence_parallel=sp,
                                         **_fp8_overrides(cfg.fp8_teacher, keep_weights_in_fp8=cfg.fp8_teacher))
             load_into(self.teacher, cfg.teacher, t_meta.arch)
         self.teacher_file = None  # offline KD: the teacher's top-K log-probs from a file (distill/offline.py)
