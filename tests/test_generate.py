@@ -251,3 +251,26 @@ def test_draw_follows_distribution():
     # within 4 standard deviations of the binomial expectation
     sd = (n * probs[0].double() * (1 - probs[0].double())).sqrt()
     assert ((counts - n * probs[0].double()).abs() <= 4 * sd + 1e-9).all()
+
+
+def _greedy(ckpt, prompts, batch_size):
+    from megatron_prune.checkpoint import load_model
+    from megatron_prune.generation import SamplingParams, generate
+    from megatron_prune.runtime import init_distributed
+
+    init_distributed(1, 1)
+    model, meta = load_model(ckpt, use_te=False)
+    return generate(model, meta.arch, prompts, SamplingParams(max_new_tokens=NEW), batch_size=batch_size, desc=None)
+
+
+def test_qkv_biases_generate_as_transformers(tmp_path):
+    """Qwen2 (q/k/v biases, which the generation path's QKV linear adds itself) and Qwen3 (q/k norms): the greedy
+    tokens of a left-padded batch and of one prompt at a time (no mask: no pads) equal transformers'."""
+    from conftest import make_hf_model
+
+    for family in ("qwen2", "qwen3"):
+        hf = make_hf_model(tmp_path / family, family, **({"head_dim": 16} if family == "qwen3" else {}))
+        run_ranks(_convert, 1, hf, tmp_path / f"{family}_ckpt")
+        ref = _hf_greedy(hf, _prompts())
+        for batch in (4, 1):
+            assert run_ranks(_greedy, 1, tmp_path / f"{family}_ckpt", _prompts(), batch)[0] == ref, (family, batch)

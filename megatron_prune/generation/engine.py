@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from megatron_prune.arch import ModelArch
 from megatron_prune.generation import kv_cache
-from megatron_prune.generation.fast_layers import use_fast_generation
+from megatron_prune.generation.fast_layers import fast_path_supported, use_fast_generation, uses_fast_attention
 from megatron_prune.generation.sampling import SamplingParams, next_tokens, prompt_generator
 
 
@@ -95,9 +95,11 @@ class BatchRunner:
         self.keep = torch.zeros(batch_size, max_length, dtype=torch.bool, device=self.device)
         self.length = 0  # positions written (the same for every row)
         self.ctx = kv_cache.new_cache(batch_size, max_length) if use_cache else None
+        self.mask_optional = False  # whether a forward without pads may go without a mask (causal by position)
         if self.ctx is not None:
             if fast_attention:  # fast_layers.py: our cache layout, SDPA, lean linears (megatron's forward elsewhere)
                 use_fast_generation(model)
+                self.mask_optional = bool(uses_fast_attention(model)) and fast_path_supported(model.config)
             else:  # megatron's own attention and KV cache (the reference the fast path is tested against)
                 self.ctx.fast_kv = None
 
@@ -125,6 +127,8 @@ class BatchRunner:
         # real queries never see a pad, as before
         allowed |= (k_pos[None, :] == q_pos[:, None])[None]
         mask = ~allowed[:, None]  # [b, 1, sq, sk]; True = masked
+        if self.mask_optional and bool(self.keep[:, :end].all()):
+            mask = None  # no pads: the fast attention's causal rule is this mask (and SDPA runs without one)
         if self.use_cache:
             kv_cache.set_cache_length(self.ctx, start)
             kv_cache.set_last_token_logits_only(self.ctx, last_only)

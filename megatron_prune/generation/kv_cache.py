@@ -22,6 +22,8 @@ def new_cache(max_batch_size: int, max_sequence_length: int, last_token_logits_o
     # per-layer (keys, values) of generation/fast_layers.py's GenerationSelfAttention, [b, groups, positions, dim],
     # rotated keys; layers left to megatron's own attention use ctx.key_value_memory_dict as before
     ctx.fast_kv = {}
+    ctx.fast_rope = {}  # RoPE's cos/sin of the current forward's positions, shared by every layer
+    ctx.fast_allowed = None  # (megatron's mask, SDPA's mask) of the current forward, shared by every layer
     return ctx
 
 
