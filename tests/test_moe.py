@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -351,6 +352,37 @@ def test_prune_experts_expert_ffn_and_topk_matches_naive_pruning_and_exports(qwe
     for layer, kept in enumerate(plan["kept_experts"]):  # the router's kept rows are unchanged
         name = f"model.layers.{layer}.mlp.gate.weight"
         assert torch.equal(out[name], src[name][kept])
+
+
+def test_pruning_at_expert_parallel_layouts_moves_kept_experts_between_ranks(qwen3_moe, tmp_path):
+    """4 -> 2 experts per layer, expert FFN 32 -> 24, pruned by the CLI at EP2 and at TP2 x EP2 (4 ranks) from a
+    checkpoint saved at EP2. The kept experts are chosen so that each must move to another EP rank (layer 0 keeps
+    experts 0 and 1, both on EP rank 0, and expert 1 becomes EP rank 1's; layer 1 keeps 2 and 3, both on rank 1).
+    Both outputs give the logits of transformers' tensors pruned by hand. An EP that does not divide the kept
+    experts is refused before loading."""
+    run_ranks(_convert_ep, 2, qwen3_moe, tmp_path / "ckpt", 2)
+    run_ranks(_plan_from_scores, 1, tmp_path / "ckpt", sample_tokens(1000, batch=4, seq=16), "experts=2,moe_ffn=24",
+              tmp_path / "scored_plan.json")
+    plan = json.loads((tmp_path / "scored_plan.json").read_text())
+    plan["kept_experts"] = [[0, 1] if layer % 2 == 0 else [2, 3] for layer in range(len(plan["kept_experts"]))]
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    ref = hf_logits(naive_pruned_moe(qwen3_moe, plan, tmp_path / "naive"), sample_tokens(1000))
+    for tp, ep in ((1, 2), (2, 2)):
+        out = tmp_path / f"pruned_tp{tp}ep{ep}"
+        run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(tp * ep), "-m",
+                              "megatron_prune.cli", "prune", str(tmp_path / "ckpt"), "--plan",
+                              str(tmp_path / "plan.json"), "--out", str(out), "--tp", str(tp), "--ep", str(ep)],
+                             capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert run.returncode == 0, run.stderr[-3000:]
+        (ours,) = run_ranks(moe_logits, 1, out, 1, 1, 1, sample_tokens(1000))
+        print(f"pruned at TP{tp} EP{ep}: max |ours - naive| {(ours - ref).abs().max().item():.2e}")
+        assert (ours - ref).abs().max().item() <= TOL
+    run = subprocess.run([sys.executable, "-m", "megatron_prune.cli", "prune", str(tmp_path / "ckpt"), "--plan",
+                          str(tmp_path / "plan.json"), "--out", str(tmp_path / "bad"), "--ep", "4"],
+                         capture_output=True, text=True)
+    lines = [ln for ln in run.stderr.splitlines() if ln.strip()]
+    assert run.returncode == 2 and len(lines) == 1 and "EP=4 does not divide the 2 experts" in lines[0], run.stderr
+    assert not (tmp_path / "bad").exists()
 
 
 def test_search_takes_an_active_parameter_budget(qwen3_moe):

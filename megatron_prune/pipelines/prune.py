@@ -38,8 +38,9 @@ def load_plan(plan_file) -> PrunePlan:
 @stop_on_signals(immediate=True)  # nothing to resume: a stop signal ends it, nothing is written
 def prune(ckpt: str | Path, out: Optional[str | Path], scores: Optional[str | Path] = None,
           target: Optional[str] = None, plan_file: Optional[str | Path] = None, plan_out: Optional[str | Path] = None,
-          tp: int = 1, pp: int = 1, overwrite: bool = False) -> PrunePlan:
-    """Make (or read) the plan, check it fits ``tp`` x ``pp``, then write the pruned checkpoint (if ``out``)."""
+          tp: int = 1, pp: int = 1, overwrite: bool = False, ep: int = 1) -> PrunePlan:
+    """Make (or read) the plan, check it fits ``tp`` x ``pp`` (x ``ep``), then write the pruned checkpoint (if
+    ``out``)."""
     from megatron_prune.prune import PlanError
     from megatron_prune.runtime import init_distributed, is_rank0, log0
 
@@ -51,6 +52,7 @@ def prune(ckpt: str | Path, out: Optional[str | Path], scores: Optional[str | Pa
     if plan_out is not None:
         check_output_path(plan_out, sources, "--plan-out")
     inputs.layout(tp, pp)
+    inputs.positive("--ep", ep)
     meta = inputs.checkpoint(ckpt)
     if out is not None:
         inputs.output(out, "--out", overwrite)
@@ -61,8 +63,8 @@ def prune(ckpt: str | Path, out: Optional[str | Path], scores: Optional[str | Pa
         raise PlanError(f"--plan {plan_file} was made for another model than {ckpt} (plan vs checkpoint: "
                         f"{plan.source_arch.differences(meta.arch)}); make a plan for this checkpoint")
     try:  # every shape check happens before any process group or weight is touched
-        plan.target_arch.check_parallel(tp, pp)
-        plan.source_arch.check_parallel(tp, pp)
+        plan.target_arch.check_parallel(tp, pp, ep)
+        plan.source_arch.check_parallel(tp, pp, ep)
     except ValueError as e:
         raise PlanError(str(e)) from e
     inputs.pipeline_split(plan.target_arch, pp, "the pruned model")  # the stage-size flags size the written model
@@ -82,7 +84,7 @@ def prune(ckpt: str | Path, out: Optional[str | Path], scores: Optional[str | Pa
     if out is None:
         print(summary)
         return plan
-    init_distributed(tp, pp)
+    init_distributed(tp, pp, ep=ep)
     log0(summary)
     prune_checkpoint(ckpt, plan, out, overwrite=overwrite)
     log0(f"pruned checkpoint written to {out}")

@@ -371,7 +371,7 @@ def _prune(o: dict) -> None:
     from megatron_prune.pipelines.prune import prune
 
     prune(o["ckpt"], o["out"], scores=o["scores"], target=o["target"], plan_file=o["plan"], plan_out=o["plan_out"],
-          overwrite=o["overwrite"], **layout(o))
+          overwrite=o["overwrite"], ep=o["ep"], **layout(o))
 
 
 PRUNE = Verb(
@@ -387,7 +387,7 @@ PRUNE = Verb(
      Option("plan_out", "also write the plan (human-readable JSON) here"),
      Option("out", "pruned checkpoint to write (omit to only print the plan)"),
      Option("overwrite", "replace an existing --out", action="store_true", default=False),
-     *LAYOUT),
+     *LAYOUT, EP),
     _prune, stage_out="{name}", complete=_is_checkpoint)
 
 

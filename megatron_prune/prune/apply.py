@@ -22,19 +22,31 @@ from megatron_prune.prune.plan import PrunePlan
 _LAYER_RE = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 
 
-def _tp():
+def _tp(expert: bool = False):
+    """(size, rank, group) of tensor parallelism; an expert's weights split over megatron's expert-TP group."""
     from megatron.core import parallel_state as ps
 
+    if expert:
+        return (ps.get_expert_tensor_parallel_world_size(), ps.get_expert_tensor_parallel_rank(),
+                ps.get_expert_tensor_parallel_group())
     return (ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank(),
             ps.get_tensor_model_parallel_group())
 
 
-def select_tp_sharded(local: torch.Tensor, axis: int, index: list[int]) -> torch.Tensor:
+def _ep():
+    from megatron.core import parallel_state as ps
+
+    return (ps.get_expert_model_parallel_world_size(), ps.get_expert_model_parallel_rank(),
+            ps.get_expert_model_parallel_group())
+
+
+def select_tp_sharded(local: torch.Tensor, axis: int, index: list[int], expert: bool = False) -> torch.Tensor:
     """This TP rank's shard of ``full.index_select(axis, index)``, where ``local`` is its shard of ``full``.
 
-    Collective over the TP group (every rank calls it with the same ``index``).
+    Collective over the TP group (the expert-TP group for an expert's weights; every rank calls it with the same
+    ``index``).
     """
-    tp, tp_rank, group = _tp()
+    tp, tp_rank, group = _tp(expert)
     idx = torch.tensor(index, dtype=torch.long, device=local.device)
     if tp == 1:
         return local.index_select(axis, idx)
@@ -81,19 +93,18 @@ def _select(src: torch.Tensor, dim: int, kind: str, plan: PrunePlan, j: int, tp_
     if kind not in index:  # vocab, None: nothing to prune
         return src
     if tp_split:
-        return select_tp_sharded(src, dim, index[kind]())
+        return select_tp_sharded(src, dim, index[kind](), expert=expert is not None)
     return src.index_select(dim, torch.tensor(index[kind](), device=src.device))
 
 
-def pruned_value(name: str, src: torch.Tensor, plan: PrunePlan, j: int) -> torch.Tensor:
+def pruned_value(name: str, src: torch.Tensor, plan: PrunePlan, j: int, expert: int | None = None) -> torch.Tensor:
     """The pruned value of parameter ``name``; ``j`` is the target (global) layer index for layer params.
 
     Driven by the family's parameter table: every dimension is cut by its pruning kind, the hidden one
-    first (local, and it makes the TP exchange of the others smaller). An expert parameter's name carries its
-    target expert (``src`` is the kept source expert's tensor, see :func:`source_name`).
+    first (local, and it makes the TP exchange of the others smaller). ``expert``: for an expert's parameter,
+    its global target expert (``src`` is the kept source expert's tensor, see :func:`expert_source`).
     """
     row, _ = family_of(plan.source_arch).param(name)
-    expert = expert_index(name)[1]
     order = sorted(range(len(row.dims)), key=lambda d: row.dims[d] != "hidden")
     parts = [src]
     if row.fused == "gate_up" and plan.source_arch.gated:  # local shard is [gate_r; up_r]: each half on its own
@@ -113,23 +124,44 @@ def fill_pruned(target_model: torch.nn.Module, source: dict[str, torch.Tensor], 
     from megatron_prune.model import layer_offset
 
     offset = layer_offset(plan.target_arch)
-    for name, param in target_model.named_parameters():
+    ep, ep_rank, _ = _ep()
+    for name, param in target_model.named_parameters():  # the same order on every rank of a stage
         m = _LAYER_RE.match(name)
         j = offset + int(m.group(1)) if m else -1
-        value = pruned_value(name, source[source_name(name, plan, j)].detach(), plan, j)
+        pattern, local = expert_index(name)
+        if local is None:
+            value = pruned_value(name, source[name].detach(), plan, j)
+        else:
+            target_expert = ep_rank * (plan.target_arch.num_experts // ep) + local
+            value = pruned_value(name, expert_source(source, pattern, plan, j, local), plan, j, target_expert)
         if value.shape != param.shape:
             raise RuntimeError(f"{name}: pruned shape {tuple(value.shape)} != target {tuple(param.shape)}")
         param.copy_(value)
 
 
-def source_name(name: str, plan: PrunePlan, j: int) -> str:
-    """The name (in target layer numbering) of the source tensor target parameter ``name`` is cut from: itself,
-    or for a parameter of target expert k, the same parameter of the k-th kept source expert. Pruning runs at
-    expert-parallel size 1, where local and global expert indices are the same."""
-    pattern, expert = expert_index(name)
-    if expert is None:
-        return name
-    return pattern.replace("{e}", str(plan.kept_experts[j][expert]))
+def expert_source(source: dict[str, torch.Tensor], pattern: str, plan: PrunePlan, j: int, local: int) -> torch.Tensor:
+    """The source tensor that parameter ``pattern`` (``{e}`` for the expert) of this rank's local target expert
+    ``local`` in layer ``j`` is cut from: the same parameter of the kept source expert. With expert parallelism the
+    experts of a layer are split over the EP ranks in order (rank r holds experts [r * n, (r + 1) * n)), so the
+    kept expert may live on another EP rank, which sends it. Collective over the EP group: every rank walks the
+    same parameters, and one tensor is in flight at a time."""
+    ep, ep_rank, group = _ep()
+    per_source = plan.source_arch.num_experts // ep
+    per_target = plan.target_arch.num_experts // ep
+    mine = None
+    for r in range(ep):  # target expert ``local`` of EP rank r
+        owner, at = divmod(plan.kept_experts[j][r * per_target + local], per_source)
+        name = pattern.replace("{e}", str(at))
+        if owner == r:  # already on the rank that needs it
+            if r == ep_rank:
+                mine = source[name].detach()
+            continue
+        buf = (source[name].detach().contiguous() if ep_rank == owner
+               else torch.empty_like(source[pattern.replace("{e}", "0")]))
+        dist.broadcast(buf, src=dist.get_global_rank(group, owner), group=group)
+        if r == ep_rank:
+            mine = buf
+    return mine
 
 
 def _starts(split: list[int]) -> list[int]:

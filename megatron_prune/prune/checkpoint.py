@@ -19,9 +19,10 @@ def prune_checkpoint(src_ckpt: str | Path, plan: PrunePlan, out: str | Path, dty
                      overwrite: bool = False) -> Path:
     """Write ``plan`` applied to ``src_ckpt`` as a new checkpoint; collective over all ranks.
 
-    Runs at the current TP/PP (megatron's parallel state must be initialized): every rank reads only its own
-    TP/PP shard of the source (the source may have been saved at any layout), kept layers that change stage
-    are sent over the pipeline group, and the pruned shards are saved. The output loads at any TP/PP and
+    Runs at the current TP/PP/EP (megatron's parallel state must be initialized): every rank reads only its own
+    TP/PP/EP shard of the source (the source may have been saved at any layout), kept layers that change stage
+    are sent over the pipeline group, kept experts that change EP rank over the expert-parallel group, and the
+    pruned shards are saved. The output loads at any TP/PP and
     carries the plan and its parent. Peak memory per rank: one source shard plus one pruned shard.
     """
     from megatron.core import parallel_state as ps
@@ -33,9 +34,10 @@ def prune_checkpoint(src_ckpt: str | Path, plan: PrunePlan, out: str | Path, dty
         raise PlanError(f"the plan was made for another model than {src_ckpt} "
                         f"(plan vs checkpoint: {plan.source_arch.differences(meta.arch)})")
     tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
+    ep = ps.get_expert_model_parallel_world_size()
     try:
-        plan.target_arch.check_parallel(tp, pp)
-        plan.source_arch.check_parallel(tp, pp)
+        plan.target_arch.check_parallel(tp, pp, ep)
+        plan.source_arch.check_parallel(tp, pp, ep)
     except ValueError as e:
         raise PlanError(str(e)) from e
     free_output(out, overwrite=overwrite)
