@@ -80,6 +80,22 @@ def hf_config_kwargs(arch) -> dict:
     )
 
 
+def build_hf_config(config_cls, architecture: str, arch, fields: dict, extra: Optional[dict] = None):
+    """A transformers ``config_cls``: the fields every Llama-like family shares, the family's own ``fields``, RoPE
+    as this transformers release spells it, ``architectures``, then ``extra`` (which wins)."""
+    from megatron_prune.runtime.compat import rope_config_kwargs
+
+    return config_cls(**{**hf_config_kwargs(arch), **fields,
+                         **rope_config_kwargs(config_cls, arch.hf_rope_parameters()),
+                         "architectures": [architecture], **(extra or {})})
+
+
+def check_plain_swiglu(arch, model_type: str) -> None:
+    """The exports of families without biases (Qwen3, Mixtral, Qwen3-MoE): RMSNorm, SwiGLU, no linear biases."""
+    if arch.normalization != "RMSNorm" or arch.activation != "swiglu" or arch.qkv_bias or arch.linear_bias:
+        raise ArchError(f"a {model_type} export needs RMSNorm, SwiGLU and no linear biases")
+
+
 def local_or_te_spec(arch, use_te: bool, qk_layernorm: bool = False):
     """megatron-core's GPT layer spec: Transformer Engine's, or the local one (CPU, importance hooks). A MoE
     shape (``arch.num_experts``) gets megatron's MoE layer: TE's grouped-GEMM experts on a GPU, the sequential

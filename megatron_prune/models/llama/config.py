@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Optional
 
 from megatron_prune.arch import ArchError, ModelArch
 from megatron_prune.models.common import (
+    build_hf_config,
     check_full_attention,
     check_silu,
-    hf_config_kwargs,
     hf_rope,
     hf_shape_fields,
     local_or_te_spec,
@@ -80,23 +80,14 @@ def hf_config(arch: ModelArch, extra: Optional[dict] = None):
     """A transformers LlamaConfig, MistralConfig or Qwen2Config, with ``architectures``."""
     import transformers
 
-    from megatron_prune.runtime.compat import rope_config_kwargs
-
     model_type = hf_export_model_type(arch)
-    kwargs: dict[str, Any] = hf_config_kwargs(arch)
     if model_type == "qwen2":
-        cls, arch_name = transformers.Qwen2Config, "Qwen2ForCausalLM"
-    elif model_type == "mistral":
-        cls, arch_name = transformers.MistralConfig, "MistralForCausalLM"
-        kwargs["sliding_window"] = None
-    else:
-        cls, arch_name = transformers.LlamaConfig, "LlamaForCausalLM"
-        kwargs["attention_bias"] = kwargs["mlp_bias"] = arch.linear_bias
-    kwargs.update(rope_config_kwargs(cls, arch.hf_rope_parameters()))
-    kwargs["architectures"] = [arch_name]
-    if extra:
-        kwargs.update(extra)
-    return cls(**kwargs)
+        return build_hf_config(transformers.Qwen2Config, "Qwen2ForCausalLM", arch, {}, extra)
+    if model_type == "mistral":
+        return build_hf_config(transformers.MistralConfig, "MistralForCausalLM", arch, {"sliding_window": None},
+                               extra)
+    return build_hf_config(transformers.LlamaConfig, "LlamaForCausalLM", arch,
+                           {"attention_bias": arch.linear_bias, "mlp_bias": arch.linear_bias}, extra)
 
 
 def nemo_kind(arch: ModelArch) -> str:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Optional
 
 from megatron_prune.arch import ArchError, ModelArch
 from megatron_prune.models.common import (
+    build_hf_config,
     check_full_attention,
+    check_plain_swiglu,
     check_silu,
-    hf_config_kwargs,
     hf_rope,
     hf_shape_fields,
     local_or_te_spec,
@@ -43,8 +44,7 @@ def arch_from_hf(c: dict) -> ModelArch:
 
 
 def hf_export_model_type(arch: ModelArch) -> str:
-    if arch.normalization != "RMSNorm" or arch.activation != "swiglu" or arch.qkv_bias or arch.linear_bias:
-        raise ArchError("a mixtral export needs RMSNorm, SwiGLU and no linear biases")
+    check_plain_swiglu(arch, "mixtral")
     if arch.num_experts is None or arch.qk_norm or not arch.moe_norm_topk_prob:
         raise ArchError("a mixtral export needs experts, renormalised top-k gate weights and no q/k norms")
     return "mixtral"
@@ -54,18 +54,11 @@ def hf_config(arch: ModelArch, extra: Optional[dict] = None):
     """A transformers MixtralConfig (``intermediate_size`` is each expert's width)."""
     import transformers
 
-    from megatron_prune.runtime.compat import rope_config_kwargs
-
     hf_export_model_type(arch)
-    kwargs: dict[str, Any] = hf_config_kwargs(arch)
-    kwargs.update(intermediate_size=arch.moe_ffn_hidden_size, num_local_experts=arch.num_experts,
-                  num_experts_per_tok=arch.moe_router_topk, router_aux_loss_coef=arch.moe_aux_loss_coeff,
-                  sliding_window=None)
-    kwargs.update(rope_config_kwargs(transformers.MixtralConfig, arch.hf_rope_parameters()))
-    kwargs["architectures"] = ["MixtralForCausalLM"]
-    if extra:
-        kwargs.update(extra)
-    return transformers.MixtralConfig(**kwargs)
+    return build_hf_config(transformers.MixtralConfig, "MixtralForCausalLM", arch,
+                           dict(intermediate_size=arch.moe_ffn_hidden_size, num_local_experts=arch.num_experts,
+                                num_experts_per_tok=arch.moe_router_topk, router_aux_loss_coef=arch.moe_aux_loss_coeff,
+                                sliding_window=None), extra)
 
 
 def nemo_kind(arch: ModelArch) -> str:

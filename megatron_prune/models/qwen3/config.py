@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Optional
 
 from megatron_prune.arch import ArchError, ModelArch
 from megatron_prune.models.common import (
+    build_hf_config,
     check_full_attention,
+    check_plain_swiglu,
     check_silu,
-    hf_config_kwargs,
     hf_rope,
     hf_shape_fields,
     local_or_te_spec,
@@ -33,8 +34,7 @@ def arch_from_hf(c: dict) -> ModelArch:
 
 
 def hf_export_model_type(arch: ModelArch) -> str:
-    if arch.normalization != "RMSNorm" or arch.activation != "swiglu" or arch.qkv_bias or arch.linear_bias:
-        raise ArchError("a qwen3 export needs RMSNorm, SwiGLU and no linear biases")
+    check_plain_swiglu(arch, "qwen3")
     if not arch.qk_norm:
         raise ArchError("a qwen3 export needs the per-head q/k norms (qk_norm)")
     return "qwen3"
@@ -44,17 +44,10 @@ def hf_config(arch: ModelArch, extra: Optional[dict] = None):
     """A transformers Qwen3Config (``head_dim`` explicit, so any hidden/heads ratio exports)."""
     import transformers
 
-    from megatron_prune.runtime.compat import rope_config_kwargs
-
     hf_export_model_type(arch)
-    kwargs: dict[str, Any] = hf_config_kwargs(arch)
-    kwargs.update(attention_bias=False, use_sliding_window=False, sliding_window=None,
-                  max_window_layers=arch.num_layers)
-    kwargs.update(rope_config_kwargs(transformers.Qwen3Config, arch.hf_rope_parameters()))
-    kwargs["architectures"] = ["Qwen3ForCausalLM"]
-    if extra:
-        kwargs.update(extra)
-    return transformers.Qwen3Config(**kwargs)
+    return build_hf_config(transformers.Qwen3Config, "Qwen3ForCausalLM", arch,
+                           dict(attention_bias=False, use_sliding_window=False, sliding_window=None,
+                                max_window_layers=arch.num_layers), extra)
 
 
 def nemo_kind(arch: ModelArch) -> str:

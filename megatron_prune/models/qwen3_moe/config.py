@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Optional
 
 from megatron_prune.arch import ArchError, ModelArch
 from megatron_prune.models.common import (
+    build_hf_config,
     check_full_attention,
+    check_plain_swiglu,
     check_silu,
-    hf_config_kwargs,
     hf_rope,
     hf_shape_fields,
     local_or_te_spec,
@@ -37,8 +38,7 @@ def arch_from_hf(c: dict) -> ModelArch:
 
 
 def hf_export_model_type(arch: ModelArch) -> str:
-    if arch.normalization != "RMSNorm" or arch.activation != "swiglu" or arch.qkv_bias or arch.linear_bias:
-        raise ArchError("a qwen3_moe export needs RMSNorm, SwiGLU and no linear biases")
+    check_plain_swiglu(arch, "qwen3_moe")
     if arch.num_experts is None or not arch.qk_norm:
         raise ArchError("a qwen3_moe export needs experts and the per-head q/k norms (qk_norm)")
     return "qwen3_moe"
@@ -48,20 +48,13 @@ def hf_config(arch: ModelArch, extra: Optional[dict] = None):
     """A transformers Qwen3MoeConfig: every layer sparse, ``head_dim`` explicit."""
     import transformers
 
-    from megatron_prune.runtime.compat import rope_config_kwargs
-
     hf_export_model_type(arch)
-    kwargs: dict[str, Any] = hf_config_kwargs(arch)
-    kwargs.update(moe_intermediate_size=arch.moe_ffn_hidden_size, num_experts=arch.num_experts,
-                  num_experts_per_tok=arch.moe_router_topk, norm_topk_prob=arch.moe_norm_topk_prob,
-                  router_aux_loss_coef=arch.moe_aux_loss_coeff, decoder_sparse_step=1, mlp_only_layers=[],
-                  attention_bias=False, use_sliding_window=False, sliding_window=None,
-                  max_window_layers=arch.num_layers)
-    kwargs.update(rope_config_kwargs(transformers.Qwen3MoeConfig, arch.hf_rope_parameters()))
-    kwargs["architectures"] = ["Qwen3MoeForCausalLM"]
-    if extra:
-        kwargs.update(extra)
-    return transformers.Qwen3MoeConfig(**kwargs)
+    return build_hf_config(transformers.Qwen3MoeConfig, "Qwen3MoeForCausalLM", arch,
+                           dict(moe_intermediate_size=arch.moe_ffn_hidden_size, num_experts=arch.num_experts,
+                                num_experts_per_tok=arch.moe_router_topk, norm_topk_prob=arch.moe_norm_topk_prob,
+                                router_aux_loss_coef=arch.moe_aux_loss_coeff, decoder_sparse_step=1,
+                                mlp_only_layers=[], attention_bias=False, use_sliding_window=False,
+                                sliding_window=None, max_window_layers=arch.num_layers), extra)
 
 
 def nemo_kind(arch: ModelArch) -> str:
