@@ -65,7 +65,7 @@ def training_models(student, teacher, tp: int, pp: int, vpp: int = 1, ep: int = 
         if arch.num_experts is not None and ep > 1 and arch.num_experts % ep:
             raise InputError(f"{name}: EP={ep} does not divide its {arch.num_experts} experts; choose an --ep that "
                              "divides them")
-    if seq_len is not None and sequence_parallel(student, tp) and seq_len % tp:
+    if seq_len is not None and sequence_parallel(tp) and seq_len % tp:
         raise InputError(f"--seq-len {seq_len}: training at TP={tp} is sequence parallel, which splits each "
                          f"sequence over the TP ranks; use a --seq-len divisible by {tp}")
     if teacher is not None and teacher.vocab_size != student.vocab_size:
@@ -73,7 +73,7 @@ def training_models(student, teacher, tp: int, pp: int, vpp: int = 1, ep: int = 
                          f"({student.vocab_size}); distill between models of one tokenizer")
 
 
-def sequence_parallel(student, tp: int) -> bool:
+def sequence_parallel(tp: int) -> bool:
     """Whether a training run shards its sequences over TP (megatron's sequence parallelism): on at TP > 1, as
     NeMo's and Megatron-Bridge's recipes set it and as the memory planner counts activations; megatron trains a
     Mixture-of-Experts layer at TP > 1 only so. The teacher follows the student, so both send activations of one

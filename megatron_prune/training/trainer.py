@@ -108,7 +108,7 @@ class Trainer:
         # lists of model chunks: one per virtual pipeline stage (one without --vpp)
         from megatron_prune.inputs import sequence_parallel
 
-        sp = sequence_parallel(self.arch, cfg.tp)  # at TP > 1; the teacher follows
+        sp = sequence_parallel(cfg.tp)  # at TP > 1; the teacher follows
         self.student = build_chunks(self.arch, dtype=dtype, perform_initialization=False, sequence_parallel=sp,
                                     **_fp8_overrides(cfg.fp8_student))
         load_into(self.student, self.resume_from or cfg.student, self.arch)
