@@ -521,6 +521,42 @@ def test_greedy_generation_equals_transformers(mixtral, tmp_path):
     assert run_ranks(_generate, 1, tmp_path / "ckpt", prompts, 1, 1, 1)[0] == want
 
 
+def _loss_and_tokens(ckpt, windows, prompts, ep):
+    from megatron_prune.checkpoint import load_model
+    from megatron_prune.evaluation.lm_loss import lm_loss
+    from megatron_prune.generation import SamplingParams, generate
+    from megatron_prune.runtime import init_distributed
+
+    init_distributed(1, 1, ep=ep)
+    model, meta = load_model(ckpt, use_te=False)
+    loss = lm_loss(model, meta.arch, windows, 2, desc=None).lm_loss
+    return loss, generate(model, meta.arch, prompts, SamplingParams(max_new_tokens=6), batch_size=1, desc=None)
+
+
+def test_eval_and_generation_at_ep2_with_uneven_data_parallel_splits(mixtral, tmp_path, monkeypatch):
+    """At EP2 the experts' all-to-all spans both data-parallel ranks, so both must run the same forwards: 5 windows
+    (3 + 2 per rank) and 3 prompts one at a time (2 + 1) would leave one rank waiting forever. The LM loss equals
+    EP1's and the greedy tokens equal transformers'. Importance refuses, before loading, a sample count that does
+    not split over the data-parallel ranks."""
+    from test_generate import _hf_greedy
+
+    from megatron_prune.inputs import InputError
+    from megatron_prune.pipelines.importance import check_importance
+
+    run_ranks(_convert_ep, 1, mixtral, tmp_path / "ckpt", 1)
+    windows = sample_tokens(1000, batch=5, seq=17)
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, 1000, (n,), generator=g).tolist() for n in (4, 7, 2)]
+    want = _hf_greedy(mixtral, prompts, new=6)
+    (one,) = run_ranks(_loss_and_tokens, 1, tmp_path / "ckpt", windows, prompts, 1)
+    assert one[1] == want
+    for loss, tokens in run_ranks(_loss_and_tokens, 2, tmp_path / "ckpt", windows, prompts, 2, timeout=600):
+        assert loss == pytest.approx(one[0], rel=1e-6) and tokens == want
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(InputError, match="--samples 5 does not split evenly.*use a multiple of 2"):
+        check_importance(tmp_path / "ckpt", tmp_path / "no_data", tmp_path / "s.pt", 5, 16, 1, (), 8, 1, 1, ep=2)
+
+
 def _merge_and_loss(a, b, out, windows):
     """A linear merge of two MoE checkpoints at TP2, then the merged model's LM loss at EP2."""
     from megatron_prune.checkpoint import load_model

@@ -48,8 +48,15 @@ def lm_loss(model: torch.nn.Module, arch: ModelArch, windows: torch.Tensor, micr
     group = ps.get_pipeline_model_parallel_world_size() if len(chunks) > 1 else 1
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     mine = windows[dp_rank::dp]
-    batches = [{"tokens": w[:, :-1].contiguous(), "labels": w[:, 1:].contiguous()}
-               for w in mine.split(micro_batch_size)]
+    # every data-parallel rank runs the same forwards (with expert parallelism the experts' all-to-all spans them):
+    # a rank short of a window repeats one, which is not counted
+    real = len(mine)
+    short = -(-len(windows) // dp) - real
+    if short:
+        mine = torch.cat([mine, (mine[-1:] if real else windows[:1]).expand(short, -1)])
+    batches = [{"tokens": w[:, :-1].contiguous(), "labels": w[:, 1:].contiguous(),
+                "rows": torch.tensor(min(len(w), max(0, real - i * micro_batch_size)))}
+               for i, w in enumerate(mine.split(micro_batch_size))]
     seq_len = windows.shape[1] - 1
     device = next(chunks[0].parameters()).device
     total = torch.zeros(2, dtype=torch.float64)
@@ -62,7 +69,7 @@ def lm_loss(model: torch.nn.Module, arch: ModelArch, windows: torch.Tensor, micr
     def on_output(logits, batch):
         if batch.get("repeat"):
             return 0.0, 0
-        losses = token_losses(logits, batch["labels"].to(device), arch)
+        losses = token_losses(logits, batch["labels"].to(device), arch)[: int(batch["rows"])]
         return losses.sum().item(), losses.numel()
 
     for part in calls:

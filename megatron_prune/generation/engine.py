@@ -208,7 +208,8 @@ def generate(model: torch.nn.Module, arch: ModelArch, prompts: list[list[int]], 
              desc: Optional[str] = "generate", fast_attention: bool = True) -> list[list[int]]:
     """New tokens for each prompt (token id lists), the same list on every rank.
 
-    Every rank of the job calls this with the same prompts; data-parallel replicas split them. A sequence
+    Every rank of the job calls this with the same prompts; data-parallel replicas split them (not with expert
+    parallelism, whose all-to-all makes every replica run the same steps). A sequence
     stops after a token of ``stop_token_ids`` (which is included as its last token) or after
     ``params.max_new_tokens`` tokens (a sequence that does not end in a stop token was truncated).
     Prompts are grouped by length into batches of ``batch_size`` and left-padded with ``pad_token_id``
@@ -228,6 +229,10 @@ def generate(model: torch.nn.Module, arch: ModelArch, prompts: list[list[int]], 
     was_training = model.training
     model.eval()
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    if ps.get_expert_model_parallel_world_size() > 1:
+        # the experts' all-to-all spans the data-parallel ranks, which must then run the same forwards and steps:
+        # each runs every prompt (the same tokens everywhere, sampling included: seeded per prompt)
+        dp, dp_rank = 1, 0
     mine = sorted(range(dp_rank, len(prompts), dp), key=lambda i: -len(prompts[i]))  # little padding per batch
     bar = progress(len(prompts) * params.max_new_tokens, desc, unit="tok") if desc else None
     bar_for_batches = bar if bar is not None else _NoBar()

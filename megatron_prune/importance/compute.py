@@ -31,6 +31,11 @@ def _schedule_calls(samples: torch.Tensor, micro_batch_size: int, max_micro_batc
     return calls
 
 
+def expert_parallel_samples_message(samples: int, dp: int, ep: int) -> str:
+    return (f"--samples {samples} does not split evenly over the {dp} data-parallel ranks: with --ep {ep} the "
+            f"experts' all-to-all makes them run the same forwards; use a multiple of {dp}")
+
+
 @torch.no_grad()
 def compute_importance(
     model: torch.nn.Module,
@@ -71,6 +76,9 @@ def compute_importance(
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     device = next(model.parameters()).device
     seq_len = samples.shape[1]
+    ep = ps.get_expert_model_parallel_world_size() if distributed else 1
+    if ep > 1 and len(samples) % dp:
+        raise ValueError(expert_parallel_samples_message(len(samples), dp, ep))
     mine = samples[dp_rank::dp]
 
     width = WidthHooks(model, arch, tp, seq_agg)
@@ -102,7 +110,6 @@ def compute_importance(
     local = {**width.finalize(batch_agg), **depth.finalize()}
     parts = gather_global(local, ps.get_tensor_model_parallel_group() if distributed else None,
                           ps.get_pipeline_model_parallel_group() if distributed else None)
-    ep = ps.get_expert_model_parallel_world_size() if distributed else 1
     return make_scores(parts, arch, seq_agg, batch_agg, len(samples), seq_len, angular_sizes,
                        extra={"computed_at": {"tp": tp, "pp": pp, "dp": dp, "ep": ep},
                               "micro_batch_size": micro_batch_size},

@@ -27,6 +27,11 @@ def check_importance(ckpt, data_prefix, out, num_samples: int, seq_len: int, mic
             meta.arch.check_parallel(tp, pp, ep)
         except ValueError as e:
             raise inputs.InputError(f"CKPT: {e}") from e
+        dp = inputs.launched_world_size() // (tp * pp)
+        if dp > 1 and num_samples % dp:
+            from megatron_prune.importance.compute import expert_parallel_samples_message
+
+            raise inputs.InputError(expert_parallel_samples_message(num_samples, dp, ep))
     layers = meta.arch.num_layers
     bad = [n for n in lm_loss_blocks if not 1 <= n < layers]
     if bad:
