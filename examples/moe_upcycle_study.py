@@ -41,6 +41,9 @@ import sys
 import time
 from pathlib import Path
 
+# the trained-from-scratch study beside this file (examples/ is on sys.path when run as a script)
+from moe_expert_study import last_step, random_scores
+
 METRICS = ("reap", "output_l2", "tokens", "router_prob")
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -84,10 +87,6 @@ def cli(*args, logfile: Path | None = None) -> float:
     if run.returncode:
         raise SystemExit(f"failed: {' '.join(cmd)} (exit {run.returncode}; see {logfile})")
     return round(time.time() - t, 1)
-
-
-def last_step(run_dir: Path) -> Path:
-    return sorted(run_dir.glob("step_*"))[-1]
 
 
 # ---------------------------------------------------------------------------------------------- upcycling
@@ -175,19 +174,6 @@ def upcycle(dense_hf: Path, out: Path, experts: int, topk: int) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- scores, eval
-def random_scores(scores_file: Path, out: Path, seed: int) -> Path:
-    """The teacher's scores with REAP replaced by random numbers: a random expert choice per layer."""
-    import torch
-
-    from megatron_prune.importance import ImportanceScores
-
-    if not out.is_file():
-        s = ImportanceScores.load(scores_file)
-        s.experts["reap"] = torch.rand(s.experts["reap"].shape, generator=torch.Generator().manual_seed(seed))
-        s.save(out)
-    return out
-
-
 def lm_losses(ckpts: dict, valid: str, seq_len: int, windows: int, done: dict) -> dict:
     """Held-out LM loss (and parameter counts) of every checkpoint not in done, in this process (TP1)."""
     from megatron_prune.checkpoint import load_model

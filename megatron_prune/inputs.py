@@ -81,11 +81,6 @@ def sequence_parallel(tp: int) -> bool:
     return tp > 1
 
 
-def launched_world_size() -> int:
-    """How many processes the launcher started (torchrun's WORLD_SIZE, Slurm's SLURM_NTASKS; 1 without one)."""
-    return int(os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS") or 1)
-
-
 def stage_override(first, last, pp: int) -> None:
     """--decoder-first/last-pipeline-num-layers, before any model is read: positive, and only with --pp >= 2."""
     from megatron_prune.runtime.stages import FIRST_FLAG, LAST_FLAG

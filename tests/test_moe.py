@@ -552,6 +552,7 @@ def test_eval_and_generation_at_ep2_with_uneven_data_parallel_splits(mixtral, tm
     assert one[1] == want
     for loss, tokens in run_ranks(_loss_and_tokens, 2, tmp_path / "ckpt", windows, prompts, 2, timeout=600):
         assert loss == pytest.approx(one[0], rel=1e-6) and tokens == want
+    monkeypatch.setenv("RANK", "0")  # as torchrun starts rank 0 of 2
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(InputError, match="--samples 5 does not split evenly.*use a multiple of 2"):
         check_importance(tmp_path / "ckpt", tmp_path / "no_data", tmp_path / "s.pt", 5, 16, 1, (), 8, 1, 1, ep=2)

@@ -27,7 +27,9 @@ def check_importance(ckpt, data_prefix, out, num_samples: int, seq_len: int, mic
             meta.arch.check_parallel(tp, pp, ep)
         except ValueError as e:
             raise inputs.InputError(f"CKPT: {e}") from e
-        dp = inputs.launched_world_size() // (tp * pp)
+        from megatron_prune.runtime.distributed import detect_launch_env
+
+        dp = detect_launch_env().world_size // (tp * pp)
         if dp > 1 and num_samples % dp:
             from megatron_prune.importance.compute import expert_parallel_samples_message
 
